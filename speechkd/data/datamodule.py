@@ -1,0 +1,150 @@
+"""Features, batches and loaders: lhotse fbank storage, samplers and a small ASR dataset.
+
+Every model and KD method in speechkd reads its batches from :class:`AsrDataset`; a KD method only names the
+per-frame teacher labels (cut custom fields) it needs, which are collated beside the features.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from speechkd.utils import Pathlike, Seconds
+
+#: Frame shift of the fbank features, seconds.
+FRAME_SHIFT: Seconds = 0.01
+NUM_MEL_BINS = 80
+#: Padding value of collated per-frame integer labels (ignored by cross-entropy).
+IGNORE_INDEX = -100
+
+
+def compute_fbank(cuts, storage_path: Pathlike, num_jobs: int = 1, progress: bool = True):
+    """Compute 80-dim log-mel fbank (25 ms window, 10 ms shift) with lhotse's own extractor and store it.
+
+    Args:
+      cuts: lhotse.CutSet with recordings (any sampling rate lhotse can resample to 16 kHz on load).
+      storage_path: directory for lhotse's ``LilcomChunkyWriter`` archives (lossy compression is fine for
+        features, never for codebook indexes).
+      num_jobs: worker processes.
+      progress: show a progress bar.
+
+    Returns:
+      the CutSet with ``features`` attached, eagerly loaded.
+    """
+    from lhotse import Fbank, FbankConfig, LilcomChunkyWriter
+
+    extractor = Fbank(FbankConfig(num_mel_bins=NUM_MEL_BINS, frame_shift=FRAME_SHIFT, sampling_rate=16000))
+    Path(storage_path).mkdir(parents=True, exist_ok=True)
+    return cuts.compute_and_store_features(
+        extractor=extractor,
+        storage_path=storage_path,
+        num_jobs=num_jobs,
+        storage_type=LilcomChunkyWriter,
+        progress_bar=progress,
+    ).to_eager()
+
+
+class AsrDataset(torch.utils.data.Dataset):
+    """Turns a CutSet batch (from a lhotse sampler) into tensors.
+
+    Args:
+      tokenizer: a :class:`speechkd.data.tokenizer.Tokenizer` (or None for unlabelled data).
+      label_keys: cut custom fields holding per-frame teacher labels (e.g. ``"codebook_indexes"``) to
+        collate; each becomes ``batch["labels"][key] = (values (N, T_l, C), lens (N,))``, padded with
+        ``IGNORE_INDEX`` for integer labels and 0 for float labels.
+      spec_augment: apply lhotse's SpecAugment (frequency and frame masks only: time warping is disabled so
+        per-frame teacher labels stay aligned with the features).
+
+    A batch is a dict: ``features (N, T, 80)`` float32, ``feature_lens (N,)`` frames, ``tokens`` a list of
+    N token-id lists, ``texts``, ``cut_ids``, ``durations`` (N,) seconds, and ``labels``.
+    """
+
+    def __init__(self, tokenizer=None, label_keys: Sequence[str] = (), spec_augment: bool = False):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.label_keys = list(label_keys)
+        self.spec_augment = None
+        if spec_augment:
+            from lhotse.dataset import SpecAugment
+
+            self.spec_augment = SpecAugment(
+                time_warp_factor=-1, num_feature_masks=2, features_mask_size=15, num_frame_masks=5,
+                frames_mask_size=20, max_frames_mask_fraction=0.15, p=0.9,
+            )
+
+    def __getitem__(self, cuts) -> dict:
+        from lhotse.dataset.collation import collate_custom_field, collate_features
+
+        cuts = cuts.sort_by_duration(ascending=False)
+        for cut in cuts:
+            if not cut.has_features:
+                raise ValueError(f"cut '{cut.id}' has no features: run `speechkd prepare` first")
+        features, feature_lens = collate_features(cuts)  # features: (N, T, 80)
+        if self.spec_augment is not None:
+            features = self.spec_augment(features)
+        texts = [" ".join(s.text for s in c.supervisions if s.text) for c in cuts]
+        batch = {
+            "features": features,
+            "feature_lens": feature_lens,
+            "texts": texts,
+            "cut_ids": [c.id for c in cuts],
+            "durations": torch.tensor([c.duration for c in cuts], dtype=torch.float32),
+            "labels": {},
+        }
+        if self.tokenizer is not None:
+            batch["tokens"] = self.tokenizer.encode(texts)
+        for key in self.label_keys:
+            missing = [c.id for c in cuts if not (c.custom and key in c.custom)]
+            if missing:
+                raise ValueError(f"cut '{missing[0]}' has no teacher label '{key}' (run the label stage first)")
+            values, lens = collate_custom_field(cuts, key, pad_value=0)
+            if not values.is_floating_point():
+                values = values.long()
+                mask = torch.arange(values.shape[1])[None, :] >= lens[:, None]  # (N, T_l)
+                values[mask] = IGNORE_INDEX
+            batch["labels"][key] = (values, lens)
+        return batch
+
+
+def make_loader(cuts, dataset: AsrDataset, max_duration: Seconds, shuffle: bool, seed: int = 0, num_workers: int = 0):
+    """A DataLoader over ``cuts`` with lhotse's bucketing sampler (training) or a simple one (evaluation).
+
+    Args:
+      cuts: lhotse.CutSet with features.
+      dataset: the :class:`AsrDataset` that collates each batch.
+      max_duration: seconds of audio per batch.
+      shuffle: bucket and shuffle (training); otherwise keep order.
+      seed: sampler seed (the epoch is added by the sampler's ``set_epoch``).
+      num_workers: DataLoader workers.
+    """
+    from lhotse.dataset import DynamicBucketingSampler, SimpleCutSampler
+
+    if shuffle:
+        sampler = DynamicBucketingSampler(cuts, max_duration=max_duration, shuffle=True, num_buckets=5, seed=seed)
+    else:
+        sampler = SimpleCutSampler(cuts, max_duration=max_duration, shuffle=False)
+    return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers)
+
+
+def load_cuts(path: Pathlike):
+    """Read a CutSet manifest (``.jsonl.gz``) eagerly.
+
+    Raises:
+      FileNotFoundError: with the path, when the manifest is missing.
+    """
+    from lhotse import CutSet
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"cuts manifest not found: {path}")
+    return CutSet.from_file(path).to_eager()
+
+
+def save_cuts(cuts, path: Pathlike) -> None:
+    """Write a CutSet manifest atomically."""
+    from speechkd.utils import atomic_path
+
+    with atomic_path(path) as tmp:
+        cuts.to_file(tmp)

@@ -1,0 +1,147 @@
+"""Connected-word ASR utterances built from isolated-word recordings of one speaker.
+
+The shared corpora hold isolated words (Speech Commands) and digits (FSDD) from many speakers, so the ASR
+task is connected-word recognition: each utterance joins 1..K recordings of one speaker with short silent
+gaps ("go left stop", "seven three nine"). Splits stay speaker-disjoint because each split's utterances are
+built only from that split's recordings. Everything is deterministic given the seed.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from speechkd.data.corpora import CorpusError, Utterance
+from speechkd.utils import Pathlike, Seconds
+
+
+@dataclass(frozen=True)
+class SequenceSpec:
+    """How to build connected-word utterances.
+
+    Attributes:
+      num_utts: how many utterances to build.
+      min_words / max_words: words per utterance, drawn uniformly in [min_words, max_words].
+      min_gap / max_gap: silence between words in seconds, drawn uniformly.
+      edge: silence added at the start and the end in seconds.
+      sampling_rate: output rate in Hz.
+    """
+
+    num_utts: int
+    min_words: int = 1
+    max_words: int = 4
+    min_gap: Seconds = 0.05
+    max_gap: Seconds = 0.25
+    edge: Seconds = 0.1
+    sampling_rate: int = 16000
+
+
+def plan_sequences(utts: list[Utterance], spec: SequenceSpec, seed: int) -> list[tuple[str, list[Utterance], list[float]]]:
+    """Choose, for each output utterance, a speaker, its word recordings and the gaps (no audio touched).
+
+    Speakers are drawn in proportion to their number of usable recordings; recordings of one speaker are
+    drawn without replacement within an utterance where the speaker has enough of them.
+
+    Args:
+      utts: isolated-word utterances of one split; rows with empty text or speaker are ignored.
+      spec: the sizes.
+      seed: the random seed.
+
+    Returns:
+      a list of ``(utterance_id, recordings, gaps_seconds)``; ``len(gaps) == len(recordings) - 1``.
+
+    Raises:
+      CorpusError: when no utterance has both text and speaker.
+    """
+    by_speaker: dict[str, list[Utterance]] = defaultdict(list)
+    for u in utts:
+        if u.text and u.speaker:
+            by_speaker[u.speaker].append(u)
+    if not by_speaker:
+        raise CorpusError("no utterance with both a transcript and a speaker to build sequences from")
+    if spec.min_words < 1 or spec.max_words < spec.min_words:
+        raise ValueError(f"bad word counts: min_words={spec.min_words}, max_words={spec.max_words}")
+    rng = random.Random(seed)
+    speakers = sorted(by_speaker)
+    weights = [len(by_speaker[s]) for s in speakers]
+    plan = []
+    for i in range(spec.num_utts):
+        spk = rng.choices(speakers, weights=weights)[0]
+        pool = by_speaker[spk]
+        n = rng.randint(spec.min_words, spec.max_words)
+        picks = rng.sample(pool, n) if n <= len(pool) else [rng.choice(pool) for _ in range(n)]
+        gaps = [rng.uniform(spec.min_gap, spec.max_gap) for _ in range(n - 1)]
+        plan.append((f"{spk}-seq{i:06d}", picks, gaps))
+    return plan
+
+
+def _load_mono(u: Utterance, sampling_rate: int) -> np.ndarray:
+    """Load one recording as float32 mono at ``sampling_rate`` Hz (lhotse resamples)."""
+    from lhotse import Recording
+
+    try:
+        rec = Recording.from_file(u.path, recording_id=u.id)
+    except Exception as e:  # soundfile raises several types
+        raise CorpusError(f"cannot read audio of utterance '{u.id}' ({u.path}): {e}") from e
+    if rec.sampling_rate != sampling_rate:
+        rec = rec.resample(sampling_rate)
+    audio = rec.load_audio()  # (channels, samples)
+    return audio.mean(axis=0).astype(np.float32)
+
+
+def build_sequences(utts: list[Utterance], spec: SequenceSpec, seed: int, audio_dir: Pathlike, progress: bool = True):
+    """Build connected-word utterances, write their audio as 16-bit FLAC, and return a CutSet.
+
+    Audio files that already exist (from a stopped run) are reused, since names are deterministic for the
+    seed; each new file is written atomically.
+
+    Args:
+      utts: isolated-word utterances of one split.
+      spec: sizes, see :class:`SequenceSpec`.
+      seed: random seed; the same seed gives the same utterances.
+      audio_dir: where the FLAC files go.
+      progress: show a progress bar.
+
+    Returns:
+      lhotse.CutSet of MonoCuts, each with one supervision (``text`` = words joined by spaces, ``speaker``)
+      and ``custom["sources"]`` = the source utterance ids.
+    """
+    import soundfile as sf
+    from lhotse import CutSet, Recording, SupervisionSegment
+    from tqdm import tqdm
+
+    from speechkd.utils import atomic_path
+
+    audio_dir = Path(audio_dir)
+    audio_dir.mkdir(parents=True, exist_ok=True)
+    sr = spec.sampling_rate
+    plan = plan_sequences(utts, spec, seed)
+    cache: dict[str, np.ndarray] = {}
+    cuts = []
+    for uid, picks, gaps in tqdm(plan, desc=f"sequences -> {audio_dir.name}", disable=not progress):
+        path = audio_dir / f"{uid}.flac"
+        if not path.is_file():
+            edge = np.zeros(int(spec.edge * sr), dtype=np.float32)
+            pieces = [edge]
+            for j, u in enumerate(picks):
+                if u.id not in cache:
+                    cache[u.id] = _load_mono(u, sr)
+                pieces.append(cache[u.id])
+                pieces.append(np.zeros(int(gaps[j] * sr), dtype=np.float32) if j < len(gaps) else edge)
+            audio = np.clip(np.concatenate(pieces), -1.0, 1.0)
+            with atomic_path(path) as tmp:
+                sf.write(tmp, audio, sr, subtype="PCM_16", format="FLAC")
+        rec = Recording.from_file(path, recording_id=uid)
+        text = " ".join(u.text for u in picks)
+        sup = SupervisionSegment(
+            id=uid, recording_id=uid, start=0.0, duration=rec.duration, text=text, speaker=picks[0].speaker
+        )
+        cut = rec.to_cut()
+        cut.supervisions = [sup]
+        cut = cut.with_custom("sources", [u.id for u in picks])
+        cuts.append(cut)
+    return CutSet.from_cuts(cuts)

@@ -1,0 +1,87 @@
+"""MVQ-KD: the student predicts the teacher's multi-codebook VQ indexes from a middle encoder layer.
+
+Guo et al., "Predicting Multi-Codebook Vector Quantization Indexes for Knowledge Distillation", ICASSP 2023,
+arXiv 2211.00508. Labels: ``codebook_indexes`` (uint8, ``(T_teacher, num_codebooks)`` per cut) written by
+``speechkd quantize``; loss: per-codebook cross-entropy (sec. 2.3), scaled and added to the RNN-T loss.
+Also here: the paper's comparison, L1/L2 regression to the stored float embeddings.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from speechkd.losses.distill import codebook_ce_loss, frame_regression_loss
+from speechkd.methods.base import KDMethod, align_teacher_frames, pick_layer
+
+CI_KEY = "codebook_indexes"
+EMB_KEY = "teacher_embeddings"
+
+
+class MvqKD(KDMethod):
+    """Predict codebook indexes from the student's block ``layer`` through a linear head.
+
+    Args:
+      in_dim: the student layer's dim C.
+      num_codebooks: teacher bytes per frame.
+      layer: 1-based student block (-1 = last).
+      frame_ratio: teacher frames per student frame (1 or 2).
+      mode: ``concat`` (predict ``ratio * num_codebooks`` indexes per student frame) or ``truncate``.
+      scale: weight of the loss.
+      codebook_size: entries per codebook (256: one byte).
+
+    ``forward(batch, encoder_out, encoder_out_lens, layer_outputs) -> (scale * CE, {"mvq_ce": CE})`` with the
+    labels ``batch["labels"]["codebook_indexes"] = (indexes (N, T_t, num_codebooks), lens (N,))``.
+    """
+
+    label_keys = (CI_KEY,)
+
+    def __init__(self, in_dim: int, num_codebooks: int, layer: int = -1, frame_ratio: int = 1, mode: str = "concat",
+                 scale: float = 1.0, codebook_size: int = 256):
+        super().__init__()
+        self.layer, self.frame_ratio, self.mode, self.scale = layer, frame_ratio, mode, scale
+        self.codebook_size = codebook_size
+        self.num_out = num_codebooks * (frame_ratio if mode == "concat" else 1)
+        self.head = nn.Linear(in_dim, self.num_out * codebook_size)
+
+    def forward(self, batch, encoder_out, encoder_out_lens, layer_outputs):
+        x = pick_layer(layer_outputs, self.layer)  # (N, T_s, C)
+        indexes, lens = batch["labels"][CI_KEY]  # (N, T_t, num_codebooks)
+        indexes, lens = align_teacher_frames(indexes, lens, x.shape[1], self.frame_ratio, self.mode)
+        lens = torch.minimum(lens, encoder_out_lens)
+        mask = torch.arange(x.shape[1], device=x.device)[None, :] >= lens[:, None]
+        indexes = indexes.masked_fill(mask[..., None], -100)
+        logits = self.head(x).reshape(x.shape[0], x.shape[1], self.num_out, self.codebook_size)
+        ce = codebook_ce_loss(logits, indexes)
+        return self.scale * ce, {"mvq_ce": float(ce.detach())}
+
+
+class RegressionKD(KDMethod):
+    """L1 or L2 regression of the teacher's float embeddings from the student's block ``layer``.
+
+    The paper's baseline (Guo et al. 2023, sec. 3): same head position as MVQ-KD, a linear head to the
+    teacher dim, the labels stored as float32 (``teacher_embeddings``), hundreds of times more bytes.
+
+    Args:
+      in_dim: the student layer's dim C.
+      teacher_dim: the teacher embedding dim D.
+      kind: ``l1`` or ``l2``.
+      layer, frame_ratio, mode, scale: as :class:`MvqKD`.
+    """
+
+    label_keys = (EMB_KEY,)
+
+    def __init__(self, in_dim: int, teacher_dim: int, kind: str = "l1", layer: int = -1, frame_ratio: int = 1,
+                 mode: str = "concat", scale: float = 1.0):
+        super().__init__()
+        self.kind, self.layer, self.frame_ratio, self.mode, self.scale = kind, layer, frame_ratio, mode, scale
+        out = teacher_dim * (frame_ratio if mode == "concat" else 1)
+        self.head = nn.Linear(in_dim, out)
+
+    def forward(self, batch, encoder_out, encoder_out_lens, layer_outputs):
+        x = pick_layer(layer_outputs, self.layer)  # (N, T_s, C)
+        emb, lens = batch["labels"][EMB_KEY]  # (N, T_t, D)
+        emb, lens = align_teacher_frames(emb.float(), lens, x.shape[1], self.frame_ratio, self.mode)
+        lens = torch.minimum(lens, encoder_out_lens)
+        loss = frame_regression_loss(self.head(x), emb, lens, self.kind)
+        return self.scale * loss, {f"{self.kind}_loss": float(loss.detach())}

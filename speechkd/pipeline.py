@@ -1,0 +1,411 @@
+"""The experiment's stages, each reading the previous stage's files from the experiment directory.
+
+    prepare   -> cuts/{train,dev,test}.jsonl.gz (+ audio, fbank), lang/tokens.model
+    teacher   -> teacher/model.safetensors (+ metrics.csv, ckpt/ for resuming)
+    extract   -> labels/cuts_train_emb.jsonl.gz + labels/teacher_embeddings.h5 (float32 teacher layer)
+    quantize  -> labels/quantizer.safetensors, labels/cuts_train_ci.jsonl.gz + labels/codebook_indexes.h5
+    distill   -> students/<name>-seed<k>/model.safetensors for every student run of the recipe
+    evaluate  -> eval/<model>.json (+ eval/<model>-<split>-errs.txt)
+    report    -> report.md, plots/*.png
+
+Every stage skips work whose outputs are complete (each output is written atomically, the marker file
+last), so ``speechkd run`` resumes a stopped experiment; a stopped training resumes from its last
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from speechkd.config import Recipe, dump_recipe
+from speechkd.utils import write_json_atomic, write_text_atomic
+
+SPLITS = ("train", "dev", "test")
+
+
+def log(msg: str) -> None:
+    """One-line stage summary on stdout."""
+    print(f"[speechkd] {msg}", flush=True)
+
+
+class Experiment:
+    """Paths and shared objects of one experiment directory.
+
+    Args:
+      recipe: the validated recipe; ``recipe.exp_dir`` is the directory.
+      progress: show progress bars.
+    """
+
+    def __init__(self, recipe: Recipe, progress: bool = True):
+        self.recipe = recipe
+        self.dir = Path(recipe.exp_dir)
+        self.progress = progress
+        self._tokenizer = None
+
+    # paths
+    def cuts_path(self, split: str) -> Path:
+        return self.dir / "cuts" / f"{split}.jsonl.gz"
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.dir / "lang" / "tokens.model"
+
+    @property
+    def teacher_dir(self) -> Path:
+        return self.dir / "teacher"
+
+    @property
+    def emb_cuts_path(self) -> Path:
+        return self.dir / "labels" / "cuts_train_emb.jsonl.gz"
+
+    @property
+    def ci_cuts_path(self) -> Path:
+        return self.dir / "labels" / "cuts_train_ci.jsonl.gz"
+
+    @property
+    def quantizer_path(self) -> Path:
+        return self.dir / "labels" / "quantizer.safetensors"
+
+    def student_dir(self, name: str, seed: int) -> Path:
+        return self.dir / "students" / f"{name}-seed{seed}"
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from speechkd.data.tokenizer import Tokenizer
+
+            self._tokenizer = Tokenizer(self.tokenizer_path)
+        return self._tokenizer
+
+    def cuts(self, split: str):
+        from speechkd.data.datamodule import load_cuts
+
+        return load_cuts(self.cuts_path(split))
+
+    def write_config(self) -> None:
+        """Write the resolved recipe to ``config.yaml`` (every default spelled out)."""
+        write_text_atomic(self.dir / "config.yaml", dump_recipe(self.recipe))
+
+    @property
+    def teacher_frame_ratio(self) -> int:
+        """Teacher frames per student frame (student subsampling / teacher subsampling)."""
+        t, s = self.recipe.teacher.model.subsampling, self.recipe.student_model.subsampling
+        if s % t != 0:
+            raise ValueError(f"student subsampling {s} must be a multiple of the teacher's {t}")
+        return s // t
+
+
+# ---------------------------------------------------------------- prepare
+def prepare(exp: Experiment) -> None:
+    """Build the connected-word cuts for train/dev/test, compute fbank, train the tokenizer."""
+    from speechkd.data.corpora import corpus_dir, read_metadata, read_split
+    from speechkd.data.datamodule import compute_fbank, save_cuts
+    from speechkd.data.sequences import SequenceSpec, build_sequences
+    from speechkd.data.tokenizer import train_tokenizer
+
+    d = exp.recipe.data
+    cdir = corpus_dir(d.corpus, d.corpora_dir)
+    meta = read_metadata(cdir)
+    sizes = {"train": d.num_train, "dev": d.num_dev, "test": d.num_test}
+    for i, split in enumerate(SPLITS):
+        out = exp.cuts_path(split)
+        if out.is_file():
+            log(f"prepare: {out} exists, skipped")
+            continue
+        t0 = time.time()
+        utts = read_split(cdir, "smoke" if d.smoke else split, meta)
+        spec = SequenceSpec(num_utts=sizes[split], min_words=d.min_words, max_words=d.max_words, min_gap=d.min_gap, max_gap=d.max_gap)
+        cuts = build_sequences(utts, spec, seed=d.seed * 1000 + i, audio_dir=exp.dir / "cuts" / "audio" / split, progress=exp.progress)
+        cuts = compute_fbank(cuts, exp.dir / "cuts" / "feats" / split, num_jobs=d.num_jobs, progress=exp.progress)
+        save_cuts(cuts, out)
+        hours = sum(c.duration for c in cuts) / 3600
+        log(f"prepare: {split}: {len(cuts)} utterances, {hours:.2f} h, {len({c.supervisions[0].speaker for c in cuts})} speakers ({time.time() - t0:.0f} s)")
+    if not exp.tokenizer_path.is_file():
+        texts = [c.supervisions[0].text for c in exp.cuts("train")]
+        train_tokenizer(texts, exp.tokenizer_path, vocab_size=d.vocab_size)
+        log(f"prepare: tokenizer with {exp.tokenizer.vocab_size} tokens -> {exp.tokenizer_path}")
+
+
+# ---------------------------------------------------------------- teacher
+def train_teacher(exp: Experiment) -> None:
+    """Train the teacher transducer on the training cuts (resumable)."""
+    from speechkd.training import fit_transducer
+
+    if (exp.teacher_dir / "model.safetensors").is_file():
+        log(f"teacher: {exp.teacher_dir}/model.safetensors exists, skipped")
+        return
+    t = exp.recipe.teacher
+    fit_transducer(exp.teacher_dir, t.model, t.train, exp.tokenizer, exp.cuts("train"), exp.cuts("dev"), seed=t.seed,
+                   extra_meta={"role": "teacher", "method": "none"}, progress=exp.progress)
+    log(f"teacher: trained -> {exp.teacher_dir}")
+
+
+def _teacher_layer_outputs(exp: Experiment, cuts, layer: int, batch_seconds: float = 200.0):
+    """Yield ``(cut_id, embeddings (T', C) float32 numpy)`` of teacher block ``layer`` for every cut."""
+    from tqdm import tqdm
+
+    from speechkd.data.datamodule import AsrDataset, make_loader
+    from speechkd.methods.base import pick_layer
+    from speechkd.models.build import load_model
+
+    model, _ = load_model(exp.teacher_dir)
+    dl = make_loader(cuts, AsrDataset(None), batch_seconds, shuffle=False)
+    with torch.inference_mode():
+        for batch in tqdm(dl, desc="teacher forward", disable=not exp.progress):
+            _, lens, layers = model.encode(batch["features"], batch["feature_lens"])
+            x = pick_layer(layers, layer)
+            for i, cid in enumerate(batch["cut_ids"]):
+                yield cid, x[i, : int(lens[i])].float().numpy()
+
+
+# ---------------------------------------------------------------- extract
+def extract(exp: Experiment) -> None:
+    """Store the teacher's chosen layer for every training cut as float32 (the L1/L2 labels)."""
+    from speechkd.data.datamodule import FRAME_SHIFT, save_cuts
+    from speechkd.methods.mvq_kd import EMB_KEY
+    from speechkd.mvq.store import write_frame_labels
+
+    if exp.emb_cuts_path.is_file():
+        log(f"extract: {exp.emb_cuts_path} exists, skipped")
+        return
+    t = exp.recipe.teacher
+    cuts = exp.cuts("train")
+    t0 = time.time()
+    labelled = write_frame_labels(
+        cuts, _teacher_layer_outputs(exp, cuts, t.layer), exp.dir / "labels", key=EMB_KEY,
+        frame_shift=FRAME_SHIFT * t.model.subsampling, extra={"teacher_layer": str(t.layer)},
+    )
+    save_cuts(labelled, exp.emb_cuts_path)
+    log(f"extract: teacher layer {t.layer} for {len(labelled)} cuts ({time.time() - t0:.0f} s) -> {exp.emb_cuts_path}")
+
+
+# ---------------------------------------------------------------- quantize
+def quantize(exp: Experiment) -> None:
+    """Train the multi-codebook quantizer on sampled teacher frames and write CI for every training cut."""
+    from speechkd.data.datamodule import FRAME_SHIFT, load_cuts, save_cuts
+    from speechkd.methods.mvq_kd import CI_KEY, EMB_KEY
+    from speechkd.mvq.quantizer import Quantizer, train_quantizer
+    from speechkd.mvq.store import load_frame_labels, write_frame_labels
+
+    if exp.ci_cuts_path.is_file():
+        log(f"quantize: {exp.ci_cuts_path} exists, skipped")
+        return
+    q = exp.recipe.quantizer
+    cuts = load_cuts(exp.emb_cuts_path)
+    if exp.quantizer_path.is_file():
+        quantizer = Quantizer.load(exp.quantizer_path)
+        log(f"quantize: reusing {exp.quantizer_path} (id {quantizer.id})")
+    else:
+        t0 = time.time()
+        rng = np.random.default_rng(exp.recipe.data.seed)
+        frames = np.concatenate([load_frame_labels(c, EMB_KEY) for c in cuts])  # (total, D)
+        if len(frames) > q.train_frames:
+            frames = frames[rng.choice(len(frames), q.train_frames, replace=False)]
+        kwargs = {}
+        if q.beam is not None:
+            kwargs["beam"] = q.beam
+        if q.refine_iters is not None:
+            kwargs["refine_rounds"] = q.refine_iters
+        quantizer = train_quantizer(torch.from_numpy(frames), num_codebooks=q.num_codebooks, seed=exp.recipe.data.seed,
+                                    progress=exp.progress, **kwargs)
+        quantizer.save(exp.quantizer_path)
+        err = quantizer.relative_error(torch.from_numpy(frames[:5000]))
+        log(f"quantize: trained on {len(frames)} frames, dim {quantizer.dim}, {q.num_codebooks} bytes/frame, "
+            f"relative error {err:.3f} ({time.time() - t0:.0f} s), id {quantizer.id}")
+
+    def indexes():
+        for c in cuts:
+            emb = torch.from_numpy(load_frame_labels(c, EMB_KEY))
+            yield c.id, quantizer.encode(emb).numpy()
+
+    t = exp.recipe.teacher
+    labelled = write_frame_labels(cuts, indexes(), exp.dir / "labels", key=CI_KEY,
+                                  frame_shift=FRAME_SHIFT * t.model.subsampling, extra={"quantizer_id": quantizer.id})
+    save_cuts(labelled, exp.ci_cuts_path)
+    log(f"quantize: codebook indexes for {len(labelled)} cuts -> {exp.ci_cuts_path}")
+
+
+# ---------------------------------------------------------------- distill
+def make_kd(exp: Experiment, kd_cfg):
+    """The KD method object of a student run, and the training cuts carrying its labels."""
+    from speechkd.data.datamodule import load_cuts
+    from speechkd.methods.mvq_kd import CI_KEY, MvqKD, RegressionKD
+    from speechkd.mvq.quantizer import Quantizer
+    from speechkd.mvq.store import check_label_meta
+
+    s = exp.recipe.student_model
+    ratio = exp.teacher_frame_ratio
+    if kd_cfg.method == "none":
+        return None, exp.cuts("train")
+    if kd_cfg.method == "mvq":
+        quantizer = Quantizer.load(exp.quantizer_path)
+        cuts = load_cuts(exp.ci_cuts_path)
+        check_label_meta(cuts, CI_KEY, {"quantizer_id": quantizer.id})
+        kd = MvqKD(s.dim, quantizer.num_codebooks, layer=kd_cfg.student_layer, frame_ratio=ratio,
+                   mode=kd_cfg.frame_ratio_mode, scale=kd_cfg.scale)
+        return kd, cuts
+    cuts = load_cuts(exp.emb_cuts_path)
+    teacher_dim = exp.recipe.teacher.model.dim
+    kd = RegressionKD(s.dim, teacher_dim, kind=kd_cfg.method, layer=kd_cfg.student_layer, frame_ratio=ratio,
+                      mode=kd_cfg.frame_ratio_mode, scale=kd_cfg.scale)
+    return kd, cuts
+
+
+def distill(exp: Experiment, only: Optional[str] = None) -> None:
+    """Train every student run (each seed) of the recipe, or only the one named ``only``."""
+    from speechkd.training import fit_transducer
+
+    runs = [r for r in exp.recipe.students if only is None or r.name == only]
+    if only is not None and not runs:
+        raise ValueError(f"no student named '{only}' in the recipe (have {[r.name for r in exp.recipe.students]})")
+    dev = exp.cuts("dev")
+    for run in runs:
+        for seed in run.seeds:
+            out = exp.student_dir(run.name, seed)
+            if (out / "model.safetensors").is_file():
+                log(f"distill: {out}/model.safetensors exists, skipped")
+                continue
+            kd, cuts = make_kd(exp, run.kd)
+            t0 = time.time()
+            fit_transducer(out, exp.recipe.student_model, exp.recipe.student_train, exp.tokenizer, cuts, dev, seed=seed,
+                           kd=kd, extra_meta={"role": "baseline" if run.kd.method == "none" else "distilled",
+                                              "method": run.kd.method, "group": run.name}, progress=exp.progress)
+            log(f"distill: {run.name} seed {seed} trained in {time.time() - t0:.0f} s -> {out}")
+
+
+# ---------------------------------------------------------------- evaluate
+def _models(exp: Experiment):
+    """(name, group, dir, method, seed) of the teacher and every student run."""
+    yield "teacher", "teacher", exp.teacher_dir, "none", exp.recipe.teacher.seed
+    for run in exp.recipe.students:
+        for seed in run.seeds:
+            yield f"{run.name}-seed{seed}", run.name, exp.student_dir(run.name, seed), run.kd.method, seed
+
+
+def decode_cuts(model, cuts, tokenizer, decoding: str = "greedy", beam: int = 4, max_duration: float = 200.0, progress=False):
+    """Decode a CutSet; returns ``(ids, refs, hyps)`` (texts)."""
+    from tqdm import tqdm
+
+    from speechkd.data.datamodule import AsrDataset, make_loader
+    from speechkd.decoding.transducer import beam_search, greedy_search
+
+    ids, refs, hyps = [], [], []
+    dl = make_loader(cuts, AsrDataset(None), max_duration, shuffle=False)
+    with torch.inference_mode():
+        for batch in tqdm(dl, desc="decode", disable=not progress):
+            enc, lens, _ = model.encode(batch["features"], batch["feature_lens"])
+            if decoding == "greedy":
+                toks = greedy_search(model, enc, lens)
+            else:
+                toks = [nb[0][0] for nb in beam_search(model, enc, lens, beam=beam)]
+            ids += batch["cut_ids"]
+            refs += batch["texts"]
+            hyps += tokenizer.decode(toks)
+    return ids, refs, hyps
+
+
+def evaluate(exp: Experiment) -> None:
+    """WER on dev and test, parameters, CPU real-time factor and label bytes for every trained model."""
+    from speechkd.data.datamodule import AsrDataset, load_cuts, make_loader
+    from speechkd.eval.metrics import word_error_rate, write_wer_details
+    from speechkd.eval.speed import count_parameters, real_time_factor
+    from speechkd.methods.mvq_kd import CI_KEY, EMB_KEY
+    from speechkd.models.build import load_model
+    from speechkd.mvq.store import label_storage_bytes
+    from speechkd.utils import set_thread_policy
+
+    e = exp.recipe.eval
+    label_bytes = {}
+    if exp.ci_cuts_path.is_file():
+        label_bytes["mvq"] = ("ci", label_storage_bytes(load_cuts(exp.ci_cuts_path), CI_KEY))
+    if exp.emb_cuts_path.is_file():
+        emb = ("float32", label_storage_bytes(load_cuts(exp.emb_cuts_path), EMB_KEY))
+        label_bytes["l1"] = label_bytes["l2"] = emb
+    splits = {s: exp.cuts(s) for s in ("dev", "test")}
+    rtf_cuts = splits["test"].subset(first=min(e.rtf_utts, len(splits["test"])))
+    for name, group, mdir, method, seed in _models(exp):
+        out = exp.dir / "eval" / f"{name}.json"
+        if out.is_file():
+            log(f"evaluate: {out} exists, skipped")
+            continue
+        if not (mdir / "model.safetensors").is_file():
+            log(f"evaluate: {mdir} has no model yet, skipped")
+            continue
+        model, meta = load_model(mdir)
+        set_thread_policy(2)
+        result = {"name": name, "group": group, "role": meta.get("role", "baseline"), "method": method, "seed": seed,
+                  "params": count_parameters(model)}
+        for split, cuts in splits.items():
+            ids, refs, hyps = decode_cuts(model, cuts, exp.tokenizer, e.decoding, e.beam, progress=exp.progress)
+            stats = word_error_rate(refs, hyps)
+            result[f"{split}_wer"] = stats.wer
+            write_wer_details(exp.dir / "eval" / f"{name}-{split}-errs.txt", ids, refs, hyps)
+        set_thread_policy(e.rtf_threads)
+        batches = list(make_loader(rtf_cuts, AsrDataset(None), max_duration=1e-3, shuffle=False))
+
+        def run_one(batch):
+            from speechkd.decoding.transducer import greedy_search
+
+            enc, lens, _ = model.encode(batch["features"], batch["feature_lens"])
+            return greedy_search(model, enc, lens)
+
+        result["rtf"] = real_time_factor(run_one, batches, audio_seconds=sum(c.duration for c in rtf_cuts))
+        set_thread_policy(2)
+        kind, nbytes = label_bytes.get(method, ("none", None))
+        result.update(label_kind=kind, label_bytes=nbytes, train_seconds=_train_seconds(mdir))
+        write_json_atomic(out, result)
+        log(f"evaluate: {name}: params {result['params'] / 1e6:.2f} M, dev WER {result['dev_wer']:.2f}%, "
+            f"test WER {result['test_wer']:.2f}%, RTF {result['rtf']:.4f}")
+
+
+def _train_seconds(mdir: Path) -> Optional[float]:
+    p = mdir / "train_summary.json"
+    return json.loads(p.read_text()).get("train_seconds_last_fit") if p.is_file() else None
+
+
+# ---------------------------------------------------------------- report
+def report(exp: Experiment) -> Path:
+    """Write ``report.md`` and the plots from ``eval/*.json`` and the training logs."""
+    from speechkd.report import write_report
+
+    path = write_report(exp.dir, title=f"speechkd experiment '{exp.recipe.name}'")
+    log(f"report: {path}")
+    return path
+
+
+STAGES: dict[str, Callable] = {
+    "prepare": prepare,
+    "teacher": train_teacher,
+    "extract": extract,
+    "quantize": quantize,
+    "distill": distill,
+    "evaluate": evaluate,
+    "report": report,
+}
+
+
+def needed_stages(recipe: Recipe) -> list[str]:
+    """The stages a recipe needs: extract only with a KD student, quantize only with an MVQ student."""
+    methods = {r.kd.method for r in recipe.students}
+    stages = ["prepare", "teacher"]
+    if methods - {"none"}:
+        stages.append("extract")
+    if "mvq" in methods:
+        stages.append("quantize")
+    return stages + ["distill", "evaluate", "report"]
+
+
+def run_all(exp: Experiment, stages: Optional[list[str]] = None) -> None:
+    """Run the recipe's stages in order; each skips what is already complete."""
+    exp.dir.mkdir(parents=True, exist_ok=True)
+    exp.write_config()
+    for name in stages or needed_stages(exp.recipe):
+        t0 = time.time()
+        STAGES[name](exp)
+        log(f"stage {name} done ({time.time() - t0:.0f} s)")

@@ -1,0 +1,610 @@
+"""Experiment report: aggregate per-model eval results over seeds into ``EXP/report.md`` + plots.
+
+Inputs (all under one experiment directory ``EXP``):
+
+* ``EXP/eval/*.json`` - one dict per evaluated model with the keys
+
+  ============== ======================================================================
+  name           str, unique, e.g. ``"student-mvq-seed1"``
+  group          str, rows of one group are aggregated over seeds, e.g. ``"student-mvq"``
+  role           ``"teacher"`` | ``"baseline"`` | ``"distilled"``
+  method         str, ``"none"`` | ``"mvq"`` | ``"l1"`` | ``"l2"`` | ...
+  seed           int
+  params         int, number of parameters
+  dev_wer        float, percent
+  test_wer       float, percent
+  rtf            float (real-time factor, < 1 is faster than real time) or null
+  label_kind     ``"none"`` | ``"ci"`` (codebook indexes) | ``"float32"`` (embeddings)
+  label_bytes    int or null, bytes of stored teacher labels the model trained on
+  train_seconds  float or null, wall-clock training time in seconds
+  notes          optional str
+  ============== ======================================================================
+
+* training curves, optional: ``EXP/teacher/metrics.csv`` for the teacher and
+  ``EXP/students/<name>/metrics.csv`` for the others (Lightning ``CSVLogger`` files with
+  ``epoch``, ``step``, ``train_loss``, ``val_wer`` columns; a ``version_*/metrics.csv`` below
+  those folders is found too). Missing files or columns are noted in the report, not fatal.
+
+Outputs: ``EXP/report.md``, ``EXP/plots/training_curves.png`` and
+``EXP/plots/wer_vs_label_bytes.png``, all written atomically.
+
+Command line: ``python -m speechkd.report EXP [--title TITLE]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import tempfile
+from collections import defaultdict
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable, Optional, Union
+
+import numpy as np
+
+__all__ = ["load_results", "aggregate", "write_report", "ROLES", "REQUIRED_KEYS"]
+
+ROLES = ("teacher", "baseline", "distilled")
+_ROLE_RANK = {r: i for i, r in enumerate(ROLES)}
+
+# key -> (accepted types, may be null)
+_NUM = (int, float)
+REQUIRED_KEYS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "name": ((str,), False),
+    "group": ((str,), False),
+    "role": ((str,), False),
+    "method": ((str,), False),
+    "seed": ((int,), False),
+    "params": ((int,), False),
+    "dev_wer": (_NUM, False),
+    "test_wer": (_NUM, False),
+    "rtf": (_NUM, True),
+    "label_kind": ((str,), False),
+    "label_bytes": ((int,), True),
+    "train_seconds": (_NUM, True),
+}
+
+PathLike = Union[str, os.PathLike]
+
+
+# --------------------------------------------------------------------------- loading
+def _validate(res: Any, src: str) -> dict:
+    if not isinstance(res, dict):
+        raise ValueError(f"{src}: expected a JSON object, got {type(res).__name__}")
+    missing = [k for k in REQUIRED_KEYS if k not in res]
+    if missing:
+        raise ValueError(f"{src}: missing keys {missing}")
+    for key, (types, nullable) in REQUIRED_KEYS.items():
+        v = res[key]
+        if v is None and nullable:
+            continue
+        if isinstance(v, bool) or not isinstance(v, types):
+            want = " or ".join(t.__name__ for t in types) + (" or null" if nullable else "")
+            raise ValueError(f"{src}: key {key!r} must be {want}, got {v!r}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{src}: key {key!r} must be finite, got {v!r}")
+    if res["role"] not in ROLES:
+        raise ValueError(f"{src}: role must be one of {ROLES}, got {res['role']!r}")
+    for key in ("name", "group", "method", "label_kind"):
+        if not res[key].strip():
+            raise ValueError(f"{src}: key {key!r} must not be empty")
+    for key in ("params", "label_bytes", "dev_wer", "test_wer", "rtf", "train_seconds"):
+        if res[key] is not None and res[key] < 0:
+            raise ValueError(f"{src}: key {key!r} must be >= 0, got {res[key]!r}")
+    if "notes" in res and res["notes"] is not None and not isinstance(res["notes"], str):
+        raise ValueError(f"{src}: key 'notes' must be a string, got {res['notes']!r}")
+    return res
+
+
+def load_results(exp_dir: PathLike) -> list[dict]:
+    """Read and validate every ``EXP/eval/*.json`` (sorted by file name).
+
+    Args:
+        exp_dir: the experiment directory.
+
+    Returns:
+        One dict per file, as stored (see the module docstring for the keys).
+
+    Raises:
+        FileNotFoundError: when ``EXP/eval`` does not exist.
+        ValueError: a file is not valid JSON, lacks a key or has a wrong type/value (the message
+            names the file); no JSON file at all; two results share a ``name``.
+    """
+    eval_dir = Path(exp_dir) / "eval"
+    if not eval_dir.is_dir():
+        raise FileNotFoundError(f"no eval directory: {eval_dir}")
+    files = sorted(eval_dir.glob("*.json"))
+    if not files:
+        raise ValueError(f"no result files (*.json) in {eval_dir}")
+    results, seen = [], {}
+    for f in files:
+        try:
+            data = json.loads(f.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{f}: malformed JSON: {e}") from e
+        res = _validate(data, str(f))
+        if res["name"] in seen:
+            raise ValueError(f"{f}: name {res['name']!r} already used by {seen[res['name']]}")
+        seen[res["name"]] = f
+        results.append(res)
+    return results
+
+
+# --------------------------------------------------------------------------- aggregation
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    a = np.asarray(values, dtype=np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+
+
+def _rel_reduction(base: Optional[float], x: float) -> Optional[float]:
+    if base is None or base == 0:
+        return None
+    return (base - x) / base * 100.0
+
+
+def aggregate(results: Iterable[dict]) -> list[dict]:
+    """Aggregate per-model results into one row per ``group``.
+
+    Rows are ordered teacher, baseline, distilled, then by first appearance. Each row has:
+
+    * ``group``, ``role``, ``method``, ``label_kind``; ``n`` (number of seeds), ``seeds``,
+      ``names`` (lists, in input order)
+    * ``params`` (int) and ``params_ratio`` = params / teacher params (None without a teacher)
+    * ``dev_wer_mean``, ``dev_wer_std``, ``test_wer_mean``, ``test_wer_std`` in percent; std is
+      the sample std (ddof=1), 0.0 for a single seed
+    * ``rtf_mean``, ``train_seconds_mean`` (None when no seed reports it)
+    * ``label_bytes``: mean over the seeds that report it, as int, else None
+    * ``rel_dev_wer_reduction``, ``rel_test_wer_reduction``: ``(base - x) / base * 100`` with
+      the baseline group's and this group's mean WERs, in percent (positive = better than the
+      baseline; 0 for the baseline itself; None without a baseline or when base == 0)
+    * ``storage_ratio``: for ``label_kind == "ci"`` rows, float32 label bytes / this row's
+      label bytes (the smallest float32 group's bytes when several); else None
+
+    Args:
+        results: per-model dicts as returned by :func:`load_results`.
+
+    Returns:
+        The list of row dicts.
+
+    Raises:
+        ValueError: no results; inside one group, differing role/method/label_kind/params or
+            a repeated seed; more than one teacher group or more than one baseline group.
+    """
+    groups: dict[str, list[dict]] = {}
+    for r in results:
+        groups.setdefault(r["group"], []).append(r)
+    if not groups:
+        raise ValueError("no results to aggregate")
+
+    rows = []
+    for g, members in groups.items():
+        for key in ("role", "method", "label_kind", "params"):
+            vals = {m[key] for m in members}
+            if len(vals) > 1:
+                raise ValueError(
+                    f"group {g!r}: results disagree on {key!r}: {sorted(map(str, vals))}"
+                )
+        seeds = [m["seed"] for m in members]
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"group {g!r}: repeated seed in {seeds}")
+        dev_m, dev_s = _mean_std([m["dev_wer"] for m in members])
+        test_m, test_s = _mean_std([m["test_wer"] for m in members])
+        rtfs = [m["rtf"] for m in members if m["rtf"] is not None]
+        secs = [m["train_seconds"] for m in members if m["train_seconds"] is not None]
+        lbytes = [m["label_bytes"] for m in members if m["label_bytes"] is not None]
+        rows.append(
+            {
+                "group": g,
+                "role": members[0]["role"],
+                "method": members[0]["method"],
+                "label_kind": members[0]["label_kind"],
+                "n": len(members),
+                "seeds": seeds,
+                "names": [m["name"] for m in members],
+                "params": members[0]["params"],
+                "params_ratio": None,
+                "dev_wer_mean": dev_m,
+                "dev_wer_std": dev_s,
+                "test_wer_mean": test_m,
+                "test_wer_std": test_s,
+                "rtf_mean": float(np.mean(rtfs)) if rtfs else None,
+                "train_seconds_mean": float(np.mean(secs)) if secs else None,
+                "label_bytes": int(round(float(np.mean(lbytes)))) if lbytes else None,
+                "rel_dev_wer_reduction": None,
+                "rel_test_wer_reduction": None,
+                "storage_ratio": None,
+            }
+        )
+    rows.sort(key=lambda r: _ROLE_RANK[r["role"]])  # stable: keeps first-appearance order
+
+    teacher = _single_role(rows, "teacher")
+    base = _single_role(rows, "baseline")
+    f32 = [r["label_bytes"] for r in rows if r["label_kind"] == "float32" and r["label_bytes"]]
+    for r in rows:
+        if teacher is not None and teacher["params"] > 0:
+            r["params_ratio"] = r["params"] / teacher["params"]
+        if base is not None:
+            r["rel_dev_wer_reduction"] = _rel_reduction(base["dev_wer_mean"], r["dev_wer_mean"])
+            r["rel_test_wer_reduction"] = _rel_reduction(base["test_wer_mean"], r["test_wer_mean"])
+        if r["label_kind"] == "ci" and r["label_bytes"] and f32:
+            r["storage_ratio"] = min(f32) / r["label_bytes"]
+    return rows
+
+
+def _single_role(rows: list[dict], role: str) -> Optional[dict]:
+    found = [r for r in rows if r["role"] == role]
+    if len(found) > 1:
+        raise ValueError(
+            f"expected at most one {role} group, got {[r['group'] for r in found]}"
+        )
+    return found[0] if found else None
+
+
+# --------------------------------------------------------------------------- formatting
+def _fmt_bytes(n: Optional[int]) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} B"
+
+
+def _fmt_wer(mean: float, std: float, n: int) -> str:
+    return f"{mean:.2f} ± {std:.2f} ({n})" if n > 1 else f"{mean:.2f} ± - (1)"
+
+
+def _fmt(x: Optional[float], spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _md(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_md(c) for c in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- atomic writes
+def _atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` on a temp file next to ``path``, then ``os.replace`` it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def _save_fig(fig, path: Path) -> None:
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+
+
+# --------------------------------------------------------------------------- curves
+_LOSS_COLUMNS = ("train_loss", "train_loss_epoch", "train_loss_step")
+
+
+def _curve_file(exp_dir: Path, res: dict) -> Optional[Path]:
+    if res["role"] == "teacher":
+        t = exp_dir / "teacher"
+        cands, roots = [t / "metrics.csv", t / res["name"] / "metrics.csv"], [t]
+    else:
+        d = exp_dir / "students" / res["name"]
+        cands, roots = [d / "metrics.csv"], [d]
+    for c in cands:
+        if c.is_file():
+            return c
+    for root in roots:  # Lightning's CSVLogger default: <dir>/lightning_logs/version_N/metrics.csv
+        if not root.is_dir():
+            continue
+        found = sorted(root.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
+        if found:
+            return found[-1]
+    return None
+
+
+def _float(s: Optional[str]) -> Optional[float]:
+    if s is None or s.strip() == "":
+        return None
+    try:
+        v = float(s)
+    except ValueError:
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _read_curves(path: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
+    """Per-epoch curves from a CSVLogger file: {'train_loss': (epochs, mean loss per epoch),
+    'val_wer': (epochs, last val WER per epoch)}; plus notes about what was missing."""
+    notes: list[str] = []
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            cols = reader.fieldnames or []
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        return {}, [f"{path}: unreadable ({e})"]
+    if "epoch" not in cols:
+        return {}, [f"{path}: no 'epoch' column"]
+    loss_col = next((c for c in _LOSS_COLUMNS if c in cols), None)
+    losses: dict[float, list[float]] = defaultdict(list)
+    wers: dict[float, float] = {}
+    for row in rows:
+        ep = _float(row.get("epoch"))
+        if ep is None:
+            continue
+        if loss_col is not None and (v := _float(row.get(loss_col))) is not None:
+            losses[ep].append(v)
+        if (v := _float(row.get("val_wer"))) is not None:
+            wers[ep] = v
+    curves = {}
+    if losses:
+        eps = sorted(losses)
+        curves["train_loss"] = (np.array(eps), np.array([np.mean(losses[e]) for e in eps]))
+    else:
+        notes.append(f"{path}: no train loss values")
+    if wers:
+        eps = sorted(wers)
+        curves["val_wer"] = (np.array(eps), np.array([wers[e] for e in eps]))
+    else:
+        notes.append(f"{path}: no val_wer values")
+    return curves, notes
+
+
+# --------------------------------------------------------------------------- plots
+def _figure(w: float, h: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), layout="constrained")
+    FigureCanvasAgg(fig)  # Agg backend, independent of pyplot's global state
+    return fig
+
+
+def _group_colors(rows: list[dict]) -> dict[str, Any]:
+    from matplotlib import colormaps
+
+    tab10 = colormaps["tab10"]
+    palette = [tab10(i) for i in range(10) if i != 7]  # gray (7) is kept for the baseline
+    colors, k = {}, 0
+    for r in rows:
+        if r["role"] == "teacher":
+            colors[r["group"]] = "black"
+        elif r["role"] == "baseline":
+            colors[r["group"]] = "tab:gray"
+        else:
+            colors[r["group"]] = palette[k % len(palette)]
+            k += 1
+    return colors
+
+
+def _plot_training_curves(
+    path: Path, exp_dir: Path, results: list[dict], rows: list[dict]
+) -> list[str]:
+    from matplotlib.ticker import MaxNLocator
+
+    colors = _group_colors(rows)
+    order = {r["group"]: i for i, r in enumerate(rows)}
+    fig = _figure(11, 4.2)
+    ax_loss, ax_wer = fig.subplots(1, 2)
+    notes, labelled, plotted = [], set(), 0
+    for res in sorted(results, key=lambda r: (order[r["group"]], r["seed"])):
+        f = _curve_file(exp_dir, res)
+        if f is None:
+            notes.append(f"no metrics.csv for {res['name']}")
+            continue
+        curves, n = _read_curves(f)
+        notes += n
+        g = res["group"]
+        label = None if g in labelled else g  # one legend entry per group, on each axis
+        for key, ax in (("train_loss", ax_loss), ("val_wer", ax_wer)):
+            if key in curves:
+                x, y = curves[key]
+                ax.plot(x, y, marker="o", ms=3, lw=1.4, alpha=0.85, color=colors[g], label=label,
+                        zorder=3 if res["role"] == "teacher" else 2)
+                plotted += 1
+        if curves:
+            labelled.add(g)
+    ax_loss.set(title="Training loss (mean per epoch)", xlabel="epoch", ylabel="train loss")
+    ax_wer.set(title="Validation WER", xlabel="epoch", ylabel="val WER (%)")
+    for ax in (ax_loss, ax_wer):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if plotted:
+        handles = {}  # one legend for both axes: union of the groups plotted on either
+        for ax in (ax_loss, ax_wer):
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                handles.setdefault(lab, h)
+        ax_wer.legend(handles.values(), handles.keys(), fontsize=8,
+                      title="group (one line per seed)", title_fontsize=8)
+    else:
+        for ax in (ax_loss, ax_wer):
+            ax.text(0.5, 0.5, "no training curves found", ha="center", va="center",
+                    transform=ax.transAxes)
+    _save_fig(fig, path)
+    return notes
+
+
+def _plot_wer_vs_label_bytes(path: Path, rows: list[dict]) -> None:
+    colors = _group_colors(rows)
+    fig = _figure(7.5, 4.8)
+    ax = fig.subplots()
+    pts = [r for r in rows if r["label_bytes"]]
+    markers = {"ci": "o", "float32": "s"}
+    for r in pts:
+        ax.errorbar(
+            r["label_bytes"], r["test_wer_mean"], yerr=r["test_wer_std"] if r["n"] > 1 else None,
+            fmt=markers.get(r["label_kind"], "D"), ms=7, capsize=4, color=colors[r["group"]],
+            label=f"{r['group']} ({r['label_kind']}, n={r['n']})",
+        )
+        ax.annotate(r["group"], (r["label_bytes"], r["test_wer_mean"]), xytext=(6, 6),
+                    textcoords="offset points", fontsize=8)
+    for role, style in (("baseline", "--"), ("teacher", ":")):
+        for r in (x for x in rows if x["role"] == role):
+            m, s = r["test_wer_mean"], r["test_wer_std"]
+            ax.axhline(m, ls=style, lw=1.5, color=colors[r["group"]],
+                       label=f"{role}: {r['group']} ({m:.2f}%)")
+            if r["n"] > 1 and s > 0:
+                ax.axhspan(m - s, m + s, color=colors[r["group"]], alpha=0.12, lw=0)
+    ax.set_xscale("log")
+    if pts:
+        xs = [r["label_bytes"] for r in pts]
+        ax.set_xlim(min(xs) / 3, max(xs) * 3)
+    else:
+        ax.text(0.5, 0.5, "no model trained on stored labels", ha="center", va="center",
+                transform=ax.transAxes)
+    ax.set(title="Test WER vs teacher-label storage (mean ± std over seeds)",
+           xlabel="stored teacher labels (bytes, log scale)", ylabel="test WER (%)")
+    ax.grid(alpha=0.3, which="both")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="best")
+    _save_fig(fig, path)
+
+
+# --------------------------------------------------------------------------- report
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
+
+
+def write_report(exp_dir: PathLike, title: Optional[str] = None) -> Path:
+    """Write ``EXP/report.md`` and its plots in ``EXP/plots/`` (all atomically).
+
+    The report has: a header (experiment, when its results were written, when the report was
+    generated), a table with one row per group (Model, Role, Method, Params (M), params ratio to
+    the teacher, dev/test WER % as "mean ± std (n)", relative WER reduction vs the baseline %,
+    RTF, label kind, label bytes), a teacher-vs-baseline line (with a warning when the teacher
+    is not better: distillation has nothing to pass on), the label-storage ratio line, the
+    plots ``training_curves.png`` and ``wer_vs_label_bytes.png`` and a per-run table.
+
+    Args:
+        exp_dir: experiment directory holding ``eval/*.json`` (and optional training CSVs).
+        title: report title; default ``"Experiment report: <dir name>"``.
+
+    Returns:
+        Path of ``report.md``.
+
+    Raises:
+        FileNotFoundError, ValueError: as for :func:`load_results` and :func:`aggregate`.
+    """
+    exp = Path(exp_dir)
+    results = load_results(exp)
+    rows = aggregate(results)
+    plots = exp / "plots"
+    curve_png, wer_png = plots / "training_curves.png", plots / "wer_vs_label_bytes.png"
+    notes = _plot_training_curves(curve_png, exp, results, rows)
+    _plot_wer_vs_label_bytes(wer_png, rows)
+
+    mtimes = [f.stat().st_mtime for f in (exp / "eval").glob("*.json")]
+    total_train = sum(r["train_seconds"] or 0.0 for r in results)
+    teacher = _single_role(rows, "teacher")
+    base = _single_role(rows, "baseline")
+
+    out = [f"# {title or f'Experiment report: {exp.resolve().name}'}", ""]
+    out.append(f"- Experiment directory: `{exp.resolve()}`")
+    first, last = _when(min(mtimes)), _when(max(mtimes))
+    span = first if first == last else f"{first} to {last}"
+    out.append(f"- Results written: {span} (eval JSON file times)")
+    out.append(f"- Report generated: {_when(datetime.now().timestamp())}")
+    out.append(
+        f"- {len(results)} models in {len(rows)} groups; total training time "
+        f"{total_train / 3600:.2f} h"
+    )
+    out += ["", "## Results", ""]
+    header = ["Model", "Role", "Method", "Params (M)", "Params ratio to teacher", "dev WER %",
+              "test WER %", "Rel. test WER reduction vs baseline %",
+              "Rel. dev WER reduction vs baseline %", "RTF", "Labels", "Label bytes"]
+    body = []
+    for r in rows:
+        is_base = r["role"] == "baseline"
+        body.append([
+            r["group"], r["role"], r["method"], f"{r['params'] / 1e6:.2f}",
+            _fmt(r["params_ratio"], ".3f"),
+            _fmt_wer(r["dev_wer_mean"], r["dev_wer_std"], r["n"]),
+            _fmt_wer(r["test_wer_mean"], r["test_wer_std"], r["n"]),
+            "(reference)" if is_base else _fmt(r["rel_test_wer_reduction"], "+.1f"),
+            "(reference)" if is_base else _fmt(r["rel_dev_wer_reduction"], "+.1f"),
+            _fmt(r["rtf_mean"], ".3f"), r["label_kind"], _fmt_bytes(r["label_bytes"]),
+        ])
+    out += [_table(header, body), ""]
+    out.append("WER: mean ± sample std over seeds (n seeds). Relative reduction: "
+               "(baseline − model) / baseline × 100 on group means; positive = better than "
+               "the baseline student. RTF < 1 is faster than real time.")
+    out += ["", "## Findings", ""]
+
+    if teacher is None or base is None:
+        absent = [x for x, r in (("teacher", teacher), ("baseline", base)) if r is None]
+        out.append(f"- Teacher vs baseline: cannot compare, no {' and '.join(absent)} results.")
+    else:
+        t_wer, b_wer = teacher["test_wer_mean"], base["test_wer_mean"]
+        if t_wer < b_wer:
+            out.append(
+                f"- Teacher test WER {t_wer:.2f}% is below the baseline student's {b_wer:.2f}% "
+                f"(gap {b_wer - t_wer:.2f} points): the teacher has something to pass on."
+            )
+        else:
+            out.append(
+                f"- **WARNING: the teacher's test WER ({t_wer:.2f}%) is not below the baseline "
+                f"student's ({b_wer:.2f}%): distillation has nothing to pass on.** Either the "
+                "teacher needs more training or the baseline is mis-configured; the distilled "
+                "rows above do not test distillation."
+            )
+    f32 = [r for r in rows if r["label_kind"] == "float32" and r["label_bytes"]]
+    ci = [r for r in rows if r["storage_ratio"] is not None]
+    if ci:
+        ref = min(f32, key=lambda r: r["label_bytes"])
+        for r in ci:
+            out.append(
+                f"- Label storage: float32 labels ({ref['group']}) "
+                f"{_fmt_bytes(ref['label_bytes'])} vs codebook indexes ({r['group']}) "
+                f"{_fmt_bytes(r['label_bytes'])}: {r['storage_ratio']:.1f}× smaller."
+            )
+    else:
+        out.append("- Label storage ratio: n/a (needs results for both float32 and CI labels "
+                   "with label_bytes).")
+
+    out += ["", "## Plots", "",
+            f"![Training curves](plots/{curve_png.name})", "",
+            f"![Test WER vs label bytes](plots/{wer_png.name})", ""]
+    out += ["## Individual runs", ""]
+    order = {r["group"]: i for i, r in enumerate(rows)}
+    runs = sorted(results, key=lambda r: (order[r["group"]], r["seed"]))
+    out.append(_table(
+        ["Name", "Group", "Seed", "dev WER %", "test WER %", "RTF", "Train time (h)", "Notes"],
+        [[r["name"], r["group"], str(r["seed"]), f"{r['dev_wer']:.2f}", f"{r['test_wer']:.2f}",
+          _fmt(r["rtf"], ".3f"),
+          _fmt(None if r["train_seconds"] is None else r["train_seconds"] / 3600, ".2f"),
+          r.get("notes") or ""] for r in runs],
+    ))
+    if notes:
+        out += ["", "## Missing data", ""] + [f"- {n}" for n in notes]
+    path = exp / "report.md"
+    _write_text(path, "\n".join(out) + "\n")
+    return path
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """CLI: ``python -m speechkd.report EXP [--title T]``; prints the report path."""
+    ap = argparse.ArgumentParser(description="Write EXP/report.md and EXP/plots/*.png")
+    ap.add_argument("exp_dir")
+    ap.add_argument("--title", default=None)
+    args = ap.parse_args(argv)
+    print(write_report(args.exp_dir, title=args.title))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Training a transducer (teacher, baseline student or distilled student) with Lightning.
+
+One LightningModule serves every model: it computes the RNN-T loss, adds the loss term of an optional KD
+method (:mod:`speechkd.methods`), validates by greedy decoding (WER on dev), and logs to CSV and
+TensorBoard. :func:`fit_transducer` runs a resumable fit in a run directory and exports the model as
+safetensors.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from speechkd.config import ModelConfig, TrainConfig
+from speechkd.utils import Pathlike, write_json_atomic
+
+
+def _lightning():
+    import lightning as L
+
+    return L
+
+
+class TransducerTask(_lightning().LightningModule):
+    """Lightning wrapper: RNN-T loss (+ KD term), AdamW with warm-up and cosine decay, dev WER.
+
+    Args:
+      model: a :class:`speechkd.models.transducer.Transducer`.
+      tokenizer: :class:`speechkd.data.tokenizer.Tokenizer` (decodes hypotheses for the dev WER).
+      train_cfg: optimisation settings.
+      steps_per_epoch: for the learning-rate schedule.
+      kd: an optional :class:`speechkd.methods.base.KDMethod` whose head trains with the model.
+    """
+
+    def __init__(self, model, tokenizer, train_cfg: TrainConfig, steps_per_epoch: int, kd=None):
+        super().__init__()
+        self.model = model
+        self.kd = kd
+        self.tokenizer = tokenizer
+        self.cfg = train_cfg
+        self.total_steps = max(1, steps_per_epoch * train_cfg.epochs)
+        self._val = []
+
+    def _targets(self, tokens: list[list[int]]):
+        y_lens = torch.tensor([len(t) for t in tokens], dtype=torch.long)
+        y = torch.zeros(len(tokens), max(1, int(y_lens.max())), dtype=torch.long)
+        for i, t in enumerate(tokens):
+            y[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        return y.to(self.device), y_lens.to(self.device)
+
+    def training_step(self, batch, batch_idx):
+        y, y_lens = self._targets(batch["tokens"])
+        loss, enc, enc_lens, layers = self.model(batch["features"], batch["feature_lens"], y, y_lens)
+        n = len(batch["tokens"])
+        self.log("train_rnnt", loss.detach(), prog_bar=True, batch_size=n)
+        total = loss
+        if self.kd is not None:
+            kd_loss, logs = self.kd(batch, enc, enc_lens, layers)
+            total = total + kd_loss
+            for k, v in logs.items():
+                self.log(f"train_{k}", v, prog_bar=True, batch_size=n)
+        self.log("train_loss", total.detach(), batch_size=n)
+        return total
+
+    def validation_step(self, batch, batch_idx):
+        from speechkd.decoding.transducer import greedy_search
+
+        enc, enc_lens, _ = self.model.encode(batch["features"], batch["feature_lens"])
+        hyps = self.tokenizer.decode(greedy_search(self.model, enc, enc_lens))
+        from speechkd.eval.metrics import word_error_rate
+
+        self._val.append(word_error_rate(batch["texts"], hyps))
+
+    def on_validation_epoch_end(self):
+        if self._val:
+            stats = self._val[0]
+            for s in self._val[1:]:
+                stats = stats + s
+            self.log("val_wer", stats.wer, prog_bar=True)
+        self._val = []
+
+    def configure_optimizers(self):
+        params = list(self.model.parameters()) + (list(self.kd.parameters()) if self.kd is not None else [])
+        opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        warm, total, floor = self.cfg.warmup_steps, self.total_steps, self.cfg.final_lr_ratio
+
+        def schedule(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            progress = min(1.0, (step - warm) / max(1, total - warm))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def fit_transducer(
+    run_dir: Pathlike,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    tokenizer,
+    train_cuts,
+    dev_cuts,
+    seed: int,
+    kd=None,
+    extra_meta: Optional[dict] = None,
+    progress: bool = True,
+) -> Path:
+    """Train a transducer in ``run_dir`` (resuming from ``run_dir/ckpt/last.ckpt`` when present) and export it.
+
+    Outputs in ``run_dir``: ``model.safetensors`` + ``model.json`` (the exported model, without any KD
+    head; written last, so its presence marks the stage complete), ``metrics.csv`` (train loss per logged
+    step and dev WER per epoch), ``tb/`` TensorBoard logs, ``ckpt/`` Lightning checkpoints for resuming.
+
+    Args:
+      run_dir: the run directory.
+      model_cfg, train_cfg: model sizes and optimisation.
+      tokenizer: the experiment's tokenizer.
+      train_cuts, dev_cuts: lhotse CutSets with features (and the KD labels the method needs).
+      seed: seeds weights, sampler and SpecAugment.
+      kd: optional KD method (its ``label_keys`` are collated from ``train_cuts``).
+      extra_meta: stored in ``model.json`` (e.g. the KD method, the teacher).
+
+    Returns:
+      the path of ``model.safetensors``.
+    """
+    L = _lightning()
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from speechkd.data.datamodule import AsrDataset, make_loader
+    from speechkd.models.build import build_transducer, save_model
+    from speechkd.utils import seed_everything, set_thread_policy
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    set_thread_policy(train_cfg.num_threads)
+    seed_everything(seed)
+    model = build_transducer(model_cfg, tokenizer.vocab_size)
+    label_keys = kd.label_keys if kd is not None else ()
+    train_dl = make_loader(
+        train_cuts, AsrDataset(tokenizer, label_keys, spec_augment=train_cfg.spec_augment), train_cfg.max_duration,
+        shuffle=True, seed=seed,
+    )
+    dev_dl = make_loader(dev_cuts, AsrDataset(tokenizer), train_cfg.max_duration, shuffle=False)
+    total_dur = sum(c.duration for c in train_cuts)
+    steps_per_epoch = max(1, math.ceil(total_dur / train_cfg.max_duration))
+    task = TransducerTask(model, tokenizer, train_cfg, steps_per_epoch, kd=kd)
+    ckpt_dir = run_dir / "ckpt"
+    last = ckpt_dir / "last.ckpt"
+    trainer = L.Trainer(
+        max_epochs=train_cfg.epochs,
+        accelerator="cpu",
+        devices=1,
+        default_root_dir=run_dir,
+        logger=[CSVLogger(run_dir, name="", version="csv"), TensorBoardLogger(run_dir, name="", version="tb")],
+        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0)],
+        gradient_clip_val=train_cfg.grad_clip,
+        check_val_every_n_epoch=train_cfg.val_every_epochs,
+        num_sanity_val_steps=0,
+        log_every_n_steps=10,
+        use_distributed_sampler=False,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        deterministic=False,
+    )
+    t0 = time.time()
+    trainer.fit(task, train_dl, dev_dl, ckpt_path=str(last) if last.is_file() else None, weights_only=False)
+    seconds = time.time() - t0
+    csv = run_dir / "csv" / "metrics.csv"
+    if csv.is_file():
+        shutil.copyfile(csv, run_dir / "metrics.csv")
+    meta = {"seed": seed, "train_seconds_last_fit": seconds, "epochs": train_cfg.epochs, **(extra_meta or {})}
+    write_json_atomic(run_dir / "train_summary.json", meta)
+    return save_model(model, run_dir, model_cfg, tokenizer.vocab_size, extra=meta)

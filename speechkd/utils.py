@@ -1,0 +1,80 @@
+"""Small shared helpers: atomic file writes, thread policy, seeding, type aliases for units."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Union
+
+Pathlike = Union[str, Path]
+Seconds = float
+Bytes = int
+
+
+@contextlib.contextmanager
+def atomic_path(path: Pathlike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it onto ``path``.
+
+    The caller writes the whole file to the yielded path. If the block raises, the temporary file is
+    removed and ``path`` is left as it was, so a stopped run never leaves a half-written output.
+
+    Args:
+      path: the final file path. Its parent directory is created if missing.
+      suffix: suffix of the temporary file (default: the suffix of ``path``, so libraries that choose a
+        format by extension, e.g. lhotse's ``.jsonl.gz``, still do the right thing).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix is None:
+        suffix = "".join(path.suffixes)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text_atomic(path: Pathlike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (temporary file, then rename)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: Pathlike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def set_thread_policy(num_threads: int | None = None) -> None:
+    """Make torch behave on a small, possibly busy CPU machine.
+
+    Sets ``OMP_WAIT_POLICY=PASSIVE`` (when not already set; it only takes effect if torch's OpenMP runtime
+    has not started yet, so call this before heavy torch work) and ``torch.set_num_threads``. On a 2-core
+    machine with another busy process, spinning OpenMP threads made training steps 30-50x slower.
+
+    Args:
+      num_threads: intra-op threads for torch; ``None`` keeps torch's default.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+
+    if num_threads is not None and num_threads > 0:
+        torch.set_num_threads(num_threads)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, numpy and torch for a reproducible run."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -1,0 +1,221 @@
+"""Tests for speechkd.eval.metrics and speechkd.eval.speed."""
+
+import math
+import random
+import time
+
+import jiwer
+import numpy as np
+import pytest
+import torch
+
+from speechkd.eval import metrics as M
+from speechkd.eval import speed as S
+
+
+# ---------------------------------------------------------------- WER
+def test_wer_identical_is_zero():
+    st = M.word_error_rate(["a b c", "d e"], ["a b c", "d e"])
+    assert (st.errors, st.ref_words, st.wer) == (0, 5, 0.0)
+
+
+def test_wer_one_substitution_in_four_words():
+    st = M.word_error_rate(["the cat sat down"], ["the hat sat down"])
+    assert (st.subs, st.ins, st.dels, st.errors, st.ref_words) == (1, 0, 0, 1, 4)
+    assert st.wer == pytest.approx(25.0)
+
+
+def test_wer_insertions_and_deletions_counted_and_can_exceed_100():
+    st = M.word_error_rate([["a"]], [["x", "a", "y", "z"]])  # word lists are accepted too
+    assert (st.ins, st.dels, st.subs, st.ref_words) == (3, 0, 0, 1)
+    assert st.wer == pytest.approx(300.0)
+    st = M.word_error_rate(["a b c d"], [""])
+    assert (st.dels, st.errors, st.wer) == (4, 4, 100.0)
+
+
+def test_wer_stats_add_and_sum():
+    a = M.word_error_rate(["a b"], ["a c"])
+    b = M.word_error_rate(["a b c"], ["a b c d"])
+    both = M.word_error_rate(["a b", "a b c"], ["a c", "a b c d"])
+    assert a + b == both == sum([a, b])
+    assert both.wer == pytest.approx(100 * 2 / 5)
+    with pytest.raises(ValueError):
+        M.WerStats(errors=3, ref_words=4, ins=1, dels=1, subs=0)
+
+
+def test_wer_matches_jiwer_on_random_strings():
+    rng = random.Random(0)
+    vocab = [f"w{i}" for i in range(6)]
+    refs = [" ".join(rng.choices(vocab, k=rng.randint(1, 12))) for _ in range(200)]
+    hyps = [" ".join(rng.choices(vocab, k=rng.randint(0, 12))) for _ in range(200)]
+    ours = M.word_error_rate(refs, hyps)
+    theirs = jiwer.process_words(refs, hyps)
+    jiwer_errors = theirs.substitutions + theirs.deletions + theirs.insertions
+    assert ours.errors == jiwer_errors
+    assert ours.wer == pytest.approx(100 * theirs.wer)
+    # ins/del/sub split may differ between equally good alignments; ins - del may not.
+    n_hyp = sum(len(h.split()) for h in hyps)
+    assert ours.ins - ours.dels == n_hyp - ours.ref_words
+
+
+def test_wer_errors():
+    with pytest.raises(ValueError, match="length"):
+        M.word_error_rate(["a"], ["a", "b"])
+    with pytest.raises(ValueError, match="empty"):
+        M.word_error_rate([], [])
+    with pytest.raises(ValueError, match="no words"):
+        M.word_error_rate([""], ["a"])
+    with pytest.raises(TypeError):
+        M.word_error_rate("a b", "a b")
+    with pytest.raises(TypeError):
+        M.word_error_rate([3], ["a"])
+
+
+def test_write_wer_details(tmp_path):
+    out = tmp_path / "sub" / "errs-test.txt"
+    st = M.write_wer_details(out, ["u1", "u2"], ["the cat sat", "a b"], ["the hat sat down", "a b"])
+    assert (st.errors, st.ref_words) == (2, 5)
+    text = out.read_text()
+    assert text.startswith("%WER 40.00 [ 2 / 5, 1 ins, 0 del, 1 sub ]")
+    assert "u1:\talign=the (cat->hat) sat (*->down)" in text
+    assert "u1:\terrors=2 ins=1 del=0 sub=1 ref_words=3" in text
+    assert "u2:\thyp=a b" in text
+    assert [p.name for p in out.parent.iterdir()] == ["errs-test.txt"]  # no temp file left
+    with pytest.raises(ValueError, match="ids"):
+        M.write_wer_details(out, ["u1"], ["a", "b"], ["a", "b"])
+
+
+# ---------------------------------------------------------------- accuracy
+def test_accuracy():
+    assert M.accuracy([1, 2, 3, 4], [1, 2, 0, 4]) == pytest.approx(0.75)
+    with pytest.raises(ValueError):
+        M.accuracy([1], [1, 2])
+    with pytest.raises(ValueError):
+        M.accuracy([], [])
+
+
+# ---------------------------------------------------------------- EER / minDCF
+def _phi(x):
+    return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+
+
+def test_eer_separated_scores_is_zero():
+    eer, thr = M.equal_error_rate([0.9, 0.8, 0.7, 0.2, 0.1], [1, 1, 1, 0, 0])
+    assert eer == 0.0
+    assert 0.2 < thr <= 0.7  # any threshold in (0.2, 0.7] separates the classes
+    assert M.min_dcf([0.9, 0.8, 0.7, 0.2, 0.1], [1, 1, 1, 0, 0]) == 0.0
+
+
+def test_eer_hand_computed():
+    # Sorted: .9N .8P .5N .3P .1N  -> ROC points (FPR, FNR):
+    # (0,1) (1/3,1) (1/3,1/2) (2/3,1/2) (2/3,0) (1,0).  The segment (1/3,1/2)-(2/3,1/2)
+    # crosses FPR == FNR at its midpoint: EER = 1/2, threshold halfway between .8 and .5.
+    scores = [0.8, 0.3, 0.9, 0.5, 0.1]
+    labels = [1, 1, 0, 0, 0]
+    eer, thr = M.equal_error_rate(scores, labels)
+    assert eer == pytest.approx(0.5)
+    assert thr == pytest.approx(0.65)
+    # One target at .8 above one of three non-targets: FNR falls 1 -> 0 at FPR 1/3 -> EER 1/3,
+    # reached 2/3 of the way from the .9 point to the .8 point.
+    eer, thr = M.equal_error_rate([0.8, 0.9, 0.5, 0.1], [True, False, False, False])
+    assert eer == pytest.approx(1 / 3)
+    assert thr == pytest.approx(0.9 - 2 / 3 * 0.1)
+    # Tied scores: ROC goes straight from (0,1) to (1,0).
+    assert M.equal_error_rate([0.5, 0.5], [1, 0]) == (pytest.approx(0.5), 0.5)
+
+
+def test_eer_gaussian_matches_analytic_and_threshold_is_consistent():
+    rng = np.random.default_rng(0)
+    n = 20000
+    pos, neg = rng.normal(1.0, 1.0, n), rng.normal(0.0, 1.0, n)
+    scores = np.r_[pos, neg]
+    labels = np.r_[np.ones(n), np.zeros(n)]
+    eer, thr = M.equal_error_rate(scores, labels)
+    assert eer == pytest.approx(_phi(-0.5), abs=0.01)  # 0.3085
+    assert thr == pytest.approx(0.5, abs=0.05)
+    # empirical error rates at the returned threshold, counted directly
+    assert np.mean(pos < thr) == pytest.approx(eer, abs=2 / n)
+    assert np.mean(neg >= thr) == pytest.approx(eer, abs=2 / n)
+
+
+def test_eer_and_min_dcf_identical_distributions():
+    rng = np.random.default_rng(1)
+    scores = rng.normal(size=40000)
+    labels = rng.integers(0, 2, size=40000)
+    eer, _ = M.equal_error_rate(scores, labels)
+    assert eer == pytest.approx(0.5, abs=0.02)
+    assert 0.95 <= M.min_dcf(scores, labels, p_target=0.5) <= 1.0
+
+
+def test_min_dcf_hand_computed_and_bounds():
+    scores = [0.8, 0.3, 0.9, 0.5, 0.1]
+    labels = [1, 1, 0, 0, 0]
+    # p_target .5: DCF = .5 FNR + .5 FPR over the ROC points above; min at (2/3, 0) -> 1/3,
+    # normalised by min(.5, .5): 2/3.
+    assert M.min_dcf(scores, labels, p_target=0.5) == pytest.approx(2 / 3)
+    # p_target .01: any false alarm costs .99/3 > .01, so rejecting all is best -> 1.
+    assert M.min_dcf(scores, labels) == pytest.approx(1.0)
+    # costs: c_miss=10 at p=.5 -> default cost .5 (accept all); point (2/3, 0) costs 1/3 -> 2/3
+    assert M.min_dcf(scores, labels, p_target=0.5, c_miss=10) == pytest.approx(2 / 3)
+    rng = np.random.default_rng(2)
+    for _ in range(5):
+        s, y = rng.normal(size=50), rng.integers(0, 2, size=50)
+        y[:2] = [0, 1]
+        assert 0.0 <= M.min_dcf(s, y, p_target=rng.uniform(0.01, 0.99)) <= 1.0
+
+
+def test_verification_input_errors():
+    with pytest.raises(ValueError, match="both"):
+        M.equal_error_rate([0.1, 0.2], [1, 1])
+    with pytest.raises(ValueError, match="labels"):
+        M.equal_error_rate([0.1, 0.2], [1, 2])
+    with pytest.raises(ValueError, match="finite"):
+        M.equal_error_rate([0.1, float("nan")], [1, 0])
+    with pytest.raises(ValueError, match="p_target"):
+        M.min_dcf([0.1, 0.2], [1, 0], p_target=1.0)
+
+
+# ---------------------------------------------------------------- speed / size
+def test_count_parameters():
+    lin = torch.nn.Linear(3, 2)  # 3*2 weights + 2 biases
+    assert S.count_parameters(lin) == 8
+    lin.bias.requires_grad_(False)
+    assert S.count_parameters(lin, trainable_only=True) == 6
+    assert S.count_parameters(torch.nn.Sequential(lin, torch.nn.ReLU(), lin)) == 8  # shared once
+    with pytest.raises(TypeError):
+        S.count_parameters("not a module")
+
+
+def test_real_time_factor_times_only_fn_and_skips_warmup():
+    calls = []
+
+    def fn(batch):
+        calls.append(batch)
+        time.sleep(0.2 if len(calls) == 1 else 0.01)  # slow first (warm-up) call
+
+    def batches():
+        for b in range(3):
+            time.sleep(0.05)  # data loading is not timed
+            yield b
+
+    rtf = S.real_time_factor(fn, batches(), audio_seconds=0.3, warmup=1)
+    assert calls == [0, 0, 1, 2]
+    # 3 * 0.01 s / 0.3 s = 0.1 plus scheduling noise; timing the warm-up call (+0.2 s) or the
+    # batch loading (+0.15 s) would push it past 0.5
+    assert 0.09 <= rtf < 0.5
+    with pytest.raises(ValueError):
+        S.real_time_factor(fn, [], audio_seconds=1.0)
+    with pytest.raises(ValueError):
+        S.real_time_factor(fn, [1], audio_seconds=0.0)
+
+
+def test_file_bytes(tmp_path):
+    (tmp_path / "a.bin").write_bytes(b"x" * 10)
+    (tmp_path / "d" / "e").mkdir(parents=True)
+    (tmp_path / "d" / "e" / "b.bin").write_bytes(b"y" * 20)
+    (tmp_path / "d" / "empty").write_bytes(b"")
+    assert S.file_bytes(tmp_path / "a.bin") == 10
+    assert S.file_bytes(tmp_path) == 30
+    assert S.file_bytes(str(tmp_path / "d")) == 20
+    with pytest.raises(FileNotFoundError):
+        S.file_bytes(tmp_path / "missing")
