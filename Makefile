@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 export OMP_WAIT_POLICY := PASSIVE
-RECIPE ?= recipes/digits_mvq.yaml
+RECIPE ?= recipes/commands_mvq.yaml
 
 .PHONY: install test demo bench clean
 

@@ -24,6 +24,7 @@ class DataConfig(Strict):
     ``num_train/num_dev/num_test``: utterances built per split (from that split's speakers only).
     ``smoke``: build every split from the corpus's tiny ``smoke`` list (for tests; not speaker-disjoint).
     ``min_words/max_words``: words per utterance. ``min_gap/max_gap``: seconds of silence between words.
+    ``trim_db``: edge silence of each source recording is trimmed at this many dB below its peak.
     ``vocab_size``: sentencepiece vocabulary requested (blank and unk included).
     ``num_jobs``: processes for fbank extraction.
     """
@@ -38,6 +39,7 @@ class DataConfig(Strict):
     max_words: int = Field(4, ge=1)
     min_gap: float = Field(0.05, ge=0)
     max_gap: float = Field(0.25, ge=0)
+    trim_db: Optional[float] = Field(35.0, gt=0, description="trim source recordings' edge silence (dB); null keeps them whole")
     vocab_size: int = Field(64, ge=4)
     seed: int = 0
     num_jobs: int = Field(2, ge=1)

@@ -120,7 +120,8 @@ def prepare(exp: Experiment) -> None:
             continue
         t0 = time.time()
         utts = read_split(cdir, "smoke" if d.smoke else split, meta)
-        spec = SequenceSpec(num_utts=sizes[split], min_words=d.min_words, max_words=d.max_words, min_gap=d.min_gap, max_gap=d.max_gap)
+        spec = SequenceSpec(num_utts=sizes[split], min_words=d.min_words, max_words=d.max_words, min_gap=d.min_gap, max_gap=d.max_gap,
+                            trim_db=d.trim_db)
         cuts = build_sequences(utts, spec, seed=d.seed * 1000 + i, audio_dir=exp.dir / "cuts" / "audio" / split, progress=exp.progress)
         cuts = compute_fbank(cuts, exp.dir / "cuts" / "feats" / split, num_jobs=d.num_jobs, progress=exp.progress)
         save_cuts(cuts, out)

@@ -6,6 +6,7 @@ per-frame teacher labels (cut custom fields) it needs, which are collated beside
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -37,13 +38,19 @@ def compute_fbank(cuts, storage_path: Pathlike, num_jobs: int = 1, progress: boo
 
     extractor = Fbank(FbankConfig(num_mel_bins=NUM_MEL_BINS, frame_shift=FRAME_SHIFT, sampling_rate=16000))
     Path(storage_path).mkdir(parents=True, exist_ok=True)
-    return cuts.compute_and_store_features(
-        extractor=extractor,
-        storage_path=storage_path,
-        num_jobs=num_jobs,
-        storage_type=LilcomChunkyWriter,
-        progress_bar=progress,
-    ).to_eager()
+    threads = torch.get_num_threads()
+    if num_jobs > 1:
+        torch.set_num_threads(1)  # worker processes each use one thread (lhotse warns of hangs otherwise)
+    try:
+        return cuts.compute_and_store_features(
+            extractor=extractor,
+            storage_path=storage_path,
+            num_jobs=num_jobs,
+            storage_type=LilcomChunkyWriter,
+            progress_bar=progress,
+        ).to_eager()
+    finally:
+        torch.set_num_threads(threads)
 
 
 class AsrDataset(torch.utils.data.Dataset):
@@ -122,7 +129,9 @@ def make_loader(cuts, dataset: AsrDataset, max_duration: Seconds, shuffle: bool,
     from lhotse.dataset import DynamicBucketingSampler, SimpleCutSampler
 
     if shuffle:
-        sampler = DynamicBucketingSampler(cuts, max_duration=max_duration, shuffle=True, num_buckets=5, seed=seed)
+        with warnings.catch_warnings():  # our CutSets are small and eager on purpose
+            warnings.filterwarnings("ignore", message=".*eagerly read CutSet.*")
+            sampler = DynamicBucketingSampler(cuts, max_duration=max_duration, shuffle=True, num_buckets=5, seed=seed)
     else:
         sampler = SimpleCutSampler(cuts, max_duration=max_duration, shuffle=False)
     return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers)

@@ -55,7 +55,7 @@ class Conv2dSubsampling(nn.Module):
       ValueError: unsupported ``subsampling``.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, subsampling: int = 4, channels: int = 64):
+    def __init__(self, in_dim: int, out_dim: int, subsampling: int = 4, channels: int = 32):
         super().__init__()
         if subsampling not in (1, 2, 4, 8):
             raise ValueError(f"subsampling must be 1, 2, 4 or 8, got {subsampling}")
@@ -75,12 +75,16 @@ class Conv2dSubsampling(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """LayerNorm -> Linear -> SiLU -> dropout -> Linear -> dropout; ``(N, T, C) -> (N, T, C)``."""
+    """LayerNorm -> Linear -> SiLU -> Linear -> dropout; ``(N, T, C) -> (N, T, C)``.
+
+    Dropout is applied to the output only: on CPU, dropout on the wide hidden layer cost about a sixth of a
+    training step.
+    """
 
     def __init__(self, dim: int, ff_dim: int, dropout: float):
         super().__init__()
         self.net = nn.Sequential(
-            nn.LayerNorm(dim), nn.Linear(dim, ff_dim), nn.SiLU(), nn.Dropout(dropout), nn.Linear(ff_dim, dim), nn.Dropout(dropout)
+            nn.LayerNorm(dim), nn.Linear(dim, ff_dim), nn.SiLU(), nn.Linear(ff_dim, dim), nn.Dropout(dropout)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
