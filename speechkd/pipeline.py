@@ -313,7 +313,9 @@ def decode_cuts(model, cuts, tokenizer, decoding: str = "greedy", beam: int = 4,
 
 def evaluate(exp: Experiment) -> None:
     """WER on dev and test, parameters, CPU real-time factor and label bytes for every trained model."""
-    from speechkd.data.datamodule import AsrDataset, load_cuts, make_loader
+    from lhotse import CutSet
+
+    from speechkd.data.datamodule import AsrDataset, load_cuts
     from speechkd.eval.metrics import word_error_rate, write_wer_details
     from speechkd.eval.speed import count_parameters, real_time_factor
     from speechkd.methods.mvq_kd import CI_KEY, EMB_KEY
@@ -348,7 +350,7 @@ def evaluate(exp: Experiment) -> None:
             result[f"{split}_wer"] = stats.wer
             write_wer_details(exp.dir / "eval" / f"{name}-{split}-errs.txt", ids, refs, hyps)
         set_thread_policy(e.rtf_threads)
-        batches = list(make_loader(rtf_cuts, AsrDataset(None), max_duration=1e-3, shuffle=False))
+        batches = [AsrDataset(None)[CutSet.from_cuts([c])] for c in rtf_cuts]  # one utterance at a time
 
         def run_one(batch):
             from speechkd.decoding.transducer import greedy_search
@@ -367,7 +369,7 @@ def evaluate(exp: Experiment) -> None:
 
 def _train_seconds(mdir: Path) -> Optional[float]:
     p = mdir / "train_summary.json"
-    return json.loads(p.read_text()).get("train_seconds_last_fit") if p.is_file() else None
+    return json.loads(p.read_text()).get("train_seconds") if p.is_file() else None
 
 
 # ---------------------------------------------------------------- report

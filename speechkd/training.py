@@ -8,8 +8,8 @@ safetensors.
 
 from __future__ import annotations
 
+import json
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -153,12 +153,13 @@ def fit_transducer(
     task = TransducerTask(model, tokenizer, train_cfg, steps_per_epoch, kd=kd)
     ckpt_dir = run_dir / "ckpt"
     last = ckpt_dir / "last.ckpt"
+    n_fits = len(list(run_dir.glob("csv[0-9]*")))  # a resumed fit logs beside the earlier ones
     trainer = L.Trainer(
         max_epochs=train_cfg.epochs,
         accelerator="cpu",
         devices=1,
         default_root_dir=run_dir,
-        logger=[CSVLogger(run_dir, name="", version="csv"), TensorBoardLogger(run_dir, name="", version="tb")],
+        logger=[CSVLogger(run_dir, name="", version=f"csv{n_fits}"), TensorBoardLogger(run_dir, name="", version="tb")],
         callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0)],
         gradient_clip_val=train_cfg.grad_clip,
         check_val_every_n_epoch=train_cfg.val_every_epochs,
@@ -170,11 +171,35 @@ def fit_transducer(
         deterministic=False,
     )
     t0 = time.time()
-    trainer.fit(task, train_dl, dev_dl, ckpt_path=str(last) if last.is_file() else None, weights_only=False)
+    trainer.fit(task, train_dl, dev_dl, ckpt_path=str(last) if last.is_file() else None, weights_only=True)
     seconds = time.time() - t0
-    csv = run_dir / "csv" / "metrics.csv"
-    if csv.is_file():
-        shutil.copyfile(csv, run_dir / "metrics.csv")
-    meta = {"seed": seed, "train_seconds_last_fit": seconds, "epochs": train_cfg.epochs, **(extra_meta or {})}
-    write_json_atomic(run_dir / "train_summary.json", meta)
+    _merge_csv_logs(run_dir)
+    summary = run_dir / "train_summary.json"
+    previous = json.loads(summary.read_text()).get("train_seconds", 0.0) if summary.is_file() else 0.0
+    meta = {"seed": seed, "train_seconds": previous + seconds, "epochs": train_cfg.epochs,
+            "global_step": trainer.global_step, **(extra_meta or {})}
+    write_json_atomic(summary, meta)
     return save_model(model, run_dir, model_cfg, tokenizer.vocab_size, extra=meta)
+
+
+def _merge_csv_logs(run_dir: Path) -> None:
+    """Concatenate the CSV logs of every fit of a run (first fit, then each resume) into ``metrics.csv``."""
+    import csv
+
+    rows, columns = [], []
+    for d in sorted(run_dir.glob("csv[0-9]*"), key=lambda p: int(p.name[3:])):
+        f = d / "metrics.csv"
+        if not f.is_file():
+            continue
+        with open(f, newline="") as fh:
+            reader = csv.DictReader(fh)
+            columns += [c for c in reader.fieldnames or [] if c not in columns]
+            rows += list(reader)
+    if not rows:
+        return
+    from speechkd.utils import atomic_path
+
+    with atomic_path(run_dir / "metrics.csv") as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)

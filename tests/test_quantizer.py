@@ -1,0 +1,206 @@
+"""Tests of speechkd.mvq.quantizer: shapes, quality against independent references, search, storage, errors."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from speechkd.mvq.quantizer import Quantizer, train_quantizer
+
+D = 32
+M = 4
+
+
+def _structured(n: int, seed: int) -> torch.Tensor:
+    """(n, D) low-rank (rank 8, decaying spectrum) + 5% isotropic noise, with a non-zero mean."""
+    g = np.random.default_rng(1234)  # the same subspace for every split
+    basis = g.standard_normal((8, D)) * (1.0 / np.arange(1, 9))[:, None]  # (8, D)
+    mean = g.standard_normal(D) * 3
+    r = np.random.default_rng(seed)
+    x = mean + r.standard_normal((n, 8)) @ basis + 0.05 * r.standard_normal((n, D))
+    return torch.from_numpy(x.astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def data():
+    return _structured(3000, 0), _structured(1000, 1)
+
+
+@pytest.fixture(scope="module")
+def quantizer(data):
+    train, _ = data
+    return train_quantizer(train, num_codebooks=M, seed=0, progress=False)
+
+
+def _rel_err_np(x: torch.Tensor, rec: torch.Tensor) -> np.ndarray:
+    """Per-frame squared errors and the mean-only denominator, computed in float64 numpy."""
+    x = x.double().numpy()
+    return ((x - rec.double().numpy()) ** 2).sum(1), ((x - x.mean(0)) ** 2).sum()
+
+
+def _lloyd_error(train: torch.Tensor, held: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> float:
+    """Held-out relative error of a plain k-means codebook (random-row init, brute-force Lloyd, numpy)."""
+    x = train.double().numpy()
+    r = np.random.default_rng(seed)
+    c = x[r.choice(len(x), k, replace=False)].copy()
+    for _ in range(iters):
+        a = ((x * x).sum(1)[:, None] - 2 * x @ c.T + (c * c).sum(1)[None]).argmin(1)  # (N,) nearest centroid
+        for j in range(k):
+            if (a == j).any():
+                c[j] = x[a == j].mean(0)
+    h = held.double().numpy()
+    d = ((h * h).sum(1)[:, None] - 2 * h @ c.T + (c * c).sum(1)[None]).min(1)  # (N_h,) squared distance
+    return float(d.sum() / ((h - h.mean(0)) ** 2).sum())
+
+
+def test_indexes_shape_dtype_range(quantizer, data):
+    _, held = data
+    ci = quantizer.encode(held)
+    assert ci.dtype == torch.uint8 and ci.shape == (1000, M)
+    assert quantizer.bytes_per_frame == M == quantizer.num_codebooks and quantizer.dim == D
+    batched = quantizer.encode(held[:10].reshape(2, 5, D))
+    assert batched.shape == (2, 5, M)
+    assert torch.equal(batched.reshape(10, M), ci[:10])
+    # with 16-entry codebooks every index is < 16, and the first codebook's 16 codewords all get used
+    small = train_quantizer(data[0], num_codebooks=2, codebook_size=16, seed=0, progress=False)
+    ci16 = small.encode(data[0])
+    assert int(ci16.max()) < 16 and small.codebooks.shape == (2, 16, D)
+    assert len(torch.unique(ci16[:, 0])) == 16
+
+
+def test_quality_beats_mean_and_single_kmeans(quantizer, data):
+    train, held = data
+    err_frames, den = _rel_err_np(held, quantizer.decode(quantizer.encode(held)))
+    ours = float(err_frames.sum() / den)
+    assert ours == pytest.approx(quantizer.relative_error(held), rel=1e-6)
+    assert ours < 1.0
+    single = _lloyd_error(train, held, 256)  # one byte per frame: one 256-entry k-means codebook
+    assert ours < single, (ours, single)
+    # more codebooks -> lower error on held-out frames
+    two = train_quantizer(train, num_codebooks=2, seed=0, progress=False)
+    assert ours < two.relative_error(held)
+
+
+def test_wider_search_does_not_hurt(quantizer, data):
+    _, held = data
+    e_greedy = quantizer.relative_error(held, beam=1, refine_iters=0)
+    e_beam = quantizer.relative_error(held, beam=8, refine_iters=0)
+    e_refined = quantizer.relative_error(held, beam=8, refine_iters=3)
+    assert e_beam <= e_greedy
+    assert e_refined <= e_beam
+    # refinement (ICM) never increases any frame's error
+    f0, _ = _rel_err_np(held, quantizer.decode(quantizer.encode(held, beam=1, refine_iters=0)))
+    f3, _ = _rel_err_np(held, quantizer.decode(quantizer.encode(held, beam=1, refine_iters=3)))
+    assert np.all(f3 <= f0 * (1 + 1e-5) + 1e-9)
+    assert f3.sum() < f0.sum()
+
+
+@pytest.mark.parametrize("m,k,beam", [(2, 8, 8), (3, 4, 16)])
+def test_full_beam_finds_exact_optimum(m, k, beam):
+    """With beam >= K^(M-1) the search is exhaustive: compare with brute force over all K^M index tuples."""
+    g = torch.Generator().manual_seed(m)
+    cb = torch.randn(m, k, 4, generator=g)
+    q = Quantizer(torch.zeros(4), torch.ones(4), cb, beam=beam, refine_iters=0)
+    x = torch.randn(50, 4, generator=g)
+    combos = torch.tensor(list(itertools.product(range(k), repeat=m)))  # (K^M, M)
+    recon = sum(cb[j, combos[:, j]] for j in range(m))  # (K^M, 4)
+    best = ((x[:, None, :] - recon[None]) ** 2).sum(2).min(1).values  # (50,)
+    got = ((x - q.decode(q.encode(x))) ** 2).sum(1)
+    assert torch.allclose(got, best, atol=1e-5)
+
+
+def test_decode_is_sum_of_codewords(quantizer, data):
+    _, held = data
+    ci = quantizer.encode(held[:50]).long()
+    cb = quantizer.codebooks.double().numpy()
+    manual = sum(cb[j, ci[:, j].numpy()] for j in range(M)) * quantizer.scale.double().numpy() + quantizer.mean.double().numpy()
+    assert np.allclose(quantizer.decode(ci).double().numpy(), manual, atol=1e-4)
+    assert torch.equal(quantizer.decode(ci), quantizer.decode(ci.to(torch.uint8)))
+
+
+def test_chunked_encode_matches_pieces(quantizer):
+    x = _structured(2500, 7)  # more than one encode chunk
+    whole = quantizer.encode(x)
+    pieces = torch.cat([quantizer.encode(x[i : i + 100]) for i in range(0, 2500, 100)])
+    assert torch.equal(whole, pieces)
+
+
+def test_save_load_round_trip(quantizer, data, tmp_path):
+    _, held = data
+    path = tmp_path / "q.safetensors"
+    quantizer.save(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.safetensors"]  # no temporary left behind
+    q2 = Quantizer.load(path)
+    assert q2.id == quantizer.id and len(q2.id) == 16
+    for name in ("mean", "scale", "codebooks"):
+        assert torch.equal(getattr(q2, name), getattr(quantizer, name))
+    assert (q2.beam, q2.refine_iters) == (quantizer.beam, quantizer.refine_iters)
+    assert torch.equal(q2.encode(held), quantizer.encode(held))
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["id"] == quantizer.id and meta["dim"] == str(D) and meta["num_codebooks"] == str(M)
+    assert "format_version" in meta
+
+
+def test_modified_file_refused(quantizer, tmp_path):
+    path = tmp_path / "q.safetensors"
+    quantizer.save(path)
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x40  # flip a bit inside the last tensor's data
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="bad.safetensors.*does not match"):
+        Quantizer.load(bad)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="junk.safetensors"):
+        Quantizer.load(junk)
+    with pytest.raises(ValueError, match="no such"):
+        Quantizer.load(tmp_path / "missing.safetensors")
+
+
+def test_id_tracks_contents(quantizer):
+    q2 = Quantizer(quantizer.mean, quantizer.scale, quantizer.codebooks.clone(), beam=3, refine_iters=0)
+    assert q2.id == quantizer.id  # search defaults are not part of the id
+    cb = quantizer.codebooks.clone()
+    cb[0, 0, 0] += 1e-3
+    assert Quantizer(quantizer.mean, quantizer.scale, cb).id != quantizer.id
+
+
+def test_deterministic(quantizer, data):
+    train, held = data
+    again = train_quantizer(train, num_codebooks=M, seed=0, progress=False)
+    assert again.id == quantizer.id
+    assert torch.equal(quantizer.encode(held), quantizer.encode(held))
+    other = train_quantizer(train, num_codebooks=M, seed=1, progress=False)
+    assert other.id != quantizer.id
+
+
+def test_errors(quantizer, data):
+    train, held = data
+    with pytest.raises(ValueError, match="at least codebook_size"):
+        train_quantizer(train[:100], num_codebooks=2, progress=False)
+    bad = train.clone()
+    bad[5, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        train_quantizer(bad, num_codebooks=2, progress=False)
+    with pytest.raises(ValueError, match="num_codebooks"):
+        train_quantizer(train, num_codebooks=0, progress=False)
+    with pytest.raises(ValueError, match="codebook_size"):
+        train_quantizer(train, num_codebooks=2, codebook_size=512, progress=False)
+    with pytest.raises(ValueError, match=r"\(N, D\)"):
+        train_quantizer(train[None], num_codebooks=2, progress=False)
+    with pytest.raises(ValueError, match="shape"):
+        quantizer.encode(held[:, :5])
+    with pytest.raises(ValueError, match="beam"):
+        quantizer.encode(held, beam=0)
+    with pytest.raises(ValueError, match="integer"):
+        quantizer.decode(torch.zeros(3, M))
+    small = Quantizer(torch.zeros(D), torch.ones(D), torch.randn(M, 16, D))
+    with pytest.raises(ValueError, match="lie in"):
+        small.decode(torch.full((2, M), 20, dtype=torch.uint8))

@@ -1,0 +1,118 @@
+"""The whole recipe chain on the FSDD smoke list: prepare -> teacher -> extract -> quantize -> distill ->
+evaluate -> report, then a second run that must skip everything, a resumed training, and the CLI's errors."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from speechkd.config import load_recipe
+from speechkd.pipeline import Experiment, run_all
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def smoke_exp(tmp_path_factory, corpora_dir):
+    exp_dir = tmp_path_factory.mktemp("smoke") / "exp"
+    recipe = load_recipe(REPO / "recipes" / "smoke.yaml", {"exp_dir": str(exp_dir)})
+    recipe.data.corpora_dir = str(corpora_dir)
+    exp = Experiment(recipe, progress=False)
+    run_all(exp)
+    return exp
+
+
+def test_chain_writes_report_and_results(smoke_exp):
+    d = smoke_exp.dir
+    assert (d / "config.yaml").is_file() and (d / "report.md").is_file()
+    report = (d / "report.md").read_text()
+    for name in ("teacher", "baseline", "mvq", "l1"):
+        assert name in report
+    assert len(list((d / "plots").glob("*.png"))) >= 2
+    results = {p.stem: json.loads(p.read_text()) for p in (d / "eval").glob("*.json")}
+    assert set(results) == {"teacher", "baseline-seed0", "mvq-seed0", "l1-seed0"}
+    for r in results.values():
+        assert 0 <= r["dev_wer"] and 0 <= r["test_wer"] and r["rtf"] > 0 and r["params"] > 0
+    assert results["teacher"]["params"] > results["baseline-seed0"]["params"]
+    # KD heads are not part of the exported students
+    assert results["mvq-seed0"]["params"] == results["baseline-seed0"]["params"]
+    # label bytes: float32 (teacher dim 32 x 4 bytes) vs 4 one-byte codebooks per frame -> exactly 32x
+    assert results["l1-seed0"]["label_bytes"] == 32 * results["mvq-seed0"]["label_bytes"]
+
+
+def test_codebook_indexes_are_uint8_and_match_quantizer(smoke_exp):
+    import torch
+
+    from speechkd.data.datamodule import load_cuts
+    from speechkd.methods.mvq_kd import CI_KEY, EMB_KEY
+    from speechkd.mvq.quantizer import Quantizer
+    from speechkd.mvq.store import load_frame_labels
+
+    q = Quantizer.load(smoke_exp.quantizer_path)
+    cuts = load_cuts(smoke_exp.ci_cuts_path)
+    cut = next(iter(cuts))
+    ci = load_frame_labels(cut, CI_KEY, {"quantizer_id": q.id})
+    emb = load_frame_labels(cut, EMB_KEY)
+    assert ci.dtype == np.uint8 and ci.shape == (emb.shape[0], 4)
+    assert np.array_equal(ci, q.encode(torch.from_numpy(emb)).numpy())
+    with pytest.raises(ValueError, match=cut.id):
+        load_frame_labels(cut, CI_KEY, {"quantizer_id": "0" * 16})
+
+
+def test_second_run_skips_complete_stages(smoke_exp, capsys):
+    models = sorted(smoke_exp.dir.glob("**/model.safetensors"))
+    before = {p: p.stat().st_mtime_ns for p in models}
+    run_all(smoke_exp)
+    out = capsys.readouterr().out
+    assert "skipped" in out and "trained" not in out
+    assert {p: p.stat().st_mtime_ns for p in models} == before
+
+
+def test_stopped_training_resumes_from_checkpoint(smoke_exp, tmp_path):
+    from speechkd.training import fit_transducer
+
+    r = smoke_exp.recipe
+    run = tmp_path / "run"
+    cfg = r.student_train.model_copy(update={"epochs": 1})
+    args = (r.student_model, cfg, smoke_exp.tokenizer, smoke_exp.cuts("train"), smoke_exp.cuts("dev"))
+    fit_transducer(run, *args, seed=0, progress=False)
+    first = json.loads((run / "train_summary.json").read_text())
+    # pretend the run was stopped after epoch 1 of 2: the weights are gone, the checkpoint is kept
+    (run / "model.safetensors").unlink()
+    fit_transducer(run, r.student_model, cfg.model_copy(update={"epochs": 2}), *args[2:], seed=0, progress=False)
+    second = json.loads((run / "train_summary.json").read_text())
+    assert first["global_step"] > 0
+    assert second["global_step"] == 2 * first["global_step"]  # one more epoch, not two
+    assert (run / "model.safetensors").is_file()
+
+
+def test_cli_refuses_unknown_key(tmp_path):
+    from speechkd.cli import app
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "x", "exp_dir": str(tmp_path / "e"), "data": {"corpus": "digits", "sizes": 3}}))
+    res = CliRunner().invoke(app, ["prepare", str(bad)])
+    assert res.exit_code == 2 and "sizes" in res.output
+    res = CliRunner().invoke(app, ["--help"])
+    assert res.exit_code == 0 and "quantize" in res.output
+
+
+def test_resumed_run_keeps_earlier_training_log(smoke_exp, tmp_path):
+    import csv
+
+    from speechkd.training import fit_transducer
+
+    r = smoke_exp.recipe
+    run = tmp_path / "run"
+    cfg = r.student_train.model_copy(update={"epochs": 1})
+    fit_transducer(run, r.student_model, cfg, smoke_exp.tokenizer, smoke_exp.cuts("train"), smoke_exp.cuts("dev"), seed=0, progress=False)
+    (run / "model.safetensors").unlink()
+    fit_transducer(run, r.student_model, cfg.model_copy(update={"epochs": 2}), smoke_exp.tokenizer, smoke_exp.cuts("train"),
+                   smoke_exp.cuts("dev"), seed=0, progress=False)
+    with open(run / "metrics.csv") as fh:
+        epochs = {row["epoch"] for row in csv.DictReader(fh) if row.get("val_wer")}
+    assert epochs == {"0", "1"}
