@@ -193,6 +193,7 @@ class ConformerEncoder(nn.Module):
         self.num_layers = num_layers
         self.subsampling = subsampling
         self.embed = ConvSubsampling(input_dim, dim, subsampling)
+        self.embed_norm = nn.LayerNorm(dim)  # puts the front end's output on the scale of the positions
         self.dropout = nn.Dropout(dropout)
         self.layers = nn.ModuleList(ConformerBlock(dim, num_heads, ff_dim, conv_kernel, dropout) for _ in range(num_layers))
 
@@ -201,7 +202,7 @@ class ConformerEncoder(nn.Module):
         if int(out_lens.min()) < 1:
             raise ValueError(f"input of {int(x_lens.min())} frames is too short for {self.subsampling}x subsampling")
         x = self.embed(x)  # (N, T', C)
-        x = x * math.sqrt(self.output_dim) + sinusoidal_positions(x.shape[1], self.output_dim, x.device)
+        x = self.embed_norm(x) + sinusoidal_positions(x.shape[1], self.output_dim, x.device)
         x = self.dropout(x)
         pad_mask = make_pad_mask(out_lens, x.shape[1])  # (N, T')
         layer_outputs = []
