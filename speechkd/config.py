@@ -58,6 +58,7 @@ class ModelConfig(Strict):
     decoder_dim: int = Field(128, ge=8)
     joiner_dim: int = Field(128, ge=8)
     context_size: int = Field(2, ge=1)
+    ctc_head: bool = Field(True, description="auxiliary CTC head on the encoder (training aid, see TrainConfig.ctc_weight)")
 
 
 class TrainConfig(Strict):
@@ -73,6 +74,7 @@ class TrainConfig(Strict):
     spec_augment: bool = True
     num_threads: int = Field(2, ge=1)
     val_every_epochs: int = Field(1, ge=1)
+    ctc_weight: float = Field(1.0, ge=0, description="weight of the auxiliary CTC loss (needs model.ctc_head)")
 
 
 class QuantizerConfig(Strict):

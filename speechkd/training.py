@@ -27,7 +27,7 @@ def _lightning():
 
 
 class TransducerTask(_lightning().LightningModule):
-    """Lightning wrapper: RNN-T loss (+ KD term), AdamW with warm-up and cosine decay, dev WER.
+    """Lightning wrapper: RNN-T loss (+ auxiliary CTC, + KD term), AdamW with warm-up and cosine decay, dev WER.
 
     Args:
       model: a :class:`speechkd.models.transducer.Transducer`.
@@ -59,6 +59,10 @@ class TransducerTask(_lightning().LightningModule):
         n = len(batch["tokens"])
         self.log("train_rnnt", loss.detach(), prog_bar=True, batch_size=n)
         total = loss
+        if self.cfg.ctc_weight > 0 and self.model.ctc_output is not None:
+            ctc = self.model.ctc_loss(enc, enc_lens, y, y_lens)
+            self.log("train_ctc", ctc.detach(), prog_bar=True, batch_size=n)
+            total = total + self.cfg.ctc_weight * ctc
         if self.kd is not None:
             kd_loss, logs = self.kd(batch, enc, enc_lens, layers)
             total = total + kd_loss
@@ -145,7 +149,7 @@ def fit_transducer(
     label_keys = kd.label_keys if kd is not None else ()
     train_dl = make_loader(
         train_cuts, AsrDataset(tokenizer, label_keys, spec_augment=train_cfg.spec_augment), train_cfg.max_duration,
-        shuffle=True, seed=seed,
+        shuffle=True, seed=seed, num_workers=1,  # one process loads and augments while the model trains
     )
     dev_dl = make_loader(dev_cuts, AsrDataset(tokenizer), train_cfg.max_duration, shuffle=False)
     total_dur = sum(c.duration for c in train_cuts)

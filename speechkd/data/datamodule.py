@@ -134,7 +134,9 @@ def make_loader(cuts, dataset: AsrDataset, max_duration: Seconds, shuffle: bool,
             sampler = DynamicBucketingSampler(cuts, max_duration=max_duration, shuffle=True, num_buckets=5, seed=seed)
     else:
         sampler = SimpleCutSampler(cuts, max_duration=max_duration, shuffle=False)
-    return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=num_workers)
+    return torch.utils.data.DataLoader(
+        dataset, sampler=sampler, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0
+    )
 
 
 def load_cuts(path: Pathlike):

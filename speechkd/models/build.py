@@ -33,7 +33,7 @@ def build_transducer(cfg: ModelConfig, vocab_size: int, input_dim: int = 80):
     )
     decoder = Decoder(vocab_size, cfg.decoder_dim, blank_id=0, context_size=cfg.context_size)
     joiner = Joiner(cfg.dim, cfg.decoder_dim, cfg.joiner_dim, vocab_size)
-    return Transducer(encoder, decoder, joiner, blank_id=0)
+    return Transducer(encoder, decoder, joiner, blank_id=0, ctc_head=cfg.ctc_head)
 
 
 def save_model(model: torch.nn.Module, out_dir: Pathlike, cfg: ModelConfig, vocab_size: int, extra: Optional[dict] = None) -> Path:

