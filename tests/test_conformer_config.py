@@ -56,3 +56,25 @@ def test_shipped_recipes_validate():
     assert recipes
     for p in recipes:
         load_recipe(p)
+
+
+def test_ctc_head_loss_matches_torch_ctc_and_is_optional():
+    import torch.nn.functional as F
+
+    from speechkd.config import ModelConfig
+    from speechkd.models.build import build_transducer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=16, num_layers=1, num_heads=2, ff_dim=32, decoder_dim=8, joiner_dim=8)
+    model = build_transducer(cfg, vocab_size=7).eval()
+    enc, lens = torch.randn(2, 9, 16), torch.tensor([9, 6])
+    y, y_lens = torch.tensor([[1, 2, 3], [4, 5, 0]]), torch.tensor([3, 2])
+    lp = model.ctc_output(enc).log_softmax(-1)
+    # one utterance at a time, without padding: (T_i, 1, V) log-probs
+    manual = sum(F.ctc_loss(lp[i, : lens[i]].unsqueeze(1), y[i : i + 1, : y_lens[i]], lens[i : i + 1],
+                            y_lens[i : i + 1], reduction="sum") for i in range(2)) / 2
+    assert model.ctc_loss(enc, lens, y, y_lens).item() == pytest.approx(manual.item(), rel=1e-5)
+    no_ctc = build_transducer(cfg.model_copy(update={"ctc_head": False}), vocab_size=7)
+    assert no_ctc.ctc_output is None
+    with pytest.raises(ValueError, match="no CTC head"):
+        no_ctc.ctc_loss(enc, lens, y, y_lens)
