@@ -38,13 +38,14 @@ import csv
 import json
 import math
 import os
-import tempfile
 from collections import defaultdict
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
 import numpy as np
+
+from speechkd.utils import atomic_path, write_text_atomic
 
 __all__ = ["load_results", "aggregate", "write_report", "ROLES", "REQUIRED_KEYS"]
 
@@ -273,26 +274,13 @@ def _table(header: list[str], body: list[list[str]]) -> str:
 
 
 # --------------------------------------------------------------------------- atomic writes
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temp file next to ``path``, then ``os.replace`` it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_text_atomic(path, text)
 
 
 def _save_fig(fig, path: Path) -> None:
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
 
 
 # --------------------------------------------------------------------------- curves

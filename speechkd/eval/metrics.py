@@ -7,13 +7,14 @@ The speaker-verification metrics (:func:`equal_error_rate`, :func:`min_dcf`) are
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, Union
 
 import kaldialign
 import numpy as np
+
+from speechkd.utils import write_text_atomic
 
 __all__ = [
     "WerStats",
@@ -154,20 +155,6 @@ def word_error_rate(refs: Sequence[Transcript], hyps: Sequence[Transcript]) -> W
     return total
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same directory and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_wer_details(
     path: Union[str, os.PathLike],
     ids: Sequence[str],
@@ -220,7 +207,7 @@ def write_wer_details(
     total = sum(per_utt)
     if total.ref_words == 0:
         raise ValueError("empty reference set: the references contain no words")
-    _atomic_write_text(Path(path), f"{total}\n\n" + "\n".join(blocks))
+    write_text_atomic(Path(path), f"{total}\n\n" + "\n".join(blocks))
     return total
 
 
