@@ -136,7 +136,10 @@ class EvalConfig(Strict):
 
 
 class Recipe(Strict):
-    """A whole experiment: data, teacher, student architecture, quantizer, the student runs, evaluation."""
+    """A whole experiment: data, teacher, student architecture, quantizer, the student runs, evaluation.
+
+    ``parallel_runs``: how many student runs ``distill`` trains at once (worker processes, one thread each).
+    """
 
     name: str
     exp_dir: str
@@ -147,6 +150,7 @@ class Recipe(Strict):
     quantizer: QuantizerConfig = QuantizerConfig()
     students: list[StudentRun] = [StudentRun(name="baseline")]
     eval: EvalConfig = EvalConfig()
+    parallel_runs: int = Field(1, ge=1, description="student runs trained at once (one thread each) by `distill`")
 
     @model_validator(mode="after")
     def _unique_students(self):
