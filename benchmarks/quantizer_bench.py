@@ -72,6 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"encoder ICM passes (default {DEFAULT_REFINE_ITERS})")
     g.add_argument("--kmeans-iters", type=int, default=None, help="Lloyd iterations per stage (default: library's)")
     g.add_argument("--refine-rounds", type=int, default=None, help="joint refinement rounds (default: library's)")
+    g.add_argument("--structure", choices=["auto", "pq", "rvq"], default="auto",
+                   help="initialisation: product quantizer, residual VQ, or auto (both; the better on validation "
+                        "frames; default)")
     g = p.add_argument_group("multi_quantization")
     g.add_argument("--mq-iters", type=int, default=MQ_DEFAULT_ITERS,
                    help=f"phase_one_iters = phase_two_iters of its QuantizerTrainer (default {MQ_DEFAULT_ITERS}, its "
@@ -80,7 +83,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--mq-lr", type=float, default=0.005, help="its initial learning rate (default 0.005, its own)")
     g.add_argument("--mq-refine-iters", type=int, default=5, help="its encode refine_indexes_iters (default 5)")
     g.add_argument("--mq-device", default="cpu", help="device for multi_quantization (default cpu)")
+    g.add_argument("--mq-eval-every", type=int, default=0,
+                   help="also print its held-out error (first 500 held-out frames) every this many steps, to see "
+                        "its learning curve (default 0: off; the time spent is excluded from its train time)")
     g.add_argument("--skip-mq", action="store_true", help="only measure speechkd's quantizer")
+    g.add_argument("--mq-from", type=Path, default=None,
+                   help="reuse the multi_quantization numbers of a previous --out JSON made with the same data "
+                        "settings (data, frames, dim, bytes per frame, threads, seed) instead of training it again "
+                        "(hours on a CPU); its encoding speed was then measured in that earlier run")
     return p.parse_args(argv)
 
 
@@ -175,14 +185,16 @@ def run_ours(train, held, args) -> dict:
     xt = torch.from_numpy(train)
     t0 = time.perf_counter()
     q = train_quantizer(xt, args.bytes_per_frame, beam=args.beam, refine_iters=args.refine_iters, seed=args.seed,
-                        progress=sys.stderr.isatty(), **kw)
+                        structure=args.structure, progress=sys.stderr.isatty(), **kw)
     train_s = time.perf_counter() - t0
     xh = torch.from_numpy(held)
     ci, speed = timed_encode(q.encode, xh)
     rec = q.decode(ci).numpy()
     return {"rel_error": rel_error(held, rec), "train_s": train_s, "encode_fps": speed,
             "train_rel_error": q.relative_error(xt[:5000]), "id": q.id, "beam": q.beam,
-            "refine_iters": q.refine_iters, "ci_dtype": str(ci.dtype), "ci_shape": list(ci.shape), **kw}
+            "refine_iters": q.refine_iters, "structure": args.structure, "subspace_dim": q.subspace_dim,
+            "orthogonal_codebooks": q.orthogonal_codebooks, "ci_dtype": str(ci.dtype), "ci_shape": list(ci.shape),
+            **kw}
 
 
 def run_mq(train, held, args) -> dict:
@@ -201,15 +213,26 @@ def run_mq(train, held, args) -> dict:
                                   phase_one_iters=args.mq_iters, phase_two_iters=args.mq_iters, lr=args.mq_lr)
     step = 0
     report_every = max(1, total // 20)
+    eval_s = 0.0
+    curve = []
+    probe = torch.from_numpy(held[:500]).to(device)
     while not trainer.done():
         batch = xt[torch.randint(n, (args.mq_batch,), generator=gen)].to(device)  # (B, D)
         trainer.step(batch)
         step += 1
         if step % report_every == 0:
-            el = time.perf_counter() - t0
+            el = time.perf_counter() - t0 - eval_s
             print(f"  [multi_quantization] step {step}/{total + 1}  {el:.0f} s  (~{el / step * (total + 1 - step):.0f} s "
                   f"left)", file=sys.stderr, flush=True)
-    train_s = time.perf_counter() - t0
+        if args.mq_eval_every and step % args.mq_eval_every == 0:
+            te = time.perf_counter()
+            with torch.no_grad():
+                rec = trainer.quantizer.decode(trainer.quantizer.encode(
+                    probe, refine_indexes_iters=args.mq_refine_iters, as_bytes=True)).float().cpu().numpy()
+            curve.append((step, rel_error(held[:500], rec)))
+            print(f"  [multi_quantization] step {step}: held-out error (500 frames) {curve[-1][1]:.4f}", flush=True)
+            eval_s += time.perf_counter() - te
+    train_s = time.perf_counter() - t0 - eval_s
     q = trainer.get_quantizer()
     q.eval()
     xh = torch.from_numpy(held).to(device)
@@ -225,9 +248,25 @@ def run_mq(train, held, args) -> dict:
     return {"rel_error": rel_error(held, rec), "train_s": train_s, "encode_fps": speed, "id": q.get_id(),
             "phase_one_iters": args.mq_iters, "phase_two_iters": args.mq_iters, "steps": step,
             "batch": args.mq_batch, "lr": args.mq_lr, "refine_indexes_iters": args.mq_refine_iters,
-            "device": str(device), "s_per_step": per_step,
+            "device": str(device), "s_per_step": per_step, "learning_curve_500": curve,
             "projected_train_s_at_defaults": per_step * (2 * MQ_DEFAULT_ITERS + 1) * args.mq_batch / MQ_DEFAULT_BATCH,
             "ci_dtype": str(ci.dtype), "ci_shape": list(ci.shape)}
+
+
+def reuse_mq(path: Path, current: dict) -> dict:
+    """The multi_quantization entry of a previous results JSON, after checking its data settings match."""
+    try:
+        old = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read a results JSON ({e})") from e
+    if "multi_quantization" not in old:
+        raise ValueError(f"{path}: has no multi_quantization results")
+    keys = ("data", "train_frames", "held_out_frames", "dim", "bytes_per_frame", "threads", "seed")
+    diff = {k: (old[k], current[k]) for k in keys if k in old and old[k] != current[k]}
+    if diff:
+        raise ValueError(f"{path}: made with other data settings: " + ", ".join(f"{k}: {a!r} there, {b!r} here"
+                                                                          for k, (a, b) in diff.items()))
+    return dict(old["multi_quantization"], reused_from=str(path))
 
 
 # ------------------------------------------------------------------------------------------------------- main
@@ -251,15 +290,25 @@ def main(argv=None) -> int:
 
     ours = run_ours(train, held, args)
     print(f"speechkd: relative error {ours['rel_error']:.4f} (train {ours['train_rel_error']:.4f}), "
-          f"train {ours['train_s']:.1f} s, encode {ours['encode_fps']:.0f} frames/s", flush=True)
+          f"train {ours['train_s']:.1f} s, encode {ours['encode_fps']:.0f} frames/s; codewords span "
+          f"{ours['subspace_dim']} of {train.shape[1]} dims, "
+          f"{'orthogonal codebooks (exact encoding)' if ours['orthogonal_codebooks'] else 'refined (beam search)'}",
+          flush=True)
     result = {"data": source, "synthetic": args.embeddings is None, "train_frames": int(train.shape[0]),
               "held_out_frames": int(held.shape[0]), "dim": int(train.shape[1]),
-              "bytes_per_frame": args.bytes_per_frame, "threads": args.threads, "speechkd": ours}
+              "bytes_per_frame": args.bytes_per_frame, "threads": args.threads, "seed": args.seed, "speechkd": ours}
     if not args.skip_mq:
-        print(f"multi_quantization: training {args.mq_iters} + {args.mq_iters} steps of {args.mq_batch} frames on "
-              f"{args.mq_device} (its defaults: {MQ_DEFAULT_ITERS} + {MQ_DEFAULT_ITERS} of {MQ_DEFAULT_BATCH})",
-              flush=True)
-        theirs = run_mq(train, held, args)
+        if args.mq_from is not None:
+            theirs = reuse_mq(args.mq_from, result)
+            args.mq_iters, args.mq_batch = theirs["phase_one_iters"], theirs["batch"]
+            args.mq_lr, args.mq_refine_iters = theirs["lr"], theirs["refine_indexes_iters"]
+            print(f"multi_quantization: numbers reused from {args.mq_from} (trained there for {args.mq_iters} + "
+                  f"{args.mq_iters} steps of {args.mq_batch} frames)", flush=True)
+        else:
+            print(f"multi_quantization: training {args.mq_iters} + {args.mq_iters} steps of {args.mq_batch} frames "
+                  f"on {args.mq_device} (its defaults: {MQ_DEFAULT_ITERS} + {MQ_DEFAULT_ITERS} of "
+                  f"{MQ_DEFAULT_BATCH})", flush=True)
+            theirs = run_mq(train, held, args)
         result["multi_quantization"] = theirs
         speedup = ours["encode_fps"] / theirs["encode_fps"]
         train_ratio = ours["train_s"] / theirs["train_s"]
@@ -285,7 +334,8 @@ def main(argv=None) -> int:
         for name, g in goals.items():
             print(f"{name:28s}{g['value']:>10.3f}   goal {g['goal']:<7s} {'PASS' if g['pass'] else 'FAIL'}")
         print()
-        print(f"speechkd settings: beam {ours['beam']}, refine_iters {ours['refine_iters']}; "
+        print(f"speechkd settings: structure {ours['structure']}, beam {ours['beam']}, refine_iters "
+              f"{ours['refine_iters']}; "
               f"multi_quantization: phase_one_iters = phase_two_iters = {args.mq_iters}, batch {args.mq_batch}, "
               f"lr {args.mq_lr}, refine_indexes_iters {args.mq_refine_iters}, {theirs['s_per_step']:.2f} s/step")
         if under:
@@ -294,6 +344,9 @@ def main(argv=None) -> int:
                   f"pessimistic. At its defaults this run's training would take "
                   f"~{theirs['projected_train_s_at_defaults']:.0f} s (train-time ratio "
                   f"{ours['train_s'] / theirs['projected_train_s_at_defaults']:.4f}).")
+        if args.mq_from is not None:
+            print(f"NOTE: multi_quantization's numbers come from {args.mq_from}: its encoding speed was measured in "
+                  "that run, under that run's machine load.")
     if args.embeddings is None:
         print("NOTE: these numbers are on SYNTHETIC data; rerun with --embeddings for teacher embeddings.")
     if args.out is not None:

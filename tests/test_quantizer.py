@@ -15,12 +15,12 @@ M = 4
 
 
 def _structured(n: int, seed: int) -> torch.Tensor:
-    """(n, D) low-rank (rank 8, decaying spectrum) + 5% isotropic noise, with a non-zero mean."""
+    """(n, D) low-rank (rank 8, decaying spectrum) plus isotropic noise (~5% of the variance), non-zero mean."""
     g = np.random.default_rng(1234)  # the same subspace for every split
     basis = g.standard_normal((8, D)) * (1.0 / np.arange(1, 9))[:, None]  # (8, D)
     mean = g.standard_normal(D) * 3
     r = np.random.default_rng(seed)
-    x = mean + r.standard_normal((n, 8)) @ basis + 0.05 * r.standard_normal((n, D))
+    x = mean + r.standard_normal((n, 8)) @ basis + 0.15 * r.standard_normal((n, D))
     return torch.from_numpy(x.astype(np.float32))
 
 
@@ -84,18 +84,50 @@ def test_quality_beats_mean_and_single_kmeans(quantizer, data):
     assert ours < two.relative_error(held)
 
 
-def test_wider_search_does_not_hurt(quantizer, data):
+@pytest.fixture(scope="module")
+def rvq(data):
+    """A residual-VQ quantizer: its codebooks overlap, so the search settings matter."""
+    return train_quantizer(data[0], num_codebooks=M, structure="rvq", refine_rounds=0, seed=0, progress=False)
+
+
+def test_pq_is_orthogonal_in_the_waterfilled_subspace():
+    """Rank-6 data in 24 dims, 8 bits: only signal directions get codewords; product codebooks are orthogonal."""
+    r = np.random.default_rng(3)
+    basis = r.standard_normal((6, 24)) * np.linspace(2, 1, 6)[:, None]
+    x = torch.from_numpy((r.standard_normal((1200, 6)) @ basis + 0.01 * r.standard_normal((1200, 24))).astype(np.float32))
+    q = train_quantizer(x, num_codebooks=2, codebook_size=16, structure="pq", refine_rounds=0, seed=0, progress=False)
+    assert q.orthogonal_codebooks
+    assert 2 <= q.subspace_dim <= 6
+    cb = q.codebooks.double()
+    assert float((cb[0] @ cb[1].T).abs().max()) < 1e-4 * float((cb * cb).sum(2).max())
+    # the codewords lie in the span of the signal directions
+    proj = torch.from_numpy(np.linalg.pinv(basis) @ basis)  # (24, 24) projector onto the signal rows
+    flat = cb.reshape(-1, 24)
+    assert torch.allclose(flat @ proj, flat, atol=1e-2 * float(flat.abs().max()))
+    # exact per-codebook encoding: search settings cannot change it
+    assert torch.equal(q.encode(x, beam=1, refine_iters=0), q.encode(x, beam=8, refine_iters=3))
+
+
+def test_wider_search_does_not_hurt(rvq, data):
     _, held = data
-    e_greedy = quantizer.relative_error(held, beam=1, refine_iters=0)
-    e_beam = quantizer.relative_error(held, beam=8, refine_iters=0)
-    e_refined = quantizer.relative_error(held, beam=8, refine_iters=3)
-    assert e_beam <= e_greedy
-    assert e_refined <= e_beam
+    assert not rvq.orthogonal_codebooks
+    e_greedy = rvq.relative_error(held, beam=1, refine_iters=0)
+    e_beam = rvq.relative_error(held, beam=8, refine_iters=0)
+    e_refined = rvq.relative_error(held, beam=8, refine_iters=3)
+    assert e_refined <= e_beam < e_greedy < 1.0
     # refinement (ICM) never increases any frame's error
-    f0, _ = _rel_err_np(held, quantizer.decode(quantizer.encode(held, beam=1, refine_iters=0)))
-    f3, _ = _rel_err_np(held, quantizer.decode(quantizer.encode(held, beam=1, refine_iters=3)))
+    f0, _ = _rel_err_np(held, rvq.decode(rvq.encode(held, beam=1, refine_iters=0)))
+    f3, _ = _rel_err_np(held, rvq.decode(rvq.encode(held, beam=1, refine_iters=3)))
     assert np.all(f3 <= f0 * (1 + 1e-5) + 1e-9)
     assert f3.sum() < f0.sum()
+
+
+def _brute_force(cb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(n,) smallest squared error over all K^M index tuples (independent of the library's search)."""
+    m, k, _ = cb.shape
+    combos = torch.tensor(list(itertools.product(range(k), repeat=m)))  # (K^M, M)
+    recon = sum(cb[j, combos[:, j]] for j in range(m))  # (K^M, D)
+    return ((x[:, None, :] - recon[None]) ** 2).sum(2).min(1).values
 
 
 @pytest.mark.parametrize("m,k,beam", [(2, 8, 8), (3, 4, 16)])
@@ -105,11 +137,40 @@ def test_full_beam_finds_exact_optimum(m, k, beam):
     cb = torch.randn(m, k, 4, generator=g)
     q = Quantizer(torch.zeros(4), torch.ones(4), cb, beam=beam, refine_iters=0)
     x = torch.randn(50, 4, generator=g)
-    combos = torch.tensor(list(itertools.product(range(k), repeat=m)))  # (K^M, M)
-    recon = sum(cb[j, combos[:, j]] for j in range(m))  # (K^M, 4)
-    best = ((x[:, None, :] - recon[None]) ** 2).sum(2).min(1).values  # (50,)
     got = ((x - q.decode(q.encode(x))) ** 2).sum(1)
-    assert torch.allclose(got, best, atol=1e-5)
+    assert torch.allclose(got, _brute_force(cb, x), atol=1e-5)
+    # the same codewords embedded in a 3-dim subspace of 7 dims: the search runs in the subspace
+    basis = torch.linalg.qr(torch.randn(7, 4, generator=g))[0][:, :3]  # (7, 3) orthonormal
+    cb7 = cb[:, :, :3] @ basis.T  # (m, k, 7)
+    q7 = Quantizer(torch.zeros(7), torch.ones(7), cb7, beam=beam, refine_iters=0)
+    assert q7.subspace_dim == 3 and not q7.orthogonal_codebooks
+    x7 = torch.randn(50, 7, generator=g)
+    got7 = ((x7 - q7.decode(q7.encode(x7))) ** 2).sum(1)
+    assert torch.allclose(got7, _brute_force(cb7, x7), atol=1e-4)
+
+
+def test_orthogonal_codebooks_exact():
+    """Codebooks on disjoint coordinates: per-codebook encoding equals the brute-force optimum."""
+    g = torch.Generator().manual_seed(5)
+    cb = torch.zeros(3, 6, 6)
+    for j in range(3):
+        cb[j, :, 2 * j : 2 * j + 2] = torch.randn(6, 2, generator=g)
+    q = Quantizer(torch.full((6,), 0.5), torch.full((6,), 2.0), cb, beam=1, refine_iters=0)
+    assert q.orthogonal_codebooks
+    x = torch.randn(40, 6, generator=g)
+    got = ((x - q.decode(q.encode(x))) ** 2).sum(1)
+    ref = _brute_force(cb * 2.0, x - 0.5)  # decode = 0.5 + 2 * sum of codewords
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_waterfill_dims():
+    from speechkd.mvq.quantizer import _waterfill_dims
+
+    lam = torch.tensor([4.0, 1.0, 0.25, 1 / 16])
+    # derived by hand: 2.5 bits -> water level 2^-1.5 (2 components above); 5 bits -> 2^(-10/3) (3 above)
+    assert _waterfill_dims(lam, 2.5) == 2
+    assert _waterfill_dims(lam, 5.0) == 3
+    assert _waterfill_dims(lam, 100.0) == 4
 
 
 def test_decode_is_sum_of_codewords(quantizer, data):
@@ -121,11 +182,12 @@ def test_decode_is_sum_of_codewords(quantizer, data):
     assert torch.equal(quantizer.decode(ci), quantizer.decode(ci.to(torch.uint8)))
 
 
-def test_chunked_encode_matches_pieces(quantizer):
+def test_chunked_encode_matches_pieces(quantizer, rvq):
     x = _structured(2500, 7)  # more than one encode chunk
-    whole = quantizer.encode(x)
-    pieces = torch.cat([quantizer.encode(x[i : i + 100]) for i in range(0, 2500, 100)])
-    assert torch.equal(whole, pieces)
+    for q in (quantizer, rvq):
+        whole = q.encode(x)
+        pieces = torch.cat([q.encode(x[i : i + 100]) for i in range(0, 2500, 100)])
+        assert torch.equal(whole, pieces)
 
 
 def test_save_load_round_trip(quantizer, data, tmp_path):
