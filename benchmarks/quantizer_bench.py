@@ -222,8 +222,9 @@ def run_mq(train, held, args) -> dict:
         step += 1
         if step % report_every == 0:
             el = time.perf_counter() - t0 - eval_s
-            print(f"  [multi_quantization] step {step}/{total + 1}  {el:.0f} s  (~{el / step * (total + 1 - step):.0f} s "
-                  f"left)", file=sys.stderr, flush=True)
+            left = el / step * (total + 1 - step)
+            print(f"  [multi_quantization] step {step}/{total + 1}  {el:.0f} s  (~{left:.0f} s left)", file=sys.stderr,
+                  flush=True)
         if args.mq_eval_every and step % args.mq_eval_every == 0:
             te = time.perf_counter()
             with torch.no_grad():

@@ -94,7 +94,8 @@ def test_pq_is_orthogonal_in_the_waterfilled_subspace():
     """Rank-6 data in 24 dims, 8 bits: only signal directions get codewords; product codebooks are orthogonal."""
     r = np.random.default_rng(3)
     basis = r.standard_normal((6, 24)) * np.linspace(2, 1, 6)[:, None]
-    x = torch.from_numpy((r.standard_normal((1200, 6)) @ basis + 0.01 * r.standard_normal((1200, 24))).astype(np.float32))
+    x = r.standard_normal((1200, 6)) @ basis + 0.01 * r.standard_normal((1200, 24))  # (1200, 24)
+    x = torch.from_numpy(x.astype(np.float32))
     q = train_quantizer(x, num_codebooks=2, codebook_size=16, structure="pq", refine_rounds=0, seed=0, progress=False)
     assert q.orthogonal_codebooks
     assert 2 <= q.subspace_dim <= 6
@@ -177,7 +178,8 @@ def test_decode_is_sum_of_codewords(quantizer, data):
     _, held = data
     ci = quantizer.encode(held[:50]).long()
     cb = quantizer.codebooks.double().numpy()
-    manual = sum(cb[j, ci[:, j].numpy()] for j in range(M)) * quantizer.scale.double().numpy() + quantizer.mean.double().numpy()
+    manual = sum(cb[j, ci[:, j].numpy()] for j in range(M))  # (50, D) in the normalised space
+    manual = manual * quantizer.scale.double().numpy() + quantizer.mean.double().numpy()
     assert np.allclose(quantizer.decode(ci).double().numpy(), manual, atol=1e-4)
     assert torch.equal(quantizer.decode(ci), quantizer.decode(ci.to(torch.uint8)))
 

@@ -115,7 +115,8 @@ def _assign(r: torch.Tensor, cb: torch.Tensor, cb_sq: torch.Tensor) -> tuple[tor
     return idx, dist
 
 
-def _beam_search(xn: torch.Tensor, codebooks: torch.Tensor, cb_sq: torch.Tensor, beam: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _beam_search(xn: torch.Tensor, codebooks: torch.Tensor, cb_sq: torch.Tensor,
+                 beam: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Beam search over the codebooks in order (stage ``m`` extends each kept partial sum by codebook ``m``).
 
     Args:
@@ -153,7 +154,8 @@ def _beam_search(xn: torch.Tensor, codebooks: torch.Tensor, cb_sq: torch.Tensor,
     return hist[rows, best], resid[rows, best]
 
 
-def _icm(idx: torch.Tensor, resid: torch.Tensor, codebooks: torch.Tensor, cb_sq: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _icm(idx: torch.Tensor, resid: torch.Tensor, codebooks: torch.Tensor, cb_sq: torch.Tensor,
+         iters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Iterated conditional modes: ``iters`` passes re-choosing each codebook's index given the others.
 
     Each choice is the exact minimiser given the other indexes, so the squared error never increases.
@@ -182,7 +184,8 @@ def _icm(idx: torch.Tensor, resid: torch.Tensor, codebooks: torch.Tensor, cb_sq:
     return idx, resid
 
 
-def _encode_normalised(xn: torch.Tensor, codebooks: torch.Tensor, cb_sq: torch.Tensor, beam: int, refine_iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _encode_normalised(xn: torch.Tensor, codebooks: torch.Tensor, cb_sq: torch.Tensor, beam: int,
+                       refine_iters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked beam search + ICM. xn: (N, D) -> (indexes (N, M) int64, residual (N, D) float32)."""
     n = xn.shape[0]
     m_total, k, d = codebooks.shape
@@ -281,7 +284,8 @@ class Quantizer(nn.Module):
             raise ValueError(f"codebooks must be (num_codebooks, codebook_size, dim), got {tuple(codebooks.shape)}")
         m, k, d = codebooks.shape
         if m < 1 or not 1 <= k <= 256 or d < 1:
-            raise ValueError(f"need num_codebooks >= 1, 1 <= codebook_size <= 256 (one byte), dim >= 1; got {(m, k, d)}")
+            raise ValueError(f"need num_codebooks >= 1, 1 <= codebook_size <= 256 (one byte), dim >= 1; "
+                             f"got {(m, k, d)}")
         if tuple(mean.shape) != (d,) or tuple(scale.shape) != (d,):
             raise ValueError(f"mean and scale must be ({d},), got {tuple(mean.shape)} and {tuple(scale.shape)}")
         for name, t in (("mean", mean), ("scale", scale), ("codebooks", codebooks)):
@@ -394,7 +398,8 @@ class Quantizer(nn.Module):
         Raises:
           ValueError: non-integer dtype, wrong last dimension or an index out of range.
         """
-        if not isinstance(indexes, torch.Tensor) or indexes.is_floating_point() or indexes.is_complex() or indexes.dtype == torch.bool:
+        if (not isinstance(indexes, torch.Tensor) or indexes.is_floating_point() or indexes.is_complex()
+                or indexes.dtype == torch.bool):
             raise ValueError(f"indexes must be an integer tensor, got {getattr(indexes, 'dtype', type(indexes))}")
         if indexes.ndim < 1 or indexes.shape[-1] != self.num_codebooks:
             raise ValueError(f"indexes must have shape (..., {self.num_codebooks}), got {tuple(indexes.shape)}")
@@ -513,7 +518,8 @@ class Quantizer(nn.Module):
             if key not in meta:
                 raise ValueError(f"{path}: metadata lacks '{key}' (not written by Quantizer.save?)")
         if meta["format_version"] != FORMAT_VERSION:
-            raise ValueError(f"{path}: format_version {meta['format_version']!r} is not supported (expected {FORMAT_VERSION!r})")
+            raise ValueError(f"{path}: format_version {meta['format_version']!r} is not supported "
+                             f"(expected {FORMAT_VERSION!r})")
         for name, t in tensors.items():
             if t.dtype != torch.float32:
                 raise ValueError(f"{path}: tensor '{name}' has dtype {t.dtype}, expected float32")
@@ -562,7 +568,8 @@ def _kmeans_pp(r: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     return centers
 
 
-def _kmeans(r: torch.Tensor, k: int, iters: int, gen: torch.Generator, seed_rows: int, shrink: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _kmeans(r: torch.Tensor, k: int, iters: int, gen: torch.Generator, seed_rows: int,
+            shrink: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means of ``r: (N, D)`` into ``k`` clusters.
 
     Seeding with k-means++ on at most ``seed_rows`` rows (a random subset); empty clusters are re-seeded with
@@ -582,7 +589,8 @@ def _kmeans(r: torch.Tensor, k: int, iters: int, gen: torch.Generator, seed_rows
     return cb, idx
 
 
-def _refit(r: torch.Tensor, idx: torch.Tensor, dist: torch.Tensor, cb: torch.Tensor, shrink: bool = False) -> torch.Tensor:
+def _refit(r: torch.Tensor, idx: torch.Tensor, dist: torch.Tensor, cb: torch.Tensor,
+           shrink: bool = False) -> torch.Tensor:
     """Cluster means of ``r: (N, D)`` under ``idx: (N,)``; empty clusters get the rows with largest ``dist: (N,)``.
 
     With ``shrink``, each mean is pulled towards the overall mean of ``r`` by the positive-part James-Stein
