@@ -103,9 +103,10 @@ def quantize(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpora
 @app.command()
 def distill(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpora_dir: Optional[Path] = CorporaOpt,
             progress: bool = ProgressOpt,
-            student: Optional[str] = typer.Option(None, help="train only the student run with this name")):
+            student: Optional[str] = typer.Option(None, help="train only the student run with this name"),
+            seed: Optional[list[int]] = typer.Option(None, help="train only these seeds (repeatable)")):
     """Train the recipe's students (baseline and KD), every seed; resumes stopped runs."""
-    _stage("distill", recipe, exp_dir, corpora_dir, progress, only=student)
+    _stage("distill", recipe, exp_dir, corpora_dir, progress, only=student, seeds=seed or None)
 
 
 @app.command()

@@ -285,8 +285,8 @@ def _train_student_process(recipe_json: str, name: str, seed: int, num_threads: 
     return f"{name}-seed{seed}"
 
 
-def distill(exp: Experiment, only: Optional[str] = None) -> None:
-    """Train every student run (each seed) of the recipe, or only the one named ``only``.
+def distill(exp: Experiment, only: Optional[str] = None, seeds: Optional[list[int]] = None) -> None:
+    """Train every student run (each seed) of the recipe, or only the one named ``only`` / only ``seeds``.
 
     With ``recipe.parallel_runs > 1``, that many runs train at once in worker processes with one thread
     each: on a 2-core machine two one-thread runs finish sooner than the same two runs one after the other
@@ -298,6 +298,8 @@ def distill(exp: Experiment, only: Optional[str] = None) -> None:
     pending = []
     for run in runs:
         for seed in run.seeds:
+            if seeds and seed not in seeds:
+                continue
             out = exp.student_dir(run.name, seed)
             if (out / "model.safetensors").is_file():
                 log(f"distill: {out}/model.safetensors exists, skipped")

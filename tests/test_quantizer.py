@@ -96,7 +96,8 @@ def test_pq_is_orthogonal_in_the_waterfilled_subspace():
     basis = r.standard_normal((6, 24)) * np.linspace(2, 1, 6)[:, None]
     x = r.standard_normal((1200, 6)) @ basis + 0.01 * r.standard_normal((1200, 24))  # (1200, 24)
     x = torch.from_numpy(x.astype(np.float32))
-    q = train_quantizer(x, num_codebooks=2, codebook_size=16, structure="pq", refine_rounds=0, seed=0, progress=False)
+    q = train_quantizer(x, num_codebooks=2, codebook_size=16, structure="pq", refine_rounds=0, subspace_search=False,
+                        seed=0, progress=False)
     assert q.orthogonal_codebooks
     assert 2 <= q.subspace_dim <= 6
     cb = q.codebooks.double()

@@ -686,6 +686,35 @@ def _significantly_lower(new: torch.Tensor, old: torch.Tensor) -> bool:
     return float(diff.mean()) < -2.0 * se
 
 
+def _init_codebooks(z: torch.Tensor, groups: list[list[int]], k: int, kmeans_iters: int, shrink: bool,
+                    gen: torch.Generator, bar=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stage-wise k-means: codebook ``m`` clusters the current residual on its directions ``groups[m]``.
+
+    Disjoint groups give a product quantizer, identical groups a residual VQ.
+
+    Args:
+      z: (N, p) frames.  groups: per codebook, the directions (columns of z) it spans.
+      k, kmeans_iters, shrink: as in :func:`train_quantizer`.  gen: random generator.  bar: optional tqdm bar.
+
+    Returns:
+      codebooks (M, K, p), indexes (N, M) int64, residual (N, p).
+    """
+    m_total, p = len(groups), z.shape[1]
+    codebooks = torch.zeros(m_total, k, p)  # (M, K, p)
+    idx = torch.empty(z.shape[0], m_total, dtype=torch.long)  # (N, M)
+    resid = z.clone()  # (N, p)
+    seed_rows = max(32 * k, 4096)
+    for m, cols in enumerate(groups):
+        cols_t = torch.tensor(cols, dtype=torch.long)
+        cb, a = _kmeans(resid[:, cols_t].contiguous(), k, kmeans_iters, gen, seed_rows, shrink)  # (K, |cols|)
+        codebooks[m][:, cols_t] = cb
+        idx[:, m] = a
+        resid[:, cols_t] -= cb[a]
+        if bar is not None:
+            bar.update(1)
+    return codebooks, idx, resid
+
+
 def _fit_codebooks(z: torch.Tensor, z_val: torch.Tensor, groups: list[list[int]], k: int, kmeans_iters: int,
                    refine_rounds: int, beam: int, refine_iters: int, shrink: bool, gen: torch.Generator,
                    bar) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -700,18 +729,8 @@ def _fit_codebooks(z: torch.Tensor, z_val: torch.Tensor, groups: list[list[int]]
     Returns:
       codebooks (M, K, p), and the per-frame validation errors (N_val,) float64 (None without validation).
     """
-    m_total, p = len(groups), z.shape[1]
-    codebooks = torch.zeros(m_total, k, p)  # (M, K, p)
-    idx = torch.empty(z.shape[0], m_total, dtype=torch.long)  # (N_fit, M)
-    resid = z.clone()  # (N_fit, p)
-    seed_rows = max(32 * k, 4096)
-    for m, cols in enumerate(groups):
-        cols_t = torch.tensor(cols, dtype=torch.long)
-        cb, a = _kmeans(resid[:, cols_t].contiguous(), k, kmeans_iters, gen, seed_rows, shrink)  # (K, |cols|)
-        codebooks[m][:, cols_t] = cb
-        idx[:, m] = a
-        resid[:, cols_t] -= cb[a]
-        bar.update(1)
+    m_total = len(groups)
+    codebooks, idx, resid = _init_codebooks(z, groups, k, kmeans_iters, shrink, gen, bar)
     if z_val.shape[0] == 0:
         return codebooks, None
     best_val = _frame_errors(z_val, codebooks, beam, refine_iters)  # (N_val,)
@@ -750,13 +769,15 @@ def train_quantizer(
     normalize: Literal["global", "per_dim"] = "global",
     shrink: bool = True,
     valid_fraction: float = 0.1,
+    subspace_search: bool = True,
     seed: int = 0,
     progress: bool = True,
 ) -> Quantizer:
     """Train a :class:`Quantizer` (see the module docstring for the algorithm and its sources).
 
     Steps: normalise; hold out ``valid_fraction`` of the frames for validation; PCA; keep the ``p`` principal
-    directions that reverse water-filling gives bits to (at least ``num_codebooks``); initialise a product
+    directions that reverse water-filling gives bits to (at least ``num_codebooks``; with ``subspace_search``,
+    the best of a few sizes around it on validation frames); initialise a product
     quantizer over them (``"pq"``) and/or a residual VQ (``"rvq"``: every codebook spans all ``p`` directions,
     fitted stage by stage); refine each by up to ``refine_rounds`` rounds of coordinate descent, keeping a round
     only if it lowers the validation error significantly (paired test over the validation frames: mean change
@@ -783,6 +804,8 @@ def train_quantizer(
       valid_fraction: share of the frames (at most 10000) held out to decide on refinement rounds and the
         structure; none (no refinement, ``"pq"``) when it is 0 or fewer than ``codebook_size`` frames would
         be left to fit.
+      subspace_search: besides the water-filled number of directions ``p``, try ``p`` times 0.5, 0.75, 1.5 and 2
+        with a product quantizer and keep the size with the lowest validation error (needs a validation split).
       seed: seeds k-means++, the seeding subsets and the validation split.
       progress: show a tqdm progress bar.
 
@@ -830,7 +853,8 @@ def train_quantizer(
     xn = ((x.detach().to("cpu", torch.float32) - mean.float()) / scale.float()).contiguous()  # (N, D)
 
     # validation split for the refinement decision
-    n_valid = min(int(round(n * float(valid_fraction))), 10000) if (refine_rounds > 0 or structure == "auto") else 0
+    wants_valid = refine_rounds > 0 or structure == "auto" or subspace_search
+    n_valid = min(int(round(n * float(valid_fraction))), 10000) if wants_valid else 0
     if n_valid < 1 or n - n_valid < k:
         n_valid = 0
     order = torch.randperm(n, generator=gen)
@@ -842,8 +866,21 @@ def train_quantizer(
     del xf
     lam, vec = torch.linalg.eigh(cov)
     lam, vec = lam.flip(0).clamp_min(0.0), vec.flip(1)  # descending
-    p = _waterfill_dims(lam, m_total * math.log2(k))
-    p = min(d, max(p, m_total))
+    p_wf = min(d, max(_waterfill_dims(lam, m_total * math.log2(k)), m_total))
+    p = p_wf
+    if n_valid and subspace_search:
+        # water-filling is exact for Gaussian data and ideal codes; check a few nearby sizes on validation frames
+        # with a product quantizer (cheap: k-means in p / M dimensions)
+        sizes = sorted({min(d, max(m_total, int(round(p_wf * f)))) for f in (0.5, 0.75, 1.0, 1.5, 2.0)})
+        scores = []
+        for size in sizes:
+            b = vec[:, :size].to(torch.float32)  # (D, size)
+            zf, zv = x_fit @ b, x_val @ b  # (N_fit, size), (N_val, size)
+            outside = ((x_val.double() ** 2).sum(1) - (zv.double() ** 2).sum(1)).clamp_min(0.0)  # (N_val,)
+            groups = _balanced_groups(lam[:size], m_total) if size >= m_total else [list(range(size))] * m_total
+            cb = _init_codebooks(zf, groups, k, kmeans_iters, shrink, torch.Generator().manual_seed(int(seed)))[0]
+            scores.append(float((_frame_errors(zv, cb, beam, refine_iters) + outside).mean()))
+        p = sizes[min(range(len(sizes)), key=lambda i: (scores[i], abs(sizes[i] - p_wf)))]
     basis = vec[:, :p].to(torch.float32).contiguous()  # (D, p)
     z = x_fit @ basis  # (N_fit, p)
     z_val = x_val @ basis  # (N_val, p)
