@@ -190,8 +190,9 @@ def run_ours(train, held, args) -> dict:
     xh = torch.from_numpy(held)
     ci, speed = timed_encode(q.encode, xh)
     rec = q.decode(ci).numpy()
-    return {"rel_error": rel_error(held, rec), "train_s": train_s, "encode_fps": speed,
-            "train_rel_error": q.relative_error(xt[:5000]), "id": q.id, "beam": q.beam,
+    return {"rel_error": rel_error(held, rec), "rel_error_first500": rel_error(held[:500], rec[:500]),
+            "train_s": train_s, "encode_fps": speed, "train_rel_error": q.relative_error(xt[:5000]), "id": q.id,
+            "beam": q.beam,
             "refine_iters": q.refine_iters, "structure": args.structure, "subspace_dim": q.subspace_dim,
             "orthogonal_codebooks": q.orthogonal_codebooks, "ci_dtype": str(ci.dtype), "ci_shape": list(ci.shape),
             **kw}
@@ -321,6 +322,10 @@ def main(argv=None) -> int:
             "error_ratio": {"value": err_ratio, "goal": "<= 1", "pass": err_ratio <= 1.0},
         }
         result["goals"] = goals
+        if theirs.get("learning_curve_500"):
+            curve = ", ".join(f"{st}: {e:.4f}" for st, e in theirs["learning_curve_500"])
+            print(f"multi_quantization held-out error on the first 500 held-out frames by step: {curve} "
+                  f"(speechkd on the same frames: {ours['rel_error_first500']:.4f})")
         under = args.mq_iters < MQ_DEFAULT_ITERS or args.mq_batch < MQ_DEFAULT_BATCH
         result["mq_below_defaults"] = under
 

@@ -403,6 +403,8 @@ def evaluate(exp: Experiment) -> None:
         set_thread_policy(2)
         kind, nbytes = label_bytes.get(method, ("none", None))
         result.update(label_kind=kind, label_bytes=nbytes, train_seconds=_train_seconds(mdir))
+        if kind == "ci" and "l1" in label_bytes:
+            result["float32_label_bytes"] = label_bytes["l1"][1]
         write_json_atomic(out, result)
         log(f"evaluate: {name}: params {result['params'] / 1e6:.2f} M, dev WER {result['dev_wer']:.2f}%, "
             f"test WER {result['test_wer']:.2f}%, RTF {result['rtf']:.4f}")

@@ -18,6 +18,8 @@ Inputs (all under one experiment directory ``EXP``):
   label_bytes    int or null, bytes of stored teacher labels the model trained on
   train_seconds  float or null, wall-clock training time in seconds
   notes          optional str
+  float32_label_bytes  optional int: the same teacher frames stored as float32 (for the storage ratio
+                 when the experiment has no L1/L2 student)
   ============== ======================================================================
 
 * training curves, optional: ``EXP/teacher/metrics.csv`` for the teacher and
@@ -197,6 +199,7 @@ def aggregate(results: Iterable[dict]) -> list[dict]:
         rtfs = [m["rtf"] for m in members if m["rtf"] is not None]
         secs = [m["train_seconds"] for m in members if m["train_seconds"] is not None]
         lbytes = [m["label_bytes"] for m in members if m["label_bytes"] is not None]
+        f32bytes = [m["float32_label_bytes"] for m in members if m.get("float32_label_bytes")]
         rows.append(
             {
                 "group": g,
@@ -218,6 +221,7 @@ def aggregate(results: Iterable[dict]) -> list[dict]:
                 "rel_dev_wer_reduction": None,
                 "rel_test_wer_reduction": None,
                 "storage_ratio": None,
+                "float32_label_bytes": int(f32bytes[0]) if f32bytes else None,
             }
         )
     rows.sort(key=lambda r: _ROLE_RANK[r["role"]])  # stable: keeps first-appearance order
@@ -225,6 +229,8 @@ def aggregate(results: Iterable[dict]) -> list[dict]:
     teacher = _single_role(rows, "teacher")
     base = _single_role(rows, "baseline")
     f32 = [r["label_bytes"] for r in rows if r["label_kind"] == "float32" and r["label_bytes"]]
+    # a CI row may carry the bytes the same frames take as float32 (written beside the CI by `extract`)
+    f32 += [r["float32_label_bytes"] for r in rows if r.get("float32_label_bytes")]
     for r in rows:
         if teacher is not None and teacher["params"] > 0:
             r["params_ratio"] = r["params"] / teacher["params"]

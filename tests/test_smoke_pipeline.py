@@ -42,6 +42,8 @@ def test_chain_writes_report_and_results(smoke_exp):
     assert results["mvq-seed0"]["params"] == results["baseline-seed0"]["params"]
     # label bytes: float32 (teacher dim 32 x 4 bytes) vs 4 one-byte codebooks per frame -> exactly 32x
     assert results["l1-seed0"]["label_bytes"] == 32 * results["mvq-seed0"]["label_bytes"]
+    assert results["mvq-seed0"]["float32_label_bytes"] == results["l1-seed0"]["label_bytes"]
+    assert "32.0× smaller" in report
 
 
 def test_codebook_indexes_are_uint8_and_match_quantizer(smoke_exp):

@@ -668,9 +668,10 @@ def _balanced_groups(lam: torch.Tensor, num_groups: int) -> list[list[int]]:
 
 def _frame_errors(z: torch.Tensor, codebooks: torch.Tensor, beam: int, refine_iters: int) -> torch.Tensor:
     """(n,) float64 squared error of each frame of ``z: (n, p)`` encoded with ``codebooks: (M, K, p)``."""
-    _, cb_r, cb_sq, orthogonal = _search_space(codebooks)
+    basis, cb_r, cb_sq, orthogonal = _search_space(codebooks)
     if orthogonal:
-        idx = _encode_independent(z, cb_r, cb_sq)  # (n, M)
+        zr = z @ basis if basis is not None else z  # (n, r): search in the span of the codewords, as encode() does
+        idx = _encode_independent(zr, cb_r, cb_sq)  # (n, M)
         resid = z - sum(codebooks[m][idx[:, m]] for m in range(codebooks.shape[0]))  # (n, p)
     else:
         _, resid = _encode_normalised(z, codebooks, (codebooks * codebooks).sum(2), beam, refine_iters)
