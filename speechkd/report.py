@@ -560,11 +560,15 @@ def write_report(exp_dir: PathLike, title: Optional[str] = None) -> Path:
     f32 = [r for r in rows if r["label_kind"] == "float32" and r["label_bytes"]]
     ci = [r for r in rows if r["storage_ratio"] is not None]
     if ci:
-        ref = min(f32, key=lambda r: r["label_bytes"])
         for r in ci:
+            if f32:
+                ref = min(f32, key=lambda x: x["label_bytes"])
+                name, nbytes = ref["group"], ref["label_bytes"]
+            else:  # no L1/L2 row: the float32 size of the same frames, recorded beside the CI result
+                name, nbytes = "teacher frames", r["float32_label_bytes"]
             out.append(
-                f"- Label storage: float32 labels ({ref['group']}) "
-                f"{_fmt_bytes(ref['label_bytes'])} vs codebook indexes ({r['group']}) "
+                f"- Label storage: float32 labels ({name}) "
+                f"{_fmt_bytes(nbytes)} vs codebook indexes ({r['group']}) "
                 f"{_fmt_bytes(r['label_bytes'])}: {r['storage_ratio']:.1f}× smaller."
             )
     else:

@@ -206,3 +206,22 @@ def test_load_results_missing_dir(tmp_path):
     (tmp_path / "eval").mkdir()
     with pytest.raises(ValueError, match="no result files"):
         R.load_results(tmp_path)
+
+
+def test_storage_ratio_from_float32_bytes_beside_ci(tmp_path):
+    import json as _json
+
+    from speechkd.report import write_report
+
+    (tmp_path / "eval").mkdir()
+    base = {"params": 100, "rtf": 0.01, "train_seconds": 1.0, "label_bytes": None, "label_kind": "none", "seed": 0}
+    rows = [
+        dict(base, name="teacher", group="teacher", role="teacher", method="none", params=900, dev_wer=10.0, test_wer=11.0),
+        dict(base, name="baseline-seed0", group="baseline", role="baseline", method="none", dev_wer=30.0, test_wer=31.0),
+        dict(base, name="mvq-seed0", group="mvq", role="distilled", method="mvq", dev_wer=20.0, test_wer=21.0,
+             label_kind="ci", label_bytes=1000, float32_label_bytes=40000),
+    ]
+    for r in rows:
+        (tmp_path / "eval" / f"{r['name']}.json").write_text(_json.dumps(r))
+    text = write_report(tmp_path).read_text()
+    assert "40.0× smaller" in text
