@@ -212,7 +212,7 @@ def quantize(exp: Experiment) -> None:
         if q.beam is not None:
             kwargs["beam"] = q.beam
         if q.refine_iters is not None:
-            kwargs["refine_rounds"] = q.refine_iters
+            kwargs["refine_iters"] = q.refine_iters  # encoder refinement passes (not training rounds)
         quantizer = train_quantizer(torch.from_numpy(frames), num_codebooks=q.num_codebooks, seed=exp.recipe.data.seed,
                                     progress=exp.progress, **kwargs)
         quantizer.save(exp.quantizer_path)
