@@ -467,6 +467,8 @@ class Quantizer(nn.Module):
         """
         from safetensors.torch import save_file
 
+        from speechkd.utils import atomic_path
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: getattr(self, name).detach().to("cpu", torch.float32).contiguous() for name in _BUFFERS}
@@ -475,14 +477,8 @@ class Quantizer(nn.Module):
             "codebook_size": str(self.codebook_size), "format_version": FORMAT_VERSION,
             "beam": str(self.beam), "refine_iters": str(self.refine_iters),
         }
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
 
     @classmethod
     def load(cls, path: Pathlike, device: Union[str, torch.device] = "cpu") -> "Quantizer":
