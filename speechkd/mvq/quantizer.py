@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Literal, Optional, Union
 
