@@ -7,6 +7,7 @@ Typical use::
     speechkd train recipes/commands_mvq.yaml            # the teacher
     speechkd extract recipes/commands_mvq.yaml          # teacher layer -> float32 labels
     speechkd quantize recipes/commands_mvq.yaml         # -> codebook indexes (CI)
+    speechkd pseudo-label recipes/commands_seqkd.yaml [--shard 0/4]   # teacher N-best (sequence-level KD)
     speechkd distill recipes/commands_mvq.yaml          # every student run of the recipe
     speechkd evaluate recipes/commands_mvq.yaml
     speechkd report recipes/commands_mvq.yaml
@@ -98,6 +99,19 @@ def quantize(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpora
              progress: bool = ProgressOpt):
     """Train the multi-codebook quantizer and store uint8 codebook indexes (CI) beside the cuts."""
     _stage("quantize", recipe, exp_dir, corpora_dir, progress)
+
+
+@app.command("pseudo-label")
+def pseudo_label(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpora_dir: Optional[Path] = CorporaOpt,
+                 progress: bool = ProgressOpt,
+                 shard: Optional[str] = typer.Option(
+                     None, help="decode only shard i of n (cuts i, i+n, ...), e.g. 0/4; run every shard (in parallel if "
+                                "you like), then any run merges the labels once all cuts have them")):
+    """The teacher's beam search writes an N-best list (tokens, text, log-prob) for every training cut.
+
+    Labels go to labels/nbest/ in parts written atomically: a stopped run resumes where it stopped.
+    """
+    _stage("pseudo-label", recipe, exp_dir, corpora_dir, progress, shard=shard)
 
 
 @app.command()

@@ -46,8 +46,16 @@ class DataConfig(Strict):
 
 
 class ModelConfig(Strict):
-    """Conformer encoder + stateless transducer sizes."""
+    """Conformer encoder + a transducer head (stateless predictor + joiner) or an attention decoder.
 
+    ``arch``: ``transducer`` (RNN-T) or ``aed`` (attention encoder-decoder: a Transformer decoder over the
+    encoder, Vaswani et al. 2017, with the optional CTC head as the hybrid CTC/attention branch).
+    ``decoder_dim``: the predictor's width (transducer) or the attention decoder's width (aed).
+    ``joiner_dim`` / ``context_size``: transducer only. ``decoder_layers`` / ``decoder_heads`` /
+    ``decoder_ff_dim``: aed only.
+    """
+
+    arch: Literal["transducer", "aed"] = "transducer"
     dim: int = Field(144, ge=8)
     num_layers: int = Field(2, ge=1)
     num_heads: int = Field(4, ge=1)
@@ -59,6 +67,9 @@ class ModelConfig(Strict):
     joiner_dim: int = Field(128, ge=8)
     context_size: int = Field(2, ge=1)
     ctc_head: bool = Field(True, description="auxiliary CTC head on the encoder (training aid, see TrainConfig.ctc_weight)")
+    decoder_layers: int = Field(2, ge=1, description="attention decoder blocks (aed only)")
+    decoder_heads: int = Field(4, ge=1, description="attention decoder heads (aed only)")
+    decoder_ff_dim: int = Field(256, ge=8, description="attention decoder feed-forward width (aed only)")
 
 
 class TrainConfig(Strict):
@@ -75,6 +86,7 @@ class TrainConfig(Strict):
     num_threads: int = Field(2, ge=1)
     val_every_epochs: int = Field(1, ge=1)
     ctc_weight: float = Field(1.0, ge=0, description="weight of the auxiliary CTC loss (needs model.ctc_head)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the attention decoder's CE (aed only)")
 
 
 class QuantizerConfig(Strict):
@@ -90,17 +102,46 @@ class KDConfig(Strict):
     """Which KD method a student trains with and its settings.
 
     ``method``: ``none`` (baseline), ``mvq`` (predict the teacher's codebook indexes, Guo et al. 2023),
-    ``l1`` / ``l2`` (regress the stored float embeddings: the paper's comparison).
+    ``l1`` / ``l2`` (regress the stored float embeddings: the paper's comparison), ``seq`` (sequence-level
+    KD: train on the teacher's N-best from ``speechkd pseudo-label``, Mun'im et al. 2019), ``word``
+    (references plus token-level KL to the teacher's attention-decoder distributions, Kim & Rush 2016).
+
+    Frame-level methods (mvq, l1, l2):
     ``student_layer``: 1-based Conformer block whose output feeds the KD head (-1 = last).
-    ``scale``: weight of the KD loss added to the RNN-T loss.
+    ``scale``: weight of the KD loss added to the student's own loss.
     ``frame_ratio_mode``: when the teacher has 2x the student's frame rate: ``concat`` successive frames'
     labels or ``truncate`` (keep every other).
+
+    Sequence-level KD (seq; ``kl_scale`` also for word):
+    ``nbest``: teacher hypotheses used per utterance (the first ``nbest`` of the stored list).
+    ``nbest_weights``: ``uniform`` (1/nbest each) or ``posterior`` (the teacher's sequence log-probs
+    renormalised over the hypotheses used, a softmax).
+    ``reference_weight``: lambda in ``lambda * L(reference) + (1 - lambda) * L(pseudo labels)``; 0 = pseudo
+    labels in place of the references.
+    ``max_wer``: drop hypotheses whose WER (percent) against the reference exceeds this, and utterances left
+    with none (distil-whisper's filter); null keeps all.
+    ``kl_scale`` / ``temperature``: token-level KL(teacher/T || student/T) on the reference prefixes, scaled
+    by ``kl_scale * T^2`` (Hinton et al. 2015); attention-decoder teacher and student only.
+    ``init_from_teacher``: initialise the student from maximally spaced teacher blocks (widths must match).
     """
 
-    method: Literal["none", "mvq", "l1", "l2"] = "none"
+    method: Literal["none", "mvq", "l1", "l2", "seq", "word"] = "none"
     student_layer: int = -1
     scale: float = Field(1.0, ge=0)
     frame_ratio_mode: Literal["concat", "truncate"] = "concat"
+    nbest: int = Field(1, ge=1)
+    nbest_weights: Literal["uniform", "posterior"] = "uniform"
+    reference_weight: float = Field(0.0, ge=0, le=1)
+    max_wer: Optional[float] = Field(None, ge=0)
+    kl_scale: float = Field(0.0, ge=0)
+    temperature: float = Field(1.0, gt=0)
+    init_from_teacher: bool = False
+
+    @model_validator(mode="after")
+    def _check_method(self):
+        if self.method == "word" and self.kl_scale <= 0:
+            raise ValueError("method 'word' needs kl_scale > 0")
+        return self
 
 
 class StudentRun(Strict):
@@ -109,6 +150,7 @@ class StudentRun(Strict):
     name: str
     kd: KDConfig = KDConfig()
     seeds: list[int] = [0]
+    model: Optional[ModelConfig] = Field(None, description="this run's student model (default: the recipe's student_model)")
 
     @model_validator(mode="after")
     def _check_name(self):
@@ -124,6 +166,25 @@ class TeacherConfig(Strict):
     train: TrainConfig = TrainConfig()
     seed: int = 0
     layer: int = Field(-1, description="1-based Conformer block whose output is distilled (-1 = last)")
+
+
+class PseudoLabelConfig(Strict):
+    """``speechkd pseudo-label``: the teacher's beam search writes an N-best list per training utterance.
+
+    ``beam``: beam width; ``nbest``: hypotheses stored per utterance (<= beam); ``max_duration``: seconds
+    of audio per decoding batch; ``chunk_cuts``: utterances per part file (the unit of resuming).
+    """
+
+    beam: int = Field(8, ge=1)
+    nbest: int = Field(8, ge=1)
+    max_duration: float = Field(200.0, gt=0)
+    chunk_cuts: int = Field(500, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.nbest > self.beam:
+            raise ValueError(f"pseudo_label.nbest={self.nbest} exceeds beam={self.beam}")
+        return self
 
 
 class EvalConfig(Strict):
@@ -149,6 +210,7 @@ class Recipe(Strict):
     student_train: TrainConfig = TrainConfig()
     quantizer: QuantizerConfig = QuantizerConfig()
     students: list[StudentRun] = [StudentRun(name="baseline")]
+    pseudo_label: PseudoLabelConfig = PseudoLabelConfig()
     eval: EvalConfig = EvalConfig()
     parallel_runs: int = Field(1, ge=1, description="student runs trained at once (one thread each) by `distill`")
 
@@ -157,7 +219,17 @@ class Recipe(Strict):
         names = [s.name for s in self.students]
         if len(set(names)) != len(names):
             raise ValueError(f"student names must be unique, got {names}")
+        for run in self.students:
+            if run.kd.method == "seq" and run.kd.nbest > self.pseudo_label.nbest:
+                raise ValueError(f"student '{run.name}' uses nbest={run.kd.nbest} but pseudo_label.nbest="
+                                 f"{self.pseudo_label.nbest} hypotheses are stored")
+            if run.kd.kl_scale > 0 and (self.teacher.model.arch != "aed" or self.student_model_of(run).arch != "aed"):
+                raise ValueError(f"student '{run.name}': token-level KL (kl_scale > 0) needs an aed teacher and student")
         return self
+
+    def student_model_of(self, run: "StudentRun") -> ModelConfig:
+        """The model config of a student run (its own ``model``, else the recipe's ``student_model``)."""
+        return run.model if run.model is not None else self.student_model
 
 
 class RecipeError(ValueError):

@@ -4,6 +4,7 @@
     teacher   -> teacher/model.safetensors (+ metrics.csv, ckpt/ for resuming)
     extract   -> labels/cuts_train_emb.jsonl.gz + labels/teacher_embeddings.h5 (float32 teacher layer)
     quantize  -> labels/quantizer.safetensors, labels/cuts_train_ci.jsonl.gz + labels/codebook_indexes.h5
+    pseudo-label -> labels/nbest/part-*.jsonl.gz, then labels/cuts_train_nbest.jsonl.gz (teacher N-best)
     distill   -> students/<name>-seed<k>/model.safetensors for every student run of the recipe
     evaluate  -> eval/<model>.json (+ eval/<model>-<split>-errs.txt)
     report    -> report.md, plots/*.png
@@ -72,6 +73,14 @@ class Experiment:
     def quantizer_path(self) -> Path:
         return self.dir / "labels" / "quantizer.safetensors"
 
+    @property
+    def nbest_dir(self) -> Path:
+        return self.dir / "labels" / "nbest"
+
+    @property
+    def nbest_cuts_path(self) -> Path:
+        return self.dir / "labels" / "cuts_train_nbest.jsonl.gz"
+
     def student_dir(self, name: str, seed: int) -> Path:
         return self.dir / "students" / f"{name}-seed{seed}"
 
@@ -92,10 +101,15 @@ class Experiment:
         """Write the resolved recipe to ``config.yaml`` (every default spelled out)."""
         write_text_atomic(self.dir / "config.yaml", dump_recipe(self.recipe))
 
-    @property
-    def teacher_frame_ratio(self) -> int:
-        """Teacher frames per student frame (student subsampling / teacher subsampling)."""
-        t, s = self.recipe.teacher.model.subsampling, self.recipe.student_model.subsampling
+    def teacher_frame_ratio(self, run=None) -> int:
+        """Teacher frames per student frame (student subsampling / teacher subsampling) for a student run
+        (default: the recipe's student_model).
+
+        Raises:
+          ValueError: the student's subsampling is not a multiple of the teacher's.
+        """
+        student = self.recipe.student_model_of(run) if run is not None else self.recipe.student_model
+        t, s = self.recipe.teacher.model.subsampling, student.subsampling
         if s % t != 0:
             raise ValueError(f"student subsampling {s} must be a multiple of the teacher's {t}")
         return s // t
@@ -136,13 +150,13 @@ def prepare(exp: Experiment) -> None:
 # ---------------------------------------------------------------- teacher
 def train_teacher(exp: Experiment) -> None:
     """Train the teacher transducer on the training cuts (resumable)."""
-    from speechkd.training import fit_transducer
+    from speechkd.training import fit_model
 
     if (exp.teacher_dir / "model.safetensors").is_file():
         log(f"teacher: {exp.teacher_dir}/model.safetensors exists, skipped")
         return
     t = exp.recipe.teacher
-    fit_transducer(exp.teacher_dir, t.model, t.train, exp.tokenizer, exp.cuts("train"), exp.cuts("dev"), seed=t.seed,
+    fit_model(exp.teacher_dir, t.model, t.train, exp.tokenizer, exp.cuts("train"), exp.cuts("dev"), seed=t.seed,
                    extra_meta={"role": "teacher", "method": "none"}, progress=exp.progress)
     log(f"teacher: trained -> {exp.teacher_dir}")
 
@@ -232,46 +246,133 @@ def quantize(exp: Experiment) -> None:
     log(f"quantize: codebook indexes for {len(labelled)} cuts -> {exp.ci_cuts_path}")
 
 
+# ---------------------------------------------------------------- pseudo-label
+def _pseudo_label_meta(exp: Experiment) -> dict:
+    from speechkd.data.pseudo_labels import model_id
+
+    p = exp.recipe.pseudo_label
+    return {"teacher_id": model_id(exp.teacher_dir), "beam": p.beam, "nbest": p.nbest}
+
+
+def pseudo_label(exp: Experiment, shard: Optional[str] = None) -> None:
+    """The teacher's beam search writes an N-best list for every training cut (sequence-level KD labels).
+
+    With ``shard="i/n"`` only cuts i, i+n, ... are decoded (run the n shards in parallel, on any machines
+    sharing the directory); the labels are merged onto the cuts once every cut has its list.
+    """
+    from speechkd.data.datamodule import save_cuts
+    from speechkd.data.pseudo_labels import merge_pseudo_labels, parse_shard, write_pseudo_labels
+    from speechkd.models.build import load_model
+
+    if exp.nbest_cuts_path.is_file():
+        log(f"pseudo-label: {exp.nbest_cuts_path} exists, skipped")
+        return
+    p = exp.recipe.pseudo_label
+    i, n = parse_shard(shard)
+    cuts = exp.cuts("train")
+    meta = _pseudo_label_meta(exp)
+    model, _ = load_model(exp.teacher_dir)
+    t0 = time.time()
+    done = write_pseudo_labels(model, cuts, exp.tokenizer, exp.nbest_dir, meta, beam=p.beam, nbest=p.nbest, shard=(i, n),
+                               chunk_cuts=p.chunk_cuts, max_duration=p.max_duration, progress=exp.progress)
+    log(f"pseudo-label: shard {i}/{n}: {done} cuts decoded (beam {p.beam}, {p.nbest}-best) in {time.time() - t0:.0f} s")
+    labelled, missing = merge_pseudo_labels(cuts, exp.nbest_dir, meta)
+    if missing:
+        log(f"pseudo-label: {len(missing)} of {len(cuts)} cuts still need labels (run the other shards); not merged")
+        return
+    save_cuts(labelled, exp.nbest_cuts_path)
+    log(f"pseudo-label: N-best lists for {len(labelled)} cuts -> {exp.nbest_cuts_path}")
+
+
 # ---------------------------------------------------------------- distill
-def make_kd(exp: Experiment, kd_cfg):
-    """The KD method object of a student run, and the training cuts carrying its labels."""
+def make_kd(exp: Experiment, run):
+    """The KD method of a student run, the training cuts carrying its labels, and an optional model init.
+
+    Returns:
+      ``(kd method or None, CutSet, init_fn or None)``; ``init_fn(student)`` copies teacher blocks.
+
+    Raises:
+      ValueError / FileNotFoundError: labels missing or written by another quantizer or teacher.
+    """
     from speechkd.data.datamodule import load_cuts
     from speechkd.methods.mvq_kd import CI_KEY, MvqKD, RegressionKD
     from speechkd.mvq.quantizer import Quantizer
     from speechkd.mvq.store import check_label_meta
 
-    s = exp.recipe.student_model
-    ratio = exp.teacher_frame_ratio
+    kd_cfg = run.kd
+    s = exp.recipe.student_model_of(run)
+    from speechkd.models.build import load_model
+
+    def init_from_teacher_fn(student):
+        from speechkd.methods.seq_kd import init_from_teacher
+
+        mapping = init_from_teacher(student, load_model(exp.teacher_dir)[0])
+        log(f"distill: {run.name}: {len(mapping)} tensors initialised from the teacher")
+
+    init_fn = init_from_teacher_fn if kd_cfg.init_from_teacher else None
+
     if kd_cfg.method == "none":
-        return None, exp.cuts("train")
+        return None, exp.cuts("train"), init_fn
+    if kd_cfg.method in ("seq", "word"):
+        from speechkd.methods.seq_kd import SequenceKD, filter_nbest
+
+        teacher = load_model(exp.teacher_dir)[0] if kd_cfg.kl_scale > 0 else None
+        if kd_cfg.method == "word":
+            return SequenceKD(use_nbest=False, teacher=teacher, kl_scale=kd_cfg.kl_scale,
+                              temperature=kd_cfg.temperature), exp.cuts("train"), init_fn
+        cuts = load_cuts(exp.nbest_cuts_path)
+        check_label_meta_nbest(exp)
+        cuts, stats = filter_nbest(cuts, kd_cfg.max_wer)
+        if kd_cfg.max_wer is not None:
+            log(f"distill: {run.name}: WER filter {kd_cfg.max_wer}% kept {stats['cuts_out']}/{stats['cuts_in']} cuts, "
+                f"{stats['hyps_out']}/{stats['hyps_in']} hypotheses")
+        kd = SequenceKD(use_nbest=True, nbest=kd_cfg.nbest, weighting=kd_cfg.nbest_weights,
+                        reference_weight=kd_cfg.reference_weight, teacher=teacher, kl_scale=kd_cfg.kl_scale,
+                        temperature=kd_cfg.temperature)
+        return kd, cuts, init_fn
+    ratio = exp.teacher_frame_ratio(run)
     if kd_cfg.method == "mvq":
         quantizer = Quantizer.load(exp.quantizer_path)
         cuts = load_cuts(exp.ci_cuts_path)
         check_label_meta(cuts, CI_KEY, {"quantizer_id": quantizer.id})
         kd = MvqKD(s.dim, quantizer.num_codebooks, layer=kd_cfg.student_layer, frame_ratio=ratio,
                    mode=kd_cfg.frame_ratio_mode, scale=kd_cfg.scale)
-        return kd, cuts
+        return kd, cuts, init_fn
     cuts = load_cuts(exp.emb_cuts_path)
     teacher_dim = exp.recipe.teacher.model.dim
     kd = RegressionKD(s.dim, teacher_dim, kind=kd_cfg.method, layer=kd_cfg.student_layer, frame_ratio=ratio,
                       mode=kd_cfg.frame_ratio_mode, scale=kd_cfg.scale)
-    return kd, cuts
+    return kd, cuts, init_fn
+
+
+def check_label_meta_nbest(exp: Experiment) -> None:
+    """Refuse N-best labels written by another teacher or with other settings than the recipe's.
+
+    Raises:
+      ValueError: naming the label directory.
+    """
+    meta_path = exp.nbest_dir / "meta.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} not found: run `speechkd pseudo-label` first")
+    if json.loads(meta_path.read_text()) != _pseudo_label_meta(exp):
+        raise ValueError(f"{exp.nbest_dir}: pseudo labels were written by another teacher or with other settings "
+                         "than this recipe's: delete labels/nbest and labels/cuts_train_nbest.jsonl.gz and re-run")
 
 
 def _train_student(exp: Experiment, name: str, seed: int, num_threads: Optional[int] = None) -> None:
     """Train one student run (one seed) into ``students/<name>-seed<seed>``."""
-    from speechkd.training import fit_transducer
+    from speechkd.training import fit_model
 
     run = next(r for r in exp.recipe.students if r.name == name)
     out = exp.student_dir(name, seed)
     train_cfg = exp.recipe.student_train
     if num_threads is not None:
         train_cfg = train_cfg.model_copy(update={"num_threads": num_threads})
-    kd, cuts = make_kd(exp, run.kd)
+    kd, cuts, init_fn = make_kd(exp, run)
     t0 = time.time()
-    fit_transducer(out, exp.recipe.student_model, train_cfg, exp.tokenizer, cuts, exp.cuts("dev"), seed=seed, kd=kd,
-                   extra_meta={"role": "baseline" if run.kd.method == "none" else "distilled",
-                               "method": run.kd.method, "group": name}, progress=exp.progress)
+    fit_model(out, exp.recipe.student_model_of(run), train_cfg, exp.tokenizer, cuts, exp.cuts("dev"), seed=seed, kd=kd,
+              extra_meta={"role": "baseline" if run.kd.method == "none" else "distilled",
+                          "method": run.kd.method, "group": name}, progress=exp.progress, init_fn=init_fn)
     log(f"distill: {name} seed {seed} trained in {time.time() - t0:.0f} s -> {out}")
 
 
@@ -335,7 +436,7 @@ def decode_cuts(model, cuts, tokenizer, decoding: str = "greedy", beam: int = 4,
     from tqdm import tqdm
 
     from speechkd.data.datamodule import AsrDataset, make_loader
-    from speechkd.decoding.transducer import beam_search, greedy_search
+    from speechkd.decoding import greedy_search, nbest_search
 
     ids, refs, hyps = [], [], []
     dl = make_loader(cuts, AsrDataset(None), max_duration, shuffle=False)
@@ -345,7 +446,7 @@ def decode_cuts(model, cuts, tokenizer, decoding: str = "greedy", beam: int = 4,
             if decoding == "greedy":
                 toks = greedy_search(model, enc, lens)
             else:
-                toks = [nb[0][0] for nb in beam_search(model, enc, lens, beam=beam)]
+                toks = [nb[0][0] for nb in nbest_search(model, enc, lens, beam=beam)]
             ids += batch["cut_ids"]
             refs += batch["texts"]
             hyps += tokenizer.decode(toks)
@@ -371,6 +472,10 @@ def evaluate(exp: Experiment) -> None:
     if exp.emb_cuts_path.is_file():
         emb = ("float32", label_storage_bytes(load_cuts(exp.emb_cuts_path), EMB_KEY))
         label_bytes["l1"] = label_bytes["l2"] = emb
+    if exp.nbest_cuts_path.is_file():
+        from speechkd.data.pseudo_labels import label_bytes as nbest_bytes
+
+        label_bytes["seq"] = ("nbest", nbest_bytes(exp.nbest_dir))
     splits = {s: exp.cuts(s) for s in ("dev", "test")}
     rtf_cuts = splits["test"].subset(first=min(e.rtf_utts, len(splits["test"])))
     for name, group, mdir, method, seed in _models(exp):
@@ -394,7 +499,7 @@ def evaluate(exp: Experiment) -> None:
         batches = [AsrDataset(None)[CutSet.from_cuts([c])] for c in rtf_cuts]  # one utterance at a time
 
         def run_one(batch):
-            from speechkd.decoding.transducer import greedy_search
+            from speechkd.decoding import greedy_search
 
             enc, lens, _ = model.encode(batch["features"], batch["feature_lens"])
             return greedy_search(model, enc, lens)
@@ -430,6 +535,7 @@ STAGES: dict[str, Callable] = {
     "teacher": train_teacher,
     "extract": extract,
     "quantize": quantize,
+    "pseudo-label": pseudo_label,
     "distill": distill,
     "evaluate": evaluate,
     "report": report,
@@ -437,13 +543,16 @@ STAGES: dict[str, Callable] = {
 
 
 def needed_stages(recipe: Recipe) -> list[str]:
-    """The stages a recipe needs: extract only with a KD student, quantize only with an MVQ student."""
+    """The stages a recipe needs: extract only with a frame-level KD student (mvq, l1, l2), quantize only with
+    an MVQ student, pseudo-label only with a sequence-level KD student."""
     methods = {r.kd.method for r in recipe.students}
     stages = ["prepare", "teacher"]
-    if methods - {"none"}:
+    if methods & {"mvq", "l1", "l2"}:
         stages.append("extract")
     if "mvq" in methods:
         stages.append("quantize")
+    if "seq" in methods:
+        stages.append("pseudo-label")
     return stages + ["distill", "evaluate", "report"]
 
 

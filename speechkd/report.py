@@ -163,7 +163,11 @@ def aggregate(results: Iterable[dict]) -> list[dict]:
     * ``label_bytes``: mean over the seeds that report it, as int, else None
     * ``rel_dev_wer_reduction``, ``rel_test_wer_reduction``: ``(base - x) / base * 100`` with
       the baseline group's and this group's mean WERs, in percent (positive = better than the
-      baseline; 0 for the baseline itself; None without a baseline or when base == 0)
+      baseline; 0 for the baseline itself; None without a baseline or when base == 0). With
+      several baseline groups (students of several sizes), a row's baseline is the one with the
+      same number of parameters (``baseline`` names it; None when no size matches).
+    * ``param_reduction`` = teacher params / params; ``rel_test_wer_increase`` =
+      ``(x - teacher) / teacher * 100`` (None without a teacher or when its WER is 0)
     * ``storage_ratio``: for ``label_kind == "ci"`` rows, float32 label bytes / this row's
       label bytes (the smallest float32 group's bytes when several); else None
 
@@ -175,7 +179,7 @@ def aggregate(results: Iterable[dict]) -> list[dict]:
 
     Raises:
         ValueError: no results; inside one group, differing role/method/label_kind/params or
-            a repeated seed; more than one teacher group or more than one baseline group.
+            a repeated seed; more than one teacher group, or two baseline groups of one size.
     """
     groups: dict[str, list[dict]] = {}
     for r in results:
@@ -222,24 +226,49 @@ def aggregate(results: Iterable[dict]) -> list[dict]:
                 "rel_test_wer_reduction": None,
                 "storage_ratio": None,
                 "float32_label_bytes": int(f32bytes[0]) if f32bytes else None,
+                "baseline": None,
+                "param_reduction": None,
+                "rel_test_wer_increase": None,
             }
         )
     rows.sort(key=lambda r: _ROLE_RANK[r["role"]])  # stable: keeps first-appearance order
 
     teacher = _single_role(rows, "teacher")
-    base = _single_role(rows, "baseline")
     f32 = [r["label_bytes"] for r in rows if r["label_kind"] == "float32" and r["label_bytes"]]
     # a CI row may carry the bytes the same frames take as float32 (written beside the CI by `extract`)
     f32 += [r["float32_label_bytes"] for r in rows if r.get("float32_label_bytes")]
     for r in rows:
         if teacher is not None and teacher["params"] > 0:
             r["params_ratio"] = r["params"] / teacher["params"]
+            r["param_reduction"] = teacher["params"] / r["params"] if r["params"] else None
+            if teacher["test_wer_mean"] > 0:
+                r["rel_test_wer_increase"] = (r["test_wer_mean"] - teacher["test_wer_mean"]) / teacher["test_wer_mean"] * 100
+        base = _baseline_for(r, rows)
         if base is not None:
+            r["baseline"] = base["group"]
             r["rel_dev_wer_reduction"] = _rel_reduction(base["dev_wer_mean"], r["dev_wer_mean"])
             r["rel_test_wer_reduction"] = _rel_reduction(base["test_wer_mean"], r["test_wer_mean"])
         if r["label_kind"] == "ci" and r["label_bytes"] and f32:
             r["storage_ratio"] = min(f32) / r["label_bytes"]
     return rows
+
+
+def _baseline_for(row: dict, rows: list[dict]) -> Optional[dict]:
+    """The baseline group a row is compared with: the only one, or the one with the row's params.
+
+    Raises:
+      ValueError: two baseline groups with the same number of parameters (ambiguous).
+    """
+    bases = [r for r in rows if r["role"] == "baseline"]
+    if row["role"] == "teacher" or not bases:
+        return None
+    same = [b for b in bases if b["params"] == row["params"]]
+    if len(same) > 1:
+        raise ValueError(f"expected at most one baseline group per size, got {[b['group'] for b in same]} "
+                         f"with {row['params']} parameters")
+    if same:
+        return same[0]
+    return bases[0] if len(bases) == 1 else None
 
 
 def _single_role(rows: list[dict], role: str) -> Optional[dict]:
@@ -470,6 +499,30 @@ def _plot_wer_vs_label_bytes(path: Path, rows: list[dict]) -> None:
     _save_fig(fig, path)
 
 
+def _plot_wer_vs_params(path: Path, rows: list[dict]) -> None:
+    """Relative test WER increase over the teacher against parameter reduction, baselines vs KD students."""
+    colors = _group_colors(rows)
+    fig = _figure(7.5, 4.8)
+    ax = fig.subplots()
+    for role, marker in (("baseline", "s"), ("distilled", "o")):
+        pts = sorted((r for r in rows if r["role"] == role and r["param_reduction"] and r["rel_test_wer_increase"] is not None),
+                     key=lambda r: r["param_reduction"])
+        for r in pts:
+            ax.plot(r["param_reduction"], r["rel_test_wer_increase"], marker, ms=7, color=colors[r["group"]],
+                    label=f"{r['group']} ({role}, n={r['n']})")
+            ax.annotate(r["group"], (r["param_reduction"], r["rel_test_wer_increase"]), xytext=(5, 5),
+                        textcoords="offset points", fontsize=8)
+    ax.axhline(0.0, ls=":", lw=1.2, color="k", label="teacher")
+    ax.set_xscale("log")
+    ax.set(title="Relative test WER increase over the teacher vs parameter reduction",
+           xlabel="parameter reduction (teacher params / student params, log scale)",
+           ylabel="relative test WER increase (%)")
+    ax.grid(alpha=0.3, which="both")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="best")
+    _save_fig(fig, path)
+
+
 # --------------------------------------------------------------------------- report
 def _when(ts: float) -> str:
     return datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
@@ -506,7 +559,11 @@ def write_report(exp_dir: PathLike, title: Optional[str] = None) -> Path:
     mtimes = [f.stat().st_mtime for f in (exp / "eval").glob("*.json")]
     total_train = sum(r["train_seconds"] or 0.0 for r in results)
     teacher = _single_role(rows, "teacher")
-    base = _single_role(rows, "baseline")
+    bases = [r for r in rows if r["role"] == "baseline"]
+    sizes = sorted({r["params"] for r in rows if r["role"] != "teacher"})
+    size_png = plots / "wer_vs_params.png"
+    if teacher is not None and len(sizes) > 1:
+        _plot_wer_vs_params(size_png, rows)
 
     out = [f"# {title or f'Experiment report: {exp.resolve().name}'}", ""]
     out.append(f"- Experiment directory: `{exp.resolve()}`")
@@ -540,23 +597,25 @@ def write_report(exp_dir: PathLike, title: Optional[str] = None) -> Path:
                "the baseline student. RTF < 1 is faster than real time.")
     out += ["", "## Findings", ""]
 
-    if teacher is None or base is None:
-        absent = [x for x, r in (("teacher", teacher), ("baseline", base)) if r is None]
+    if teacher is None or not bases:
+        absent = [x for x, r in (("teacher", teacher), ("baseline", bases or None)) if r is None]
         out.append(f"- Teacher vs baseline: cannot compare, no {' and '.join(absent)} results.")
     else:
-        t_wer, b_wer = teacher["test_wer_mean"], base["test_wer_mean"]
-        if t_wer < b_wer:
-            out.append(
-                f"- Teacher test WER {t_wer:.2f}% is below the baseline student's {b_wer:.2f}% "
-                f"(gap {b_wer - t_wer:.2f} points): the teacher has something to pass on."
-            )
-        else:
-            out.append(
-                f"- **WARNING: the teacher's test WER ({t_wer:.2f}%) is not below the baseline "
-                f"student's ({b_wer:.2f}%): distillation has nothing to pass on.** Either the "
-                "teacher needs more training or the baseline is mis-configured; the distilled "
-                "rows above do not test distillation."
-            )
+        for base in bases:
+            t_wer, b_wer = teacher["test_wer_mean"], base["test_wer_mean"]
+            who = "the baseline student's" if len(bases) == 1 else f"baseline {base['group']}'s"
+            if t_wer < b_wer:
+                out.append(
+                    f"- Teacher test WER {t_wer:.2f}% is below {who} {b_wer:.2f}% "
+                    f"(gap {b_wer - t_wer:.2f} points): the teacher has something to pass on."
+                )
+            else:
+                out.append(
+                    f"- **WARNING: the teacher's test WER ({t_wer:.2f}%) is not below {who} "
+                    f"({b_wer:.2f}%): distillation has nothing to pass on.** Either the "
+                    "teacher needs more training or the baseline is mis-configured; the distilled "
+                    "rows compared with it do not test distillation."
+                )
     f32 = [r for r in rows if r["label_kind"] == "float32" and r["label_bytes"]]
     ci = [r for r in rows if r["storage_ratio"] is not None]
     if ci:
@@ -575,9 +634,22 @@ def write_report(exp_dir: PathLike, title: Optional[str] = None) -> Path:
         out.append("- Label storage ratio: n/a (needs results for both float32 and CI labels "
                    "with label_bytes).")
 
+    if teacher is not None and len(sizes) > 1:
+        out += ["", "## Size against accuracy", ""]
+        out.append(_table(
+            ["Model", "Role", "Params (M)", "Param reduction ×", "test WER %", "Rel. test WER increase vs teacher %",
+             "Compared with"],
+            [[r["group"], r["role"], f"{r['params'] / 1e6:.3f}", _fmt(r["param_reduction"], ".1f"),
+              _fmt_wer(r["test_wer_mean"], r["test_wer_std"], r["n"]), _fmt(r["rel_test_wer_increase"], "+.1f"),
+              r["baseline"] or ""] for r in sorted(rows, key=lambda x: -x["params"])],
+        ))
+        out.append("")
+        out.append("Relative WER increase: (model − teacher) / teacher × 100 on test WER means (lower is better).")
     out += ["", "## Plots", "",
             f"![Training curves](plots/{curve_png.name})", "",
             f"![Test WER vs label bytes](plots/{wer_png.name})", ""]
+    if teacher is not None and len(sizes) > 1:
+        out += [f"![Relative WER increase vs parameter reduction](plots/{size_png.name})", ""]
     out += ["## Individual runs", ""]
     order = {r["group"]: i for i, r in enumerate(rows)}
     runs = sorted(results, key=lambda r: (order[r["group"]], r["seed"]))

@@ -1,8 +1,9 @@
-"""Training a transducer (teacher, baseline student or distilled student) with Lightning.
+"""Training an ASR model (teacher, baseline student or distilled student) with Lightning.
 
-One LightningModule serves every model: it computes the RNN-T loss, adds the loss term of an optional KD
+One LightningModule serves every model: it computes the model's own loss (RNN-T or attention CE, plus CTC),
+adds the loss term of an optional KD
 method (:mod:`speechkd.methods`), validates by greedy decoding (WER on dev), and logs to CSV and
-TensorBoard. :func:`fit_transducer` runs a resumable fit in a run directory and exports the model as
+TensorBoard. :func:`fit_model` runs a resumable fit in a run directory and exports the model as
 safetensors.
 """
 
@@ -12,7 +13,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -26,15 +27,36 @@ def _lightning():
     return L
 
 
-class TransducerTask(_lightning().LightningModule):
-    """Lightning wrapper: RNN-T loss (+ auxiliary CTC, + KD term), AdamW with warm-up and cosine decay, dev WER.
+class KDContext:
+    """What a KD method may use besides the encoder outputs: the student model and its per-utterance loss.
+
+    Attributes:
+      model: the student (transducer or attention encoder-decoder).
+      utterance_loss: ``(encoder_out (M, T, C), encoder_out_lens (M,), y (M, U), y_lens (M,)) -> (M,)`` the
+        student's own training loss per utterance (RNN-T or label-smoothed CE, plus the weighted CTC term)
+        for any label sequences, e.g. the teacher's N-best.
+    """
+
+    def __init__(self, model, utterance_loss):
+        self.model = model
+        self.utterance_loss = utterance_loss
+
+
+class AsrTask(_lightning().LightningModule):
+    """Lightning wrapper for any of our ASR models, teacher or student.
+
+    Loss = ``reference_weight * L(references) + KD term``, where L is the model's own per-utterance loss
+    (RNN-T for a transducer, label-smoothed CE for an attention encoder-decoder) plus ``ctc_weight`` times the
+    CTC loss of the optional CTC head, and ``reference_weight`` is 1 unless the KD method says otherwise
+    (sequence-level KD trains on pseudo labels). AdamW with linear warm-up and cosine decay; dev WER by
+    greedy decoding each validation epoch.
 
     Args:
-      model: a :class:`speechkd.models.transducer.Transducer`.
+      model: a :class:`speechkd.models.transducer.Transducer` or :class:`speechkd.models.aed.AttentionEncoderDecoder`.
       tokenizer: :class:`speechkd.data.tokenizer.Tokenizer` (decodes hypotheses for the dev WER).
       train_cfg: optimisation settings.
       steps_per_epoch: for the learning-rate schedule.
-      kd: an optional :class:`speechkd.methods.base.KDMethod` whose head trains with the model.
+      kd: an optional :class:`speechkd.methods.base.KDMethod` whose head (if any) trains with the model.
     """
 
     def __init__(self, model, tokenizer, train_cfg: TrainConfig, steps_per_epoch: int, kd=None):
@@ -45,6 +67,7 @@ class TransducerTask(_lightning().LightningModule):
         self.cfg = train_cfg
         self.total_steps = max(1, steps_per_epoch * train_cfg.epochs)
         self._val = []
+        self._main_name = "train_rnnt" if hasattr(model, "joiner") else "train_att"
 
     def _targets(self, tokens: list[list[int]]):
         y_lens = torch.tensor([len(t) for t in tokens], dtype=torch.long)
@@ -53,18 +76,36 @@ class TransducerTask(_lightning().LightningModule):
             y[i, : len(t)] = torch.tensor(t, dtype=torch.long)
         return y.to(self.device), y_lens.to(self.device)
 
-    def training_step(self, batch, batch_idx):
-        y, y_lens = self._targets(batch["tokens"])
-        loss, enc, enc_lens, layers = self.model(batch["features"], batch["feature_lens"], y, y_lens)
-        n = len(batch["tokens"])
-        self.log("train_rnnt", loss.detach(), prog_bar=True, batch_size=n)
-        total = loss
+    def _losses(self, enc, enc_lens, y, y_lens):
+        """Per-utterance ``(main loss (M,), ctc loss (M,) or None)`` of label sequences y: (M, U), y_lens: (M,)."""
+        smoothing = 0.0 if self._main_name == "train_rnnt" else self.cfg.label_smoothing  # aed only
+        main = self.model.sequence_loss(enc, enc_lens, y, y_lens, label_smoothing=smoothing, reduction="none")
+        ctc = None
         if self.cfg.ctc_weight > 0 and self.model.ctc_output is not None:
-            ctc = self.model.ctc_loss(enc, enc_lens, y, y_lens)
-            self.log("train_ctc", ctc.detach(), prog_bar=True, batch_size=n)
-            total = total + self.cfg.ctc_weight * ctc
+            ctc = self.model.ctc_loss(enc, enc_lens, y, y_lens, reduction="none")
+        return main, ctc
+
+    def utterance_loss(self, enc, enc_lens, y, y_lens):
+        """The model's whole training loss per utterance, (M,) nats: main loss + ctc_weight * CTC."""
+        main, ctc = self._losses(enc, enc_lens, y, y_lens)
+        return main if ctc is None else main + self.cfg.ctc_weight * ctc
+
+    def training_step(self, batch, batch_idx):
+        enc, enc_lens, layers = self.model.encode(batch["features"], batch["feature_lens"])
+        n = enc.shape[0]
+        ref_weight = getattr(self.kd, "reference_weight", 1.0) if self.kd is not None else 1.0
+        total = enc.new_zeros(())
+        if ref_weight > 0:
+            y, y_lens = self._targets(batch["tokens"])
+            main, ctc = self._losses(enc, enc_lens, y, y_lens)
+            self.log(self._main_name, main.mean().detach(), prog_bar=True, batch_size=n)
+            ref = main.mean()
+            if ctc is not None:
+                self.log("train_ctc", ctc.mean().detach(), prog_bar=True, batch_size=n)
+                ref = ref + self.cfg.ctc_weight * ctc.mean()
+            total = total + ref_weight * ref
         if self.kd is not None:
-            kd_loss, logs = self.kd(batch, enc, enc_lens, layers)
+            kd_loss, logs = self.kd(batch, enc, enc_lens, layers, KDContext(self.model, self.utterance_loss))
             total = total + kd_loss
             for k, v in logs.items():
                 self.log(f"train_{k}", v, prog_bar=True, batch_size=n)
@@ -72,7 +113,7 @@ class TransducerTask(_lightning().LightningModule):
         return total
 
     def validation_step(self, batch, batch_idx):
-        from speechkd.decoding.transducer import greedy_search
+        from speechkd.decoding import greedy_search
 
         enc, enc_lens, _ = self.model.encode(batch["features"], batch["feature_lens"])
         hyps = self.tokenizer.decode(greedy_search(self.model, enc, enc_lens))
@@ -90,6 +131,7 @@ class TransducerTask(_lightning().LightningModule):
 
     def configure_optimizers(self):
         params = list(self.model.parameters()) + (list(self.kd.parameters()) if self.kd is not None else [])
+        params = [p for p in params if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         warm, total, floor = self.cfg.warmup_steps, self.total_steps, self.cfg.final_lr_ratio
 
@@ -103,7 +145,7 @@ class TransducerTask(_lightning().LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def fit_transducer(
+def fit_model(
     run_dir: Pathlike,
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
@@ -114,8 +156,9 @@ def fit_transducer(
     kd=None,
     extra_meta: Optional[dict] = None,
     progress: bool = True,
+    init_fn: Optional[Callable] = None,
 ) -> Path:
-    """Train a transducer in ``run_dir`` (resuming from ``run_dir/ckpt/last.ckpt`` when present) and export it.
+    """Train a transducer or attention encoder-decoder in ``run_dir`` (resuming from ``run_dir/ckpt/last.ckpt`` when present) and export it.
 
     Outputs in ``run_dir``: ``model.safetensors`` + ``model.json`` (the exported model, without any KD
     head; written last, so its presence marks the stage complete), ``metrics.csv`` (train loss per logged
@@ -129,6 +172,8 @@ def fit_transducer(
       seed: seeds weights, sampler and SpecAugment.
       kd: optional KD method (its ``label_keys`` are collated from ``train_cuts``).
       extra_meta: stored in ``model.json`` (e.g. the KD method, the teacher).
+      init_fn: called with the freshly built model before training (e.g. initialisation from teacher
+        layers); a resumed fit then restores the checkpoint over it.
 
     Returns:
       the path of ``model.safetensors``.
@@ -138,14 +183,16 @@ def fit_transducer(
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     from speechkd.data.datamodule import AsrDataset, make_loader
-    from speechkd.models.build import build_transducer, save_model
+    from speechkd.models.build import build_model, save_model
     from speechkd.utils import seed_everything, set_thread_policy
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     set_thread_policy(train_cfg.num_threads)
     seed_everything(seed)
-    model = build_transducer(model_cfg, tokenizer.vocab_size)
+    model = build_model(model_cfg, tokenizer.vocab_size)
+    if init_fn is not None:
+        init_fn(model)
     label_keys = kd.label_keys if kd is not None else ()
     train_dl = make_loader(
         train_cuts, AsrDataset(tokenizer, label_keys, spec_augment=train_cfg.spec_augment), train_cfg.max_duration,
@@ -154,7 +201,7 @@ def fit_transducer(
     dev_dl = make_loader(dev_cuts, AsrDataset(tokenizer), train_cfg.max_duration, shuffle=False)
     total_dur = sum(c.duration for c in train_cuts)
     steps_per_epoch = max(1, math.ceil(total_dur / train_cfg.max_duration))
-    task = TransducerTask(model, tokenizer, train_cfg, steps_per_epoch, kd=kd)
+    task = AsrTask(model, tokenizer, train_cfg, steps_per_epoch, kd=kd)
     ckpt_dir = run_dir / "ckpt"
     last = ckpt_dir / "last.ckpt"
     n_fits = len(list(run_dir.glob("csv[0-9]*")))  # a resumed fit logs beside the earlier ones

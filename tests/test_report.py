@@ -225,3 +225,31 @@ def test_storage_ratio_from_float32_bytes_beside_ci(tmp_path):
         (tmp_path / "eval" / f"{r['name']}.json").write_text(_json.dumps(r))
     text = write_report(tmp_path).read_text()
     assert "40.0× smaller" in text
+
+
+def test_students_of_several_sizes_compare_with_their_own_baseline(tmp_path):
+    """Two sizes: each KD row is compared with the baseline of its size; the size table and plot appear."""
+    (tmp_path / "eval").mkdir()
+    rows = [
+        _result("teacher", "teacher", "teacher", "none", 0, 1000, 10.0, 10.0),
+        _result("base-big-seed0", "base-big", "baseline", "none", 0, 500, 11.0, 11.0),
+        _result("seq-big-seed0", "seq-big", "distilled", "seq", 0, 500, 10.5, 10.5, kind="nbest", lbytes=100),
+        _result("base-small-seed0", "base-small", "baseline", "none", 0, 100, 20.0, 20.0),
+        _result("seq-small-seed0", "seq-small", "distilled", "seq", 0, 100, 15.0, 15.0, kind="nbest", lbytes=100),
+    ]
+    for r in rows:
+        (tmp_path / "eval" / f"{r['name']}.json").write_text(json.dumps(r))
+    agg = {r["group"]: r for r in R.aggregate(R.load_results(tmp_path))}
+    assert agg["seq-small"]["baseline"] == "base-small" and agg["seq-big"]["baseline"] == "base-big"
+    assert agg["seq-small"]["rel_test_wer_reduction"] == pytest.approx(25.0)  # (20 - 15) / 20
+    assert agg["seq-big"]["rel_test_wer_reduction"] == pytest.approx(100 * 0.5 / 11)
+    assert agg["seq-small"]["param_reduction"] == pytest.approx(10.0)
+    assert agg["seq-small"]["rel_test_wer_increase"] == pytest.approx(50.0)  # (15 - 10) / 10
+    text = R.write_report(tmp_path).read_text()
+    assert "## Size against accuracy" in text and "+50.0" in text
+    assert (tmp_path / "plots" / "wer_vs_params.png").read_bytes()[:8] == PNG_MAGIC
+    # two baselines of one size are ambiguous
+    (tmp_path / "eval" / "x.json").write_text(json.dumps(
+        _result("x", "base-small-2", "baseline", "none", 0, 100, 20.0, 20.0)))
+    with pytest.raises(ValueError, match="per size"):
+        R.aggregate(R.load_results(tmp_path))

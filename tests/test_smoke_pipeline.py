@@ -2,7 +2,6 @@
 evaluate -> report, then a second run that must skip everything, a resumed training, and the CLI's errors."""
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -75,17 +74,17 @@ def test_second_run_skips_complete_stages(smoke_exp, capsys):
 
 
 def test_stopped_training_resumes_from_checkpoint(smoke_exp, tmp_path):
-    from speechkd.training import fit_transducer
+    from speechkd.training import fit_model
 
     r = smoke_exp.recipe
     run = tmp_path / "run"
     cfg = r.student_train.model_copy(update={"epochs": 1})
     args = (r.student_model, cfg, smoke_exp.tokenizer, smoke_exp.cuts("train"), smoke_exp.cuts("dev"))
-    fit_transducer(run, *args, seed=0, progress=False)
+    fit_model(run, *args, seed=0, progress=False)
     first = json.loads((run / "train_summary.json").read_text())
     # pretend the run was stopped after epoch 1 of 2: the weights are gone, the checkpoint is kept
     (run / "model.safetensors").unlink()
-    fit_transducer(run, r.student_model, cfg.model_copy(update={"epochs": 2}), *args[2:], seed=0, progress=False)
+    fit_model(run, r.student_model, cfg.model_copy(update={"epochs": 2}), *args[2:], seed=0, progress=False)
     second = json.loads((run / "train_summary.json").read_text())
     assert first["global_step"] > 0
     assert second["global_step"] == 2 * first["global_step"]  # one more epoch, not two
@@ -106,14 +105,14 @@ def test_cli_refuses_unknown_key(tmp_path):
 def test_resumed_run_keeps_earlier_training_log(smoke_exp, tmp_path):
     import csv
 
-    from speechkd.training import fit_transducer
+    from speechkd.training import fit_model
 
     r = smoke_exp.recipe
     run = tmp_path / "run"
     cfg = r.student_train.model_copy(update={"epochs": 1})
-    fit_transducer(run, r.student_model, cfg, smoke_exp.tokenizer, smoke_exp.cuts("train"), smoke_exp.cuts("dev"), seed=0, progress=False)
+    fit_model(run, r.student_model, cfg, smoke_exp.tokenizer, smoke_exp.cuts("train"), smoke_exp.cuts("dev"), seed=0, progress=False)
     (run / "model.safetensors").unlink()
-    fit_transducer(run, r.student_model, cfg.model_copy(update={"epochs": 2}), smoke_exp.tokenizer, smoke_exp.cuts("train"),
+    fit_model(run, r.student_model, cfg.model_copy(update={"epochs": 2}), smoke_exp.tokenizer, smoke_exp.cuts("train"),
                    smoke_exp.cuts("dev"), seed=0, progress=False)
     with open(run / "metrics.csv") as fh:
         epochs = {row["epoch"] for row in csv.DictReader(fh) if row.get("val_wer")}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
@@ -58,9 +58,10 @@ class AsrDataset(torch.utils.data.Dataset):
 
     Args:
       tokenizer: a :class:`speechkd.data.tokenizer.Tokenizer` (or None for unlabelled data).
-      label_keys: cut custom fields holding per-frame teacher labels (e.g. ``"codebook_indexes"``) to
-        collate; each becomes ``batch["labels"][key] = (values (N, T_l, C), lens (N,))``, padded with
-        ``IGNORE_INDEX`` for integer labels and 0 for float labels.
+      label_keys: cut custom fields holding teacher labels to collate. Per-frame arrays (e.g.
+        ``"codebook_indexes"``) become ``batch["labels"][key] = (values (N, T_l, C), lens (N,))``, padded
+        with ``IGNORE_INDEX`` for integer labels and 0 for float labels; plain JSON fields (e.g. the
+        ``"nbest"`` list of pseudo labels) become a list of N values in batch order.
       spec_augment: apply lhotse's SpecAugment (frequency and frame masks only: time warping is disabled so
         per-frame teacher labels stay aligned with the features).
 
@@ -106,6 +107,9 @@ class AsrDataset(torch.utils.data.Dataset):
             missing = [c.id for c in cuts if not (c.custom and key in c.custom)]
             if missing:
                 raise ValueError(f"cut '{missing[0]}' has no teacher label '{key}' (run the label stage first)")
+            if isinstance(next(iter(cuts)).custom[key], (list, dict)):  # plain JSON labels (e.g. an N-best list)
+                batch["labels"][key] = [c.custom[key] for c in cuts]
+                continue
             values, lens = collate_custom_field(cuts, key, pad_value=0)
             if not values.is_floating_point():
                 values = values.long()

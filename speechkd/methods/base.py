@@ -13,12 +13,16 @@ class KDMethod(nn.Module):
     :class:`speechkd.data.datamodule.AsrDataset`) and owns any trainable head it uses; the student model
     knows nothing of it, and the head is not part of the exported student.
 
-    Subclasses implement ``forward(batch, encoder_out, encoder_out_lens, layer_outputs) -> (loss, logs)``
-    where ``encoder_out: (N, T, C)``, ``encoder_out_lens: (N,)``, ``layer_outputs``: list of ``(N, T, C_l)``
-    and ``loss`` is a scalar (already scaled), ``logs`` a dict of floats for the training log.
+    Subclasses implement ``forward(batch, encoder_out, encoder_out_lens, layer_outputs, ctx=None) -> (loss,
+    logs)`` where ``encoder_out: (N, T, C)``, ``encoder_out_lens: (N,)``, ``layer_outputs``: list of
+    ``(N, T, C_l)``, ``ctx`` the trainer's :class:`speechkd.training.KDContext` (the student model and its
+    per-utterance loss, for methods that need them), and ``loss`` is a scalar (already scaled), ``logs`` a
+    dict of floats for the training log. ``reference_weight`` is the weight the trainer gives the loss on the
+    references (1 unless the method replaces the references, as sequence-level KD may).
     """
 
     label_keys: tuple[str, ...] = ()
+    reference_weight: float = 1.0
 
 
 def pick_layer(layer_outputs: list[torch.Tensor], layer: int) -> torch.Tensor:

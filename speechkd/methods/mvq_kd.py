@@ -44,7 +44,7 @@ class MvqKD(KDMethod):
         self.num_out = num_codebooks * (frame_ratio if mode == "concat" else 1)
         self.head = nn.Linear(in_dim, self.num_out * codebook_size)
 
-    def forward(self, batch, encoder_out, encoder_out_lens, layer_outputs):
+    def forward(self, batch, encoder_out, encoder_out_lens, layer_outputs, ctx=None):
         x = pick_layer(layer_outputs, self.layer)  # (N, T_s, C)
         indexes, lens = batch["labels"][CI_KEY]  # (N, T_t, num_codebooks)
         indexes, lens = align_teacher_frames(indexes, lens, x.shape[1], self.frame_ratio, self.mode)
@@ -78,7 +78,7 @@ class RegressionKD(KDMethod):
         out = teacher_dim * (frame_ratio if mode == "concat" else 1)
         self.head = nn.Linear(in_dim, out)
 
-    def forward(self, batch, encoder_out, encoder_out_lens, layer_outputs):
+    def forward(self, batch, encoder_out, encoder_out_lens, layer_outputs, ctx=None):
         x = pick_layer(layer_outputs, self.layer)  # (N, T_s, C)
         emb, lens = batch["labels"][EMB_KEY]  # (N, T_t, D)
         emb, lens = align_teacher_frames(emb.float(), lens, x.shape[1], self.frame_ratio, self.mode)

@@ -1,4 +1,5 @@
-"""Build a Conformer transducer from a :class:`speechkd.config.ModelConfig`, and save/load it as safetensors.
+"""Build a Conformer transducer or attention encoder-decoder from a :class:`speechkd.config.ModelConfig`,
+and save/load it as safetensors.
 
 A saved model is two files in one directory: ``model.safetensors`` (weights) and ``model.json``
 (``{"model": ModelConfig fields, "vocab_size": int, ...extra}``); loading never unpickles anything.
@@ -16,6 +17,39 @@ from speechkd.config import ModelConfig
 from speechkd.utils import Pathlike, atomic_path, write_json_atomic
 
 
+def build_model(cfg: ModelConfig, vocab_size: int, input_dim: int = 80):
+    """The model ``cfg.arch`` names: a transducer or an attention encoder-decoder, both on a Conformer encoder.
+
+    Args:
+      cfg: encoder and decoder sizes.
+      vocab_size: tokens including blank (id 0).
+      input_dim: feature dim (80 fbank bins).
+    """
+    if cfg.arch == "aed":
+        return build_aed(cfg, vocab_size, input_dim)
+    return build_transducer(cfg, vocab_size, input_dim)
+
+
+def _encoder(cfg: ModelConfig, input_dim: int):
+    from speechkd.models.conformer import ConformerEncoder
+
+    return ConformerEncoder(
+        input_dim=input_dim, dim=cfg.dim, num_layers=cfg.num_layers, num_heads=cfg.num_heads, ff_dim=cfg.ff_dim,
+        conv_kernel=cfg.conv_kernel, subsampling=cfg.subsampling, dropout=cfg.dropout,
+    )
+
+
+def build_aed(cfg: ModelConfig, vocab_size: int, input_dim: int = 80):
+    """An :class:`speechkd.models.aed.AttentionEncoderDecoder`: Conformer encoder + Transformer decoder
+    (``decoder_dim`` wide, ``decoder_layers`` blocks) + optional CTC head. Args as :func:`build_model`."""
+    from speechkd.models.aed import AttentionDecoder, AttentionEncoderDecoder
+
+    encoder = _encoder(cfg, input_dim)
+    decoder = AttentionDecoder(vocab_size, encoder_dim=cfg.dim, decoder_dim=cfg.decoder_dim, num_layers=cfg.decoder_layers,
+                               num_heads=cfg.decoder_heads, ff_dim=cfg.decoder_ff_dim, dropout=cfg.dropout)
+    return AttentionEncoderDecoder(encoder, decoder, ctc_head=cfg.ctc_head)
+
+
 def build_transducer(cfg: ModelConfig, vocab_size: int, input_dim: int = 80):
     """A :class:`speechkd.models.transducer.Transducer` with a :class:`ConformerEncoder`.
 
@@ -24,13 +58,9 @@ def build_transducer(cfg: ModelConfig, vocab_size: int, input_dim: int = 80):
       vocab_size: tokens including blank (id 0).
       input_dim: feature dim (80 fbank bins).
     """
-    from speechkd.models.conformer import ConformerEncoder
     from speechkd.models.transducer import Decoder, Joiner, Transducer
 
-    encoder = ConformerEncoder(
-        input_dim=input_dim, dim=cfg.dim, num_layers=cfg.num_layers, num_heads=cfg.num_heads, ff_dim=cfg.ff_dim,
-        conv_kernel=cfg.conv_kernel, subsampling=cfg.subsampling, dropout=cfg.dropout,
-    )
+    encoder = _encoder(cfg, input_dim)
     decoder = Decoder(vocab_size, cfg.decoder_dim, blank_id=0, context_size=cfg.context_size)
     joiner = Joiner(cfg.dim, cfg.decoder_dim, cfg.joiner_dim, vocab_size)
     return Transducer(encoder, decoder, joiner, blank_id=0, ctc_head=cfg.ctc_head)
@@ -70,7 +100,7 @@ def load_model(model_dir: Pathlike) -> tuple[Any, dict]:
             raise FileNotFoundError(f"{model_dir / name} not found (train the model first)")
     meta = json.loads((model_dir / "model.json").read_text())
     cfg = ModelConfig.model_validate(meta["model"])
-    model = build_transducer(cfg, meta["vocab_size"])
+    model = build_model(cfg, meta["vocab_size"])
     state = load_file(str(model_dir / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -20,7 +20,30 @@ from torch import Tensor, nn
 
 from speechkd.losses.rnnt import rnnt_loss
 
-__all__ = ["Decoder", "Joiner", "Transducer"]
+__all__ = ["Decoder", "Joiner", "Transducer", "ctc_loss_from_head"]
+
+
+def ctc_loss_from_head(head: nn.Module, encoder_out: Tensor, encoder_out_lens: Tensor, y: Tensor, y_lens: Tensor,
+                       blank_id: int = 0, reduction: str = "mean") -> Tensor:
+    """CTC loss (Graves et al. 2006) of labels ``y`` under a linear CTC head on the encoder output, in nats.
+
+    Args:
+        head: maps (N, T, C) -> (N, T, V) logits.
+        encoder_out: (N, T, C); encoder_out_lens: (N,) valid frames.
+        y: (N, U) int64 labels padded with any value; y_lens: (N,) valid labels.
+        reduction: "mean" (sum over utterances / N), "sum" or "none" ((N,)); impossible alignments give 0.
+
+    Raises:
+        ValueError: unknown reduction.
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    log_probs = head(encoder_out).float().log_softmax(-1).transpose(0, 1)  # (T, N, V)
+    loss = nn.functional.ctc_loss(
+        log_probs, y, encoder_out_lens.long(), y_lens.long(), blank=blank_id,
+        reduction="none" if reduction == "none" else "sum", zero_infinity=True,
+    )
+    return loss / y.shape[0] if reduction == "mean" else loss
 
 
 class Decoder(nn.Module):
@@ -211,23 +234,35 @@ class Transducer(nn.Module):
         # all-blank phase sooner (measured: 71% vs 100% dev WER after 600 steps on connected commands).
         self.ctc_output = nn.Linear(encoder.output_dim, joiner.vocab_size) if ctc_head else None
 
-    def ctc_loss(self, encoder_out: Tensor, encoder_out_lens: Tensor, y: Tensor, y_lens: Tensor) -> Tensor:
-        """Auxiliary CTC loss (Graves et al. 2006) of the labels from the CTC head, mean over utterances (nats).
+    def ctc_loss(self, encoder_out: Tensor, encoder_out_lens: Tensor, y: Tensor, y_lens: Tensor,
+                 reduction: str = "mean") -> Tensor:
+        """Auxiliary CTC loss (Graves et al. 2006) of the labels from the CTC head, in nats.
 
         Args:
             encoder_out: (N, T, C) encoder frames; encoder_out_lens: (N,) valid frames.
             y: (N, U) int64 labels padded with any value; y_lens: (N,) valid labels.
+            reduction: "mean" (sum over utterances / N), "sum" or "none" ((N,) per utterance).
 
         Raises:
             ValueError: when the model was built without ``ctc_head``.
         """
         if self.ctc_output is None:
-            raise ValueError("this transducer has no CTC head (build it with ctc_head=True)")
-        log_probs = self.ctc_output(encoder_out).float().log_softmax(-1).transpose(0, 1)  # (T, N, V)
-        loss = nn.functional.ctc_loss(
-            log_probs, y, encoder_out_lens.long(), y_lens.long(), blank=self.blank_id, reduction="sum", zero_infinity=True
-        )
-        return loss / y.shape[0]
+            raise ValueError("this model has no CTC head (build it with ctc_head=True)")
+        return ctc_loss_from_head(self.ctc_output, encoder_out, encoder_out_lens, y, y_lens, self.blank_id, reduction)
+
+    def sequence_loss(self, encoder_out: Tensor, encoder_out_lens: Tensor, y: Tensor, y_lens: Tensor,
+                      label_smoothing: float = 0.0, reduction: str = "none") -> Tensor:
+        """-log P(y | x) under the transducer (the RNN-T loss), per utterance by default, in nats.
+
+        The same interface as the attention model's ``sequence_loss``, so that sequence-level KD and the
+        trainer treat both alike. Args as :meth:`transducer_loss`.
+
+        Raises:
+            ValueError: label_smoothing != 0 (not defined for the transducer loss).
+        """
+        if label_smoothing:
+            raise ValueError("label smoothing is not defined for the transducer (set train.label_smoothing: 0)")
+        return self.transducer_loss(encoder_out, encoder_out_lens, y, y_lens, reduction=reduction)
 
     @property
     def vocab_size(self) -> int:
