@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from speechkd.config import ModelConfig
-from speechkd.methods.seq_kd import (SequenceKD, collate_nbest, init_from_teacher, nbest_weights, spaced_layers,
-                                     token_kl)
+from speechkd.losses.distill import masked_kl as token_kl
+from speechkd.methods.seq_kd import SequenceKD, collate_nbest, init_from_teacher, nbest_weights, spaced_layers
 from speechkd.models.build import build_model
 
 

@@ -1,4 +1,4 @@
-"""Frame-level distillation losses shared by the KD methods."""
+"""Distillation losses shared by the KD methods (per frame or per token)."""
 
 from __future__ import annotations
 
@@ -57,3 +57,33 @@ def frame_regression_loss(pred: torch.Tensor, target: torch.Tensor, lens: torch.
     err = diff.abs() if kind == "l1" else diff.pow(2)
     denom = mask.sum() * pred.shape[-1]
     return (err * mask).sum() / denom.clamp(min=1)
+
+
+def masked_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lens: torch.Tensor,
+              temperature: float = 1.0) -> torch.Tensor:
+    """``T^2 * KL(softmax(teacher/T) || softmax(student/T))`` summed over valid positions, / N.
+
+    The distillation loss of Hinton et al. (2015, sec. 2; the T^2 keeps gradients on the scale of a hard-label
+    loss), used per token by word-level KD (Kim & Rush 2016, eq. 3) and per frame on CoDERT's encoder logits
+    (Swaminathan et al. 2021, sec. 2.2).
+
+    Args:
+      student_logits, teacher_logits: ``(N, U, V)`` logits at the same positions (tokens or frames).
+      lens: ``(N,)`` valid positions per utterance (padding ignored).
+      temperature: T > 0.
+
+    Returns:
+      scalar, nats per utterance (the scale of a per-utterance sequence CE).
+
+    Raises:
+      ValueError: shape mismatch or T <= 0.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} != teacher logits {tuple(teacher_logits.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (N, U, V)
+    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (N, U, V)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1)  # (N, U)
+    valid = torch.arange(kl.shape[1], device=kl.device)[None, :] < lens[:, None]  # (N, U)
+    return (temperature ** 2) * (kl * valid).sum() / kl.shape[0]

@@ -26,10 +26,10 @@ import re
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from speechkd.data.pseudo_labels import NBEST_KEY
+from speechkd.losses.distill import masked_kl
 from speechkd.methods.base import KDMethod
 
 
@@ -87,32 +87,6 @@ def collate_nbest(nbest_lists: list, k: int, weighting: str, device=None):
         y[m, : len(s)] = torch.tensor(s, dtype=torch.long)
     return (torch.tensor(index, device=device), y.to(device), y_lens.to(device),
             torch.tensor(weights, dtype=torch.float32, device=device))
-
-
-def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lens: torch.Tensor,
-             temperature: float = 1.0) -> torch.Tensor:
-    """Token-level ``T^2 * KL(softmax(teacher/T) || softmax(student/T))`` summed over valid positions, / N.
-
-    Args:
-      student_logits, teacher_logits: ``(N, U, V)`` decoder logits at the same positions.
-      lens: ``(N,)`` valid positions per utterance (padding ignored).
-      temperature: T > 0.
-
-    Returns:
-      scalar, nats per utterance (the scale of a per-utterance sequence CE).
-
-    Raises:
-      ValueError: shape mismatch or T <= 0.
-    """
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} != teacher logits {tuple(teacher_logits.shape)}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (N, U, V)
-    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (N, U, V)
-    kl = (log_t.exp() * (log_t - log_s)).sum(-1)  # (N, U)
-    valid = torch.arange(kl.shape[1], device=kl.device)[None, :] < lens[:, None]  # (N, U)
-    return (temperature ** 2) * (kl * valid).sum() / kl.shape[0]
 
 
 class SequenceKD(KDMethod):
@@ -180,7 +154,7 @@ class SequenceKD(KDMethod):
                 t_enc, t_lens, _ = self.teacher.encode(batch["features"], batch["feature_lens"])
                 t_logits = self.teacher.decoder_logits(t_enc, t_lens, y, y_lens)  # (N, U+1, V)
             s_logits = ctx.model.decoder_logits(encoder_out, encoder_out_lens, y, y_lens)  # (N, U+1, V)
-            kl = token_kl(s_logits, t_logits, y_lens + 1, self.temperature)
+            kl = masked_kl(s_logits, t_logits, y_lens + 1, self.temperature)
             loss = loss + self.kl_scale * kl
             logs["token_kl"] = float(kl.detach())
         return loss, logs
