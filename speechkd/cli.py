@@ -68,7 +68,7 @@ def _stage(name: str, recipe, exp_dir, corpora_dir, progress, **kw):
     exp = _experiment(recipe, exp_dir, corpora_dir, progress)
     try:
         STAGES[name](exp, **kw)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         typer.echo(f"error in stage '{name}': {e}", err=True)
         raise typer.Exit(1)
 
@@ -146,7 +146,7 @@ def run(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpora_dir:
     exp = _experiment(recipe, exp_dir, corpora_dir, progress)
     try:
         run_all(exp)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
 

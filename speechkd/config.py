@@ -123,9 +123,18 @@ class KDConfig(Strict):
     ``kl_scale`` / ``temperature``: token-level KL(teacher/T || student/T) on the reference prefixes, scaled
     by ``kl_scale * T^2`` (Hinton et al. 2015); attention-decoder teacher and student only.
     ``init_from_teacher``: initialise the student from maximally spaced teacher blocks (widths must match).
+
+    CoDERT (``codert``, Swaminathan et al. 2021; transducer teacher and student): the student's encoder logits
+    (its joiner without the predictor) learn the teacher's through ``scale * T^2 * KL(teacher/T || student/T)``
+    over the valid frames, so ``scale`` is the paper's alpha and ``temperature`` its tau.
+    ``codert_mode``: ``static`` (the trained teacher of the ``teacher`` stage, frozen), ``tandem`` (a teacher
+    of the recipe's ``teacher.model`` trained from scratch with the student in the same run, on its own RNN-T
+    (+ CTC) loss) or ``shared`` (tandem, the two encoders sharing the student's predictor and joiner). When the
+    teacher has 2x the student's frame rate, each student frame's target is the mean of the teacher's
+    distributions over its frames (``frame_ratio_mode`` does not apply).
     """
 
-    method: Literal["none", "mvq", "l1", "l2", "seq", "word"] = "none"
+    method: Literal["none", "mvq", "l1", "l2", "seq", "word", "codert"] = "none"
     student_layer: int = -1
     scale: float = Field(1.0, ge=0)
     frame_ratio_mode: Literal["concat", "truncate"] = "concat"
@@ -136,6 +145,7 @@ class KDConfig(Strict):
     kl_scale: float = Field(0.0, ge=0)
     temperature: float = Field(1.0, gt=0)
     init_from_teacher: bool = False
+    codert_mode: Literal["static", "tandem", "shared"] = "static"
 
     @model_validator(mode="after")
     def _check_method(self):

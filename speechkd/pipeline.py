@@ -234,16 +234,34 @@ def quantize(exp: Experiment) -> None:
         log(f"quantize: trained on {len(frames)} frames, dim {quantizer.dim}, {q.num_codebooks} bytes/frame, "
             f"relative error {err:.3f} ({time.time() - t0:.0f} s), id {quantizer.id}")
 
-    def indexes():
+    def indexes(batch_frames: int = 20000):
+        # encode many cuts' frames per call: per-cut calls (~50 frames each) ran 3x slower than batched ones
+        group, frames = [], 0
         for c in cuts:
-            emb = torch.from_numpy(load_frame_labels(c, EMB_KEY))
-            yield c.id, quantizer.encode(emb).numpy()
+            emb = load_frame_labels(c, EMB_KEY)
+            group.append((c.id, emb))
+            frames += len(emb)
+            if frames >= batch_frames:
+                yield from _encode_group(quantizer, group)
+                group, frames = [], 0
+        yield from _encode_group(quantizer, group)
 
     t = exp.recipe.teacher
     labelled = write_frame_labels(cuts, indexes(), exp.dir / "labels", key=CI_KEY,
                                   frame_shift=FRAME_SHIFT * t.model.subsampling, extra={"quantizer_id": quantizer.id})
     save_cuts(labelled, exp.ci_cuts_path)
     log(f"quantize: codebook indexes for {len(labelled)} cuts -> {exp.ci_cuts_path}")
+
+
+def _encode_group(quantizer, group: list):
+    """``(cut_id, CI (T_i, num_codebooks) uint8)`` for ``(cut_id, embeddings (T_i, D))`` pairs, encoded in one call."""
+    if not group:
+        return
+    ci = quantizer.encode(torch.from_numpy(np.concatenate([e for _, e in group]))).numpy()  # (sum T_i, B)
+    start = 0
+    for cid, emb in group:
+        yield cid, ci[start:start + len(emb)]
+        start += len(emb)
 
 
 # ---------------------------------------------------------------- pseudo-label
@@ -285,14 +303,25 @@ def pseudo_label(exp: Experiment, shard: Optional[str] = None) -> None:
 
 
 # ---------------------------------------------------------------- distill
-def make_kd(exp: Experiment, run):
+CODERT_TEACHER_SEED_OFFSET = 10_000
+"""A co-learned (tandem/shared) CoDERT teacher is initialised under torch seed ``offset + student seed``: it
+varies with the student's seed without replaying the student's own random stream (which would give the
+student's first layer a copy of the teacher's first filters)."""
+
+
+def make_kd(exp: Experiment, run, seed: int = 0):
     """The KD method of a student run, the training cuts carrying its labels, and an optional model init.
+
+    Args:
+      exp, run: the experiment and the student run.
+      seed: the run's seed (seeds the initial weights of a co-learned CoDERT teacher).
 
     Returns:
       ``(kd method or None, CutSet, init_fn or None)``; ``init_fn(student)`` copies teacher blocks.
 
     Raises:
-      ValueError / FileNotFoundError: labels missing or written by another quantizer or teacher.
+      ValueError / FileNotFoundError: labels missing or written by another quantizer or teacher; a CoDERT run
+        whose teacher or student is not a transducer (naming the run).
     """
     from speechkd.data.datamodule import load_cuts
     from speechkd.methods.mvq_kd import CI_KEY, MvqKD, RegressionKD
@@ -330,6 +359,25 @@ def make_kd(exp: Experiment, run):
                         reference_weight=kd_cfg.reference_weight, teacher=teacher, kl_scale=kd_cfg.kl_scale,
                         temperature=kd_cfg.temperature)
         return kd, cuts, init_fn
+    if kd_cfg.method == "codert":
+        from speechkd.methods.codert import CodertKD
+
+        t_cfg = exp.recipe.teacher.model
+        if t_cfg.arch != "transducer" or s.arch != "transducer":
+            raise ValueError(f"student '{run.name}': CoDERT needs a transducer teacher and student "
+                             f"(teacher arch {t_cfg.arch!r}, student arch {s.arch!r})")
+        ratio = exp.teacher_frame_ratio(run)
+        if kd_cfg.codert_mode == "static":
+            teacher = load_model(exp.teacher_dir)[0]
+        else:  # a fresh teacher, trained with the student; its first weights vary with the student's seed
+            from speechkd.models.build import build_model
+
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(CODERT_TEACHER_SEED_OFFSET + seed)
+                teacher = build_model(t_cfg, exp.tokenizer.vocab_size)
+        kd = CodertKD(kd_cfg.codert_mode, teacher, scale=kd_cfg.scale, temperature=kd_cfg.temperature,
+                      frame_ratio=ratio, ctc_weight=exp.recipe.student_train.ctc_weight, student_dim=s.dim)
+        return kd, exp.cuts("train"), init_fn
     ratio = exp.teacher_frame_ratio(run)
     if kd_cfg.method == "mvq":
         quantizer = Quantizer.load(exp.quantizer_path)
@@ -368,7 +416,7 @@ def _train_student(exp: Experiment, name: str, seed: int, num_threads: Optional[
     train_cfg = exp.recipe.student_train
     if num_threads is not None:
         train_cfg = train_cfg.model_copy(update={"num_threads": num_threads})
-    kd, cuts, init_fn = make_kd(exp, run)
+    kd, cuts, init_fn = make_kd(exp, run, seed=seed)
     t0 = time.time()
     fit_model(out, exp.recipe.student_model_of(run), train_cfg, exp.tokenizer, cuts, exp.cuts("dev"), seed=seed, kd=kd,
               extra_meta={"role": "baseline" if run.kd.method == "none" else "distilled",
@@ -376,10 +424,25 @@ def _train_student(exp: Experiment, name: str, seed: int, num_threads: Optional[
     log(f"distill: {name} seed {seed} trained in {time.time() - t0:.0f} s -> {out}")
 
 
-def _train_student_process(recipe_json: str, name: str, seed: int, num_threads: int) -> str:
+def _exit_with_parent(parent_pid: int, poll_seconds: float = 2.0) -> None:
+    """In a worker: end this process when its parent dies (even by SIGKILL), so no orphan keeps training."""
+    import os
+    import threading
+
+    def watch():
+        while True:
+            time.sleep(poll_seconds)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _train_student_process(recipe_json: str, name: str, seed: int, num_threads: int, parent_pid: int) -> str:
     """Entry point of a worker process (spawned): rebuild the experiment and train one student run."""
     from speechkd.utils import set_thread_policy
 
+    _exit_with_parent(parent_pid)
     set_thread_policy(num_threads)
     exp = Experiment(Recipe.model_validate_json(recipe_json), progress=False)
     _train_student(exp, name, seed, num_threads)
@@ -391,8 +454,16 @@ def distill(exp: Experiment, only: Optional[str] = None, seeds: Optional[list[in
 
     With ``recipe.parallel_runs > 1``, that many runs train at once in worker processes with one thread
     each: on a 2-core machine two one-thread runs finish sooner than the same two runs one after the other
-    with two threads, since much of a small model's step is single-threaded work.
+    with two threads, since much of a small model's step is single-threaded work. Stopping the parent
+    (Ctrl-C, SIGTERM, or even SIGKILL) stops the workers too; a failed run stops the others; re-running
+    resumes every run from its last checkpoint.
+
+    Raises:
+      ValueError: ``only`` names no student of the recipe; any error of a run (one process).
+      RuntimeError: a run in a worker process failed.
     """
+    import os
+
     runs = [r for r in exp.recipe.students if only is None or r.name == only]
     if only is not None and not runs:
         raise ValueError(f"no student named '{only}' in the recipe (have {[r.name for r in exp.recipe.students]})")
@@ -412,14 +483,46 @@ def distill(exp: Experiment, only: Optional[str] = None, seeds: Optional[list[in
             _train_student(exp, name, seed)
         return
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    import signal
+    import threading
 
     log(f"distill: training {len(pending)} runs, {jobs} at a time (one thread each)")
     recipe_json = exp.recipe.model_dump_json()
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(_train_student_process, recipe_json, name, seed, 1) for name, seed in pending]
-        for f in as_completed(futures):
-            log(f"distill: {f.result()} done")
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers only live there
+    previous = signal.signal(signal.SIGTERM, stop) if main_thread else None
+    ctx = mp.get_context("spawn")  # non-daemonic processes: each may start its own data-loading worker
+    queue, running = list(pending), {}
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                name, seed = queue.pop(0)
+                proc = ctx.Process(target=_train_student_process, args=(recipe_json, name, seed, 1, os.getpid()),
+                                   name=f"{name}-seed{seed}")
+                proc.start()
+                running[proc] = (name, seed)
+            time.sleep(0.5)
+            for proc in [p for p in running if not p.is_alive()]:
+                name, seed = running.pop(proc)
+                if proc.exitcode != 0:
+                    raise RuntimeError(f"student run {name}-seed{seed} failed (exit code {proc.exitcode}; its error is "
+                                       "printed above); re-run to resume the other runs")
+                log(f"distill: {name}-seed{seed} done")
+    except BaseException:
+        for proc in running:  # stop the other runs; their checkpoints let a re-run resume
+            proc.terminate()  # Lightning stops a run at its next step on SIGTERM
+        for proc in running:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        raise
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 # ---------------------------------------------------------------- evaluate

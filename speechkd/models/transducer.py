@@ -292,6 +292,24 @@ class Transducer(nn.Module):
             )
         return encoder_out, encoder_out_lens, list(layer_outputs)
 
+    def encoder_logits(self, encoder_out: Tensor) -> Tensor:
+        """CoDERT "encoder logits" of the encoder frames: the joiner with the predictor branch left out.
+
+        ``joiner.output_linear(tanh(joiner.encoder_proj(encoder_out)))`` (Swaminathan et al. 2021, "CoDERT:
+        Distilling Encoder Representations with Co-learning for Transducer-based Speech Recognition", Sec. 2);
+        see :meth:`Joiner.encoder_logits`.
+
+        Args:
+            encoder_out: (N, T, C) encoder frames, C = ``joiner.encoder_dim``.
+
+        Returns:
+            (N, T, V) unnormalised logits, one distribution over the V output symbols per frame.
+
+        Raises:
+            ValueError: if the last dimension is not the joiner's encoder_dim.
+        """
+        return self.joiner.encoder_logits(encoder_out)
+
     def decoder_input(self, y: Tensor, y_lens: Tensor) -> Tensor:
         """Blank-prefixed, blank-padded predictor input ``[blank] + y``.
 
