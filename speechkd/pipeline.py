@@ -304,9 +304,10 @@ def pseudo_label(exp: Experiment, shard: Optional[str] = None) -> None:
 
 # ---------------------------------------------------------------- distill
 CODERT_TEACHER_SEED_OFFSET = 10_000
-"""A co-learned (tandem/shared) CoDERT teacher is initialised under torch seed ``offset + student seed``: it
-varies with the student's seed without replaying the student's own random stream (which would give the
-student's first layer a copy of the teacher's first filters)."""
+"""A CoDERT KD module (a co-learned teacher, the shared mode's projection) is initialised under torch seed
+``offset + student seed``: it varies with the student's seed without replaying the student's own random stream
+(which would give the student's first layer a copy of the teacher's first filters), and the same seed rebuilds
+it the same (make_kd runs before the trainer seeds the global generator)."""
 
 
 def make_kd(exp: Experiment, run, seed: int = 0):
@@ -314,7 +315,7 @@ def make_kd(exp: Experiment, run, seed: int = 0):
 
     Args:
       exp, run: the experiment and the student run.
-      seed: the run's seed (seeds the initial weights of a co-learned CoDERT teacher).
+      seed: the run's seed (seeds the initial weights of a CoDERT module: co-learned teacher, projection).
 
     Returns:
       ``(kd method or None, CutSet, init_fn or None)``; ``init_fn(student)`` copies teacher blocks.
@@ -367,16 +368,18 @@ def make_kd(exp: Experiment, run, seed: int = 0):
             raise ValueError(f"student '{run.name}': CoDERT needs a transducer teacher and student "
                              f"(teacher arch {t_cfg.arch!r}, student arch {s.arch!r})")
         ratio = exp.teacher_frame_ratio(run)
-        if kd_cfg.codert_mode == "static":
-            teacher = load_model(exp.teacher_dir)[0]
-        else:  # a fresh teacher, trained with the student; its first weights vary with the student's seed
-            from speechkd.models.build import build_model
+        from speechkd.models.build import build_model
 
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(CODERT_TEACHER_SEED_OFFSET + seed)
+        # A co-learned teacher and the shared mode's projection start from weights drawn under their own seed,
+        # leaving the global random state alone.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(CODERT_TEACHER_SEED_OFFSET + seed)
+            if kd_cfg.codert_mode == "static":
+                teacher = load_model(exp.teacher_dir)[0]
+            else:
                 teacher = build_model(t_cfg, exp.tokenizer.vocab_size)
-        kd = CodertKD(kd_cfg.codert_mode, teacher, scale=kd_cfg.scale, temperature=kd_cfg.temperature,
-                      frame_ratio=ratio, ctc_weight=exp.recipe.student_train.ctc_weight, student_dim=s.dim)
+            kd = CodertKD(kd_cfg.codert_mode, teacher, scale=kd_cfg.scale, temperature=kd_cfg.temperature,
+                          frame_ratio=ratio, ctc_weight=exp.recipe.student_train.ctc_weight, student_dim=s.dim)
         return kd, exp.cuts("train"), init_fn
     ratio = exp.teacher_frame_ratio(run)
     if kd_cfg.method == "mvq":

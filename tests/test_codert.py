@@ -263,6 +263,7 @@ def test_make_kd_refuses_a_non_transducer_teacher_naming_the_run(tmp_path):
     from speechkd.pipeline import Experiment, make_kd
 
     run = StudentRun(name="codert-x", kd=KDConfig(method="codert", codert_mode="tandem"))
-    recipe = Recipe(name="t", exp_dir=str(tmp_path), teacher=TeacherConfig(model=ModelConfig(arch="aed")), students=[run])
+    recipe = Recipe(name="t", exp_dir=str(tmp_path), teacher=TeacherConfig(model=ModelConfig(arch="aed")),
+                    students=[run])
     with pytest.raises(ValueError, match="codert-x"):
         make_kd(Experiment(recipe, progress=False), run)
