@@ -211,7 +211,10 @@ def fit_model(
         devices=1,
         default_root_dir=run_dir,
         logger=[CSVLogger(run_dir, name="", version=f"csv{n_fits}"), TensorBoardLogger(run_dir, name="", version="tb")],
-        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0)],
+        # ckpt/last.ckpt rewritten after every epoch (Lightning 2.6 writes save_last only beside a top-k save, so
+        # `save_last=True, save_top_k=0` left nothing to resume from until the fit had finished)
+        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, every_n_epochs=1,
+                                   enable_version_counter=False)],
         gradient_clip_val=train_cfg.grad_clip,
         check_val_every_n_epoch=train_cfg.val_every_epochs,
         num_sanity_val_steps=0,

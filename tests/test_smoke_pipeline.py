@@ -117,3 +117,34 @@ def test_resumed_run_keeps_earlier_training_log(smoke_exp, tmp_path):
     with open(run / "metrics.csv") as fh:
         epochs = {row["epoch"] for row in csv.DictReader(fh) if row.get("val_wer")}
     assert epochs == {"0", "1"}
+
+
+def test_training_stopped_mid_fit_resumes_from_last_epoch(smoke_exp, tmp_path, monkeypatch):
+    """A fit killed during epoch 1 of 3 leaves ckpt/last.ckpt of epoch 0; the re-run trains only epochs 1-2."""
+    import csv
+
+    import torch
+
+    from speechkd.training import AsrTask, fit_model
+
+    r = smoke_exp.recipe
+    run = tmp_path / "run"
+    cfg = r.student_train.model_copy(update={"epochs": 3})
+    args = (run, r.student_model, cfg, smoke_exp.tokenizer, smoke_exp.cuts("train"), smoke_exp.cuts("dev"))
+
+    def stop_in_epoch_1(self):
+        if self.current_epoch == 1:
+            raise RuntimeError("simulated stop")
+
+    monkeypatch.setattr(AsrTask, "on_train_epoch_start", stop_in_epoch_1, raising=False)
+    with pytest.raises(BaseException):
+        fit_model(*args, seed=0, progress=False)
+    assert not (run / "model.safetensors").exists()
+    ckpt = torch.load(run / "ckpt" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert ckpt["epoch"] == 0
+    monkeypatch.undo()
+    fit_model(*args, seed=0, progress=False)
+    assert (run / "model.safetensors").is_file()
+    with open(run / "metrics.csv") as fh:
+        epochs = [row["epoch"] for row in csv.DictReader(fh) if row.get("val_wer")]
+    assert epochs == ["0", "1", "2"]  # epoch 0 once (not retrained), then 1 and 2 after the resume
