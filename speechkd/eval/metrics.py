@@ -243,10 +243,12 @@ def _roc(scores: Sequence[float], labels: Sequence) -> tuple[np.ndarray, np.ndar
     """
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(labels)
-    if s.ndim != 1 or y.ndim != 1 or s.shape != y.shape:
-        raise ValueError(
-            f"scores and labels must be 1-D of the same length, got {s.shape} and {y.shape}"
-        )
+    if s.ndim != 1 or y.ndim != 1:
+        raise ValueError(f"scores and labels must be 1-D, got shapes {s.shape} and {y.shape}")
+    if s.shape != y.shape:
+        raise ValueError(f"scores and labels differ in length: {s.shape[0]} != {y.shape[0]}")
+    if s.size == 0:
+        raise ValueError("empty input: no trials to score")
     if not np.all(np.isfinite(s)):
         raise ValueError("scores must be finite (found NaN or inf)")
     if y.dtype == bool:
@@ -288,7 +290,8 @@ def equal_error_rate(scores: Sequence[float], labels: Sequence) -> tuple[float, 
         ``(eer, threshold)``: EER as a fraction in [0, 1] (not percent) and the score threshold.
 
     Raises:
-        ValueError: shape mismatch, non-finite scores, labels not in {0, 1}, or only one class.
+        ValueError: empty input, inputs not 1-D or of different lengths, non-finite scores, labels not in
+            {0, 1}, or only one class.
     """
     fpr, fnr, thr = _roc(scores, labels)
     d = fnr - fpr  # strictly decreasing from 1 to -1 (each step adds >= 1 trial)
