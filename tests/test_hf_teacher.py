@@ -11,7 +11,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from speechkd.models.ssl import SSLTeacher, load_ssl_model, load_ssl_teacher  # noqa: E402
+from speechkd.teachers.hf import SSLTeacher, load_ssl_model, load_ssl_teacher  # noqa: E402
 
 MODEL_TYPES = {
     "hubert": ("HubertConfig", "HubertModel"),
