@@ -1,0 +1,973 @@
+"""Pre-training a small HuBERT teacher here (first iteration: masked prediction of MFCC k-means clusters).
+
+HuBERT (Hsu et al., IEEE/ACM TASLP 2021, arXiv 2106.07447, sec. II-III, IV-C; fairseq ``hubert``) trains a
+wav2vec 2.0-style encoder (CNN feature encoder at 50 Hz, transformer) to predict, at frames whose CNN features were
+replaced by a learned mask embedding, the cluster ids of an offline clustering of the audio. In the first iteration
+the targets are k-means clusters (100 clusters) of 39-dim MFCC frames (13 cepstra + deltas + delta-deltas) at 100
+Hz. No pretrained weights can be downloaded here, so this module pre-trains such a teacher on the shared corpora,
+to be distilled into a DistilHuBERT student (:mod:`speechkd.models.ssl`).
+
+Pieces, all reusing existing code:
+
+- :func:`mfcc_features`: lhotse's Kaldi-compatible MFCC (``lhotse.features.Mfcc``, 13 cepstra, 25 ms windows,
+  10 ms shift, ``snip_edges=True`` as fairseq's ``dump_mfcc_feature.py`` computes them with
+  ``torchaudio.compliance.kaldi.mfcc``) plus deltas and delta-deltas (``torchaudio.functional.compute_deltas``'s
+  formula, window 5; torchaudio itself is not installed).
+- :func:`mfcc_targets`: k-means (:mod:`speechkd.mvq.quantizer`'s k-means++ seeding + Lloyd iterations, fixed seed)
+  of the 100 Hz MFCC frames, then one cluster id per *model* frame (:func:`label_frame_index`): the MFCC frame whose
+  window centre is nearest the model frame's receptive-field centre. For HuBERT's CNN (20 ms stride, 25 ms receptive
+  field) that is exactly MFCC frame ``2 t`` for model frame ``t``, which is what fairseq does for 100 Hz labels and a
+  50 Hz model (``feat2tar_ratio = 2``, ``target_inds = arange(T) * 2``).
+- :class:`HubertPretrainer`: a ``transformers`` ``HubertModel`` (its own span masking: ``_compute_mask_indices``
+  and ``masked_spec_embed``, substituted by passing ``mask_time_indices`` to ``HubertModel.forward``), fairseq's
+  ``final_proj`` and ``label_embs_concat``, and the masked-prediction loss (cosine similarity / temperature 0.1,
+  cross-entropy on masked frames only, i.e. the paper's alpha = 1).
+- :func:`pretrain_hubert`: a plain, step-exact, resumable training loop that exports a ``save_pretrained`` directory
+  (``config.json`` with ``model_type: hubert`` + ``model.safetensors``) which
+  :func:`speechkd.teachers.hf.load_ssl_model` / ``load_ssl_teacher`` load like a downloaded HuBERT.
+
+Differences from fairseq HuBERT Base (deliberate, for a small CPU run): a narrower, shallower default model
+(:func:`hubert_config`); no feature penalty (``feature_pen_weight``); fairseq's ``dropout_input`` is HF's
+``feat_proj_dropout`` (after, not before, the feature projection); batches are buckets of similar-length utterances
+cropped to the shortest (fairseq ``pad_audio=False``) under a sample budget rather than a token budget per GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from speechkd.data.corpora import Utterance, utterances_to_cuts
+from speechkd.models.ssl import _GradScale
+from speechkd.mvq.quantizer import _assign, _kmeans
+from speechkd.teachers.hf import SAMPLE_RATE, _receptive_field
+from speechkd.utils import atomic_path, set_thread_policy
+
+__all__ = [
+    "CKPT_SUFFIX",
+    "HUBERT_BASE_CONV",
+    "MFCC_DIM",
+    "MFCC_SHIFT",
+    "MFCC_WINDOW",
+    "SUMMARY_FILE",
+    "HubertPretrainer",
+    "MfccTargets",
+    "PretrainResult",
+    "hubert_config",
+    "label_frame_index",
+    "load_waveforms",
+    "mfcc_features",
+    "mfcc_targets",
+    "pretrain_hubert",
+]
+
+MFCC_WINDOW = 400
+"""MFCC window in samples at 16 kHz (25 ms)."""
+MFCC_SHIFT = 160
+"""MFCC frame shift in samples at 16 kHz (10 ms, i.e. 100 Hz)."""
+MFCC_DIM = 39
+"""Width of :func:`mfcc_features`: 13 cepstra + 13 deltas + 13 delta-deltas (HuBERT sec. IV-C)."""
+HUBERT_BASE_CONV = ((10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2))
+"""Kernels and strides of the CNN feature encoder of HuBERT / wav2vec 2.0 (320 samples = 20 ms per frame, 400
+samples = 25 ms receptive field)."""
+SUMMARY_FILE = "hubert_pretrain.json"
+"""File of the exported directory that records the pre-training settings and loss history."""
+CKPT_SUFFIX = ".pretrain_ckpt.pt"
+"""Default checkpoint path: ``<out_dir><CKPT_SUFFIX>``, beside the exported directory."""
+
+_CKPT_VERSION = 1
+_DELTA_WINDOW = 2  # N of the regression delta formula: window 2N + 1 = 5 frames (torchaudio/Kaldi default)
+_MAX_CLUSTERS = 32767
+
+PathLike = Union[str, os.PathLike]
+AudioData = Union[Sequence[Utterance], Iterable, Mapping[str, torch.Tensor]]
+
+
+# ------------------------------------------------------------------------------------------------ model config
+def hubert_config(
+    hidden_size: int = 256,
+    num_layers: int = 6,
+    num_heads: int = 4,
+    intermediate_size: Optional[int] = None,
+    conv_dim: Union[int, Sequence[int]] = 256,
+    conv_kernel: Sequence[int] = HUBERT_BASE_CONV[0],
+    conv_stride: Sequence[int] = HUBERT_BASE_CONV[1],
+    num_conv_pos_embeddings: int = 128,
+    num_conv_pos_embedding_groups: int = 16,
+    **overrides: Any,
+):
+    """A ``transformers`` ``HubertConfig`` for a small HuBERT teacher (post-LN "Base" layout, GroupNorm CNN).
+
+    Everything not set here is HF's HuBERT Base default, except the regularisation of fairseq's
+    ``hubert_base_librispeech`` pre-training config: ``hidden_dropout = attention_dropout = 0.1``,
+    ``activation_dropout = 0.0``, ``feat_proj_dropout = 0.1`` (fairseq ``dropout_input``), ``layerdrop = 0.05``.
+    ``mask_time_prob`` keeps HF's 0.05 (the SpecAugment rate HuBERT checkpoints are fine-tuned with; > 0 also makes
+    the model own ``masked_spec_embed``); pre-training masks with :class:`HubertPretrainer`'s own ``mask_prob``.
+
+    Args:
+        hidden_size: transformer width C (HuBERT Base: 768).
+        num_layers: transformer layers L (Base: 12).
+        num_heads: attention heads; must divide ``hidden_size``.
+        intermediate_size: feed-forward width (default ``4 * hidden_size``).
+        conv_dim: CNN channels, one int for every layer or one per layer (Base: 512 each).
+        conv_kernel, conv_stride: CNN kernels and strides in samples (default HuBERT's, 20 ms per frame).
+        num_conv_pos_embeddings, num_conv_pos_embedding_groups: positional convolution kernel and groups (the
+            groups must divide ``hidden_size``).
+        **overrides: any other ``HubertConfig`` attribute.
+
+    Returns:
+        The ``HubertConfig``.
+
+    Raises:
+        ValueError: ``num_heads`` or ``num_conv_pos_embedding_groups`` not dividing ``hidden_size``; CNN lists of
+            different lengths; an override that is not a ``HubertConfig`` attribute.
+    """
+    import transformers
+
+    kernel, stride = [int(k) for k in conv_kernel], [int(s) for s in conv_stride]
+    dims = [int(conv_dim)] * len(kernel) if isinstance(conv_dim, int) else [int(d) for d in conv_dim]
+    if not (len(dims) == len(kernel) == len(stride)) or not dims:
+        raise ValueError(f"conv_dim, conv_kernel, conv_stride need one entry per CNN layer: {dims}, {kernel}, {stride}")
+    if hidden_size % num_heads:
+        raise ValueError(f"num_heads {num_heads} does not divide hidden_size {hidden_size}")
+    if hidden_size % num_conv_pos_embedding_groups:
+        raise ValueError(f"num_conv_pos_embedding_groups {num_conv_pos_embedding_groups} does not divide {hidden_size}")
+    known = transformers.HubertConfig().to_dict()
+    unknown = sorted(k for k in overrides if k not in known)
+    if unknown:
+        raise ValueError(f"unknown HubertConfig attribute(s) {unknown}")
+    settings = dict(
+        hidden_size=int(hidden_size),
+        num_hidden_layers=int(num_layers),
+        num_attention_heads=int(num_heads),
+        intermediate_size=int(intermediate_size or 4 * hidden_size),
+        conv_dim=dims,
+        conv_kernel=kernel,
+        conv_stride=stride,
+        num_conv_pos_embeddings=int(num_conv_pos_embeddings),
+        num_conv_pos_embedding_groups=int(num_conv_pos_embedding_groups),
+        hidden_dropout=0.1,
+        attention_dropout=0.1,
+        activation_dropout=0.0,
+        feat_proj_dropout=0.1,
+        layerdrop=0.05,
+    )
+    return transformers.HubertConfig(**{**settings, **overrides})
+
+
+# ------------------------------------------------------------------------------------------------ audio, MFCC
+def load_waveforms(data: AudioData) -> dict[str, torch.Tensor]:
+    """Read utterances into memory as 16 kHz mono float32 waveforms (lhotse loads and resamples).
+
+    Args:
+        data: corpus :class:`~speechkd.data.corpora.Utterance` records (e.g. from ``read_split``), lhotse cuts (a
+            ``CutSet`` or any iterable of cuts; the whole cut is read), or a mapping id -> ``(S,)`` waveform already
+            at 16 kHz (returned as float32 tensors, unchanged otherwise).
+
+    Returns:
+        id -> ``(S,)`` float32 tensor in ``[-1, 1]`` (samples at 16 kHz), in input order. Memory: 230 MB per hour.
+
+    Raises:
+        ValueError: no utterances, a repeated id (ids are only unique within a corpus: prefix them when mixing
+            corpora), a multi-channel cut, or a waveform that is not 1-D.
+        speechkd.data.corpora.CorpusError: a missing audio file.
+    """
+    if isinstance(data, Mapping):
+        out = {}
+        for uid, wav in data.items():
+            wav = torch.as_tensor(wav, dtype=torch.float32)
+            if wav.dim() != 1:
+                raise ValueError(f"waveform {uid!r} must be 1-D (S,) samples, got shape {tuple(wav.shape)}")
+            out[str(uid)] = wav
+        items = out
+    else:
+        data = list(data)
+        if data and all(isinstance(u, Utterance) for u in data):
+            data = list(utterances_to_cuts(data, SAMPLE_RATE))
+        items = {}
+        for cut in data:
+            if cut.id in items:
+                raise ValueError(f"utterance id {cut.id!r} occurs twice (prefix ids when mixing corpora)")
+            if cut.sampling_rate != SAMPLE_RATE:
+                cut = cut.resample(SAMPLE_RATE)
+            audio = cut.load_audio()  # (channels, S) float32
+            if audio.ndim != 2 or audio.shape[0] != 1:
+                raise ValueError(f"cut {cut.id!r} has audio of shape {audio.shape}; mono audio is expected")
+            items[cut.id] = torch.from_numpy(np.ascontiguousarray(audio[0], dtype=np.float32))
+    if not items:
+        raise ValueError("no utterances given")
+    return items
+
+
+_MFCC_EXTRACTOR = None
+
+
+def _mfcc_extractor():
+    global _MFCC_EXTRACTOR
+    if _MFCC_EXTRACTOR is None:
+        from lhotse.features import Mfcc, MfccConfig
+
+        with warnings.catch_warnings():  # lhotse warns that snip_edges=True does not fit its duration bookkeeping
+            warnings.simplefilter("ignore", UserWarning)
+            _MFCC_EXTRACTOR = Mfcc(MfccConfig(sampling_rate=SAMPLE_RATE, num_ceps=13, snip_edges=True))
+    return _MFCC_EXTRACTOR
+
+
+def _deltas(x: torch.Tensor, n: int = _DELTA_WINDOW) -> torch.Tensor:
+    """Regression deltas of ``x: (F, D)`` over frames, edges replicated: ``sum_k k (x[t+k] - x[t-k]) / (2 sum k^2)``."""
+    pad = torch.cat([x[:1].expand(n, -1), x, x[-1:].expand(n, -1)])  # (F + 2n, D)
+    num = sum(k * (pad[n + k : n + k + x.shape[0]] - pad[n - k : n - k + x.shape[0]]) for k in range(1, n + 1))
+    return num / (2 * sum(k * k for k in range(1, n + 1)))
+
+
+def mfcc_features(wav: torch.Tensor) -> torch.Tensor:
+    """39-dim MFCC frames of one waveform, as for HuBERT's first-iteration targets (sec. IV-C).
+
+    lhotse's Kaldi-compatible MFCC (13 cepstra with C0, no energy, 23 mel bins from 20 Hz to 7.6 kHz -- fairseq's
+    ``torchaudio.compliance.kaldi.mfcc`` goes up to 8 kHz --, Povey window, pre-emphasis 0.97, lifter 22, no
+    dither) with ``snip_edges=True``: frame j covers samples ``[160 j, 160 j + 400)``, and there are
+    ``1 + (S - 400) // 160`` frames. Deltas and delta-deltas as ``torchaudio.functional.compute_deltas`` (window 5,
+    edges replicated), as fairseq's ``dump_mfcc_feature.py``.
+
+    Args:
+        wav: ``(S,)`` float waveform at 16 kHz.
+
+    Returns:
+        ``(F, 39)`` float32 frames at 100 Hz: ``[mfcc, delta, delta-delta]``.
+
+    Raises:
+        ValueError: ``wav`` not 1-D, or shorter than one MFCC window (400 samples = 25 ms).
+    """
+    if wav.dim() != 1:
+        raise ValueError(f"wav must be (S,) samples, got shape {tuple(wav.shape)}")
+    if wav.shape[0] < MFCC_WINDOW:
+        raise ValueError(f"waveform of {wav.shape[0]} samples is shorter than one MFCC window ({MFCC_WINDOW} samples)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        mfcc = _mfcc_extractor().extract(wav.detach().to(torch.float32).cpu().numpy(), SAMPLE_RATE)
+    mfcc = torch.from_numpy(np.asarray(mfcc, dtype=np.float32))  # (F, 13)
+    d1 = _deltas(mfcc)
+    return torch.cat([mfcc, d1, _deltas(d1)], dim=1)
+
+
+def label_frame_index(
+    num_frames: int, num_mfcc_frames: int, conv_kernel: Sequence[int], conv_stride: Sequence[int]
+) -> torch.Tensor:
+    """For each model frame, the 100 Hz MFCC frame whose label it gets.
+
+    Model frame t (CNN without padding) sees samples ``[t * P, t * P + R)`` with ``P = prod(conv_stride)`` and
+    ``R`` the receptive field; MFCC frame j (``snip_edges=True``) sees ``[160 j, 160 j + 400)``. Frame t gets the MFCC
+    frame with the nearest centre, ``j = round((t P + (R - 400) / 2) / 160)`` (halves rounded up), clamped to
+    ``[0, num_mfcc_frames - 1]``. For HuBERT's CNN (P = 320, R = 400) this is exactly ``j = 2 t`` -- fairseq's
+    downsampling of 100 Hz labels to the 50 Hz model (every second label) -- and never clamps, since
+    ``2 (T - 1) <= F - 1``; the clamp only matters for other CNNs (e.g. the tiny test models, R < 400).
+
+    Args:
+        num_frames: T, the model's frame count for the utterance (``_get_feat_extract_output_lengths``).
+        num_mfcc_frames: F >= 1, the utterance's MFCC frames.
+        conv_kernel, conv_stride: the CNN's kernels and strides in samples.
+
+    Returns:
+        ``(T,)`` int64 MFCC frame indices.
+
+    Raises:
+        ValueError: ``num_mfcc_frames < 1`` or ``num_frames < 0``.
+    """
+    if num_mfcc_frames < 1 or num_frames < 0:
+        raise ValueError(f"need num_mfcc_frames >= 1 and num_frames >= 0, got {num_mfcc_frames}, {num_frames}")
+    p = math.prod(int(s) for s in conv_stride)
+    r = _receptive_field(conv_kernel, conv_stride)
+    t = torch.arange(num_frames, dtype=torch.long)
+    j = torch.div(2 * p * t + (r - MFCC_WINDOW) + MFCC_SHIFT, 2 * MFCC_SHIFT, rounding_mode="floor")
+    return j.clamp_(0, num_mfcc_frames - 1)
+
+
+class MfccTargets(NamedTuple):
+    """What :func:`mfcc_targets` returns.
+
+    Attributes:
+        labels: utterance id -> ``(T,)`` cluster ids, one per model frame (T = the model's frame count of the
+            whole utterance, 50 Hz for HuBERT's CNN); ``uint8`` for <= 256 clusters, else ``int16``.
+        centroids: ``(K, 39)`` float32 k-means centroids in MFCC space (pass them back to label other data alike).
+    """
+
+    labels: dict[str, torch.Tensor]
+    centroids: torch.Tensor
+
+
+def _frames(config, num_samples: int) -> int:
+    """Model frames of ``num_samples`` samples (the CNN formula of ``_get_feat_extract_output_lengths``)."""
+    n = int(num_samples)
+    for k, s in zip(config.conv_kernel, config.conv_stride):
+        n = (n - int(k)) // int(s) + 1
+    return n
+
+
+def mfcc_targets(
+    data: AudioData,
+    config,
+    num_clusters: int = 100,
+    kmeans_iters: int = 30,
+    max_kmeans_frames: Optional[int] = 500_000,
+    seed: int = 0,
+    centroids: Optional[torch.Tensor] = None,
+    progress: bool = False,
+) -> MfccTargets:
+    """HuBERT first-iteration targets: k-means cluster ids of 39-dim MFCC frames, one per model frame.
+
+    1. :func:`mfcc_features` of every utterance (100 Hz, 39 dims; not normalised, as fairseq).
+    2. k-means with ``num_clusters`` clusters (HuBERT: 100) of all MFCC frames, or of a random subset of
+       ``max_kmeans_frames`` of them: k-means++ seeding on at most 50,000 frames, then ``kmeans_iters`` Lloyd
+       iterations (:mod:`speechkd.mvq.quantizer`'s ``_kmeans``; fairseq uses scikit-learn's MiniBatchKMeans), with
+       a generator seeded by ``seed`` -- skipped when ``centroids`` are given.
+    3. each model frame t gets the cluster of MFCC frame :func:`label_frame_index` (``2 t`` for HuBERT's CNN).
+
+    The labels cover the whole utterance (T frames for its S samples); a training crop starting at a multiple of
+    ``prod(conv_stride)`` samples uses the slice of labels of its frames (the CNN has no padding).
+
+    Args:
+        data: utterances, cuts or id -> 16 kHz waveform (see :func:`load_waveforms`).
+        config: the model's config (anything with ``conv_kernel`` and ``conv_stride``, e.g. a ``HubertConfig``).
+        num_clusters: K (<= 32767).
+        kmeans_iters: Lloyd iterations (>= 0).
+        max_kmeans_frames: frames the k-means is fitted on at most (None: all).
+        seed: seeds the k-means (same data and seed: same centroids).
+        centroids: ``(K, 39)`` centroids to assign to instead of fitting (``num_clusters`` is then ignored).
+        progress: show a progress bar over utterances.
+
+    Returns:
+        :class:`MfccTargets` (labels by utterance id, centroids).
+
+    Raises:
+        ValueError: an utterance shorter than one MFCC window (400 samples) or than the CNN's receptive field;
+            fewer MFCC frames than clusters; ``num_clusters`` outside ``[1, 32767]``; ``centroids`` not ``(K, 39)``;
+            or as :func:`load_waveforms`.
+    """
+    waves = load_waveforms(data)
+    feats: dict[str, torch.Tensor] = {}
+    iterator = waves.items()
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, total=len(waves), desc="MFCC", unit="utt")
+    for uid, wav in iterator:
+        if _frames(config, wav.shape[0]) < 1:
+            raise ValueError(f"utterance {uid!r} ({wav.shape[0]} samples) is shorter than the CNN's receptive field")
+        try:
+            feats[uid] = mfcc_features(wav)
+        except ValueError as e:
+            raise ValueError(f"utterance {uid!r}: {e}") from None
+    if centroids is None:
+        if not 1 <= int(num_clusters) <= _MAX_CLUSTERS:
+            raise ValueError(f"num_clusters must be in [1, {_MAX_CLUSTERS}], got {num_clusters}")
+        if kmeans_iters < 0:
+            raise ValueError(f"kmeans_iters must be >= 0, got {kmeans_iters}")
+        gen = torch.Generator().manual_seed(int(seed))
+        frames = torch.cat(list(feats.values()))  # (sum F, 39)
+        if frames.shape[0] < num_clusters:
+            raise ValueError(f"{frames.shape[0]} MFCC frames cannot make {num_clusters} clusters")
+        if max_kmeans_frames is not None and frames.shape[0] > max_kmeans_frames:
+            frames = frames[torch.randperm(frames.shape[0], generator=gen)[: int(max_kmeans_frames)]]
+        centroids, _ = _kmeans(frames, int(num_clusters), int(kmeans_iters), gen, seed_rows=50_000)
+    centroids = torch.as_tensor(centroids, dtype=torch.float32)
+    if centroids.dim() != 2 or centroids.shape[1] != MFCC_DIM or not 1 <= centroids.shape[0] <= _MAX_CLUSTERS:
+        raise ValueError(
+            f"centroids must be (K, {MFCC_DIM}) with 1 <= K <= {_MAX_CLUSTERS}, got {tuple(centroids.shape)}"
+        )
+    dtype = torch.uint8 if centroids.shape[0] <= 256 else torch.int16
+    cb_sq = (centroids * centroids).sum(1)
+    labels = {}
+    for uid, feat in feats.items():
+        index = label_frame_index(_frames(config, waves[uid].shape[0]), feat.shape[0], config.conv_kernel,
+                                  config.conv_stride)
+        ids, _ = _assign(feat[index], centroids, cb_sq)
+        labels[uid] = ids.to(dtype)
+    return MfccTargets(labels=labels, centroids=centroids)
+
+
+# ------------------------------------------------------------------------------------------------ the model
+class HubertPretrainer(nn.Module):
+    """``HubertModel`` plus HuBERT's masked-prediction head and loss (Hsu et al. 2021, sec. II; fairseq ``hubert``).
+
+    Forward: CNN features -> feature projection -> span masking (masked frames replaced by the model's
+    ``masked_spec_embed``, ``transformers``' own masking, by passing ``mask_time_indices``) -> transformer -> last
+    hidden state ``o_t`` -> ``final_proj`` (Linear(C, final_dim)) -> logits
+    ``cos(final_proj(o_t), e_k) / logit_temp`` over the K cluster embeddings ``e_k`` (``label_embs``, initialised
+    uniform in [0, 1) as fairseq's ``label_embs_concat``). Loss: cross-entropy of the target cluster ids averaged
+    over the masked valid frames only (the paper's alpha = 1; fairseq ``pred_masked_weight=1``,
+    ``pred_nomask_weight=0``). The CNN's gradient is scaled by ``feature_grad_mult`` (fairseq: 0.1).
+
+    Masks (:meth:`sample_mask`): ``transformers``' ``_compute_mask_indices`` (fairseq's ``compute_mask_indices``):
+    per utterance ``int(mask_prob * T_valid / mask_length + u)`` span starts (u ~ U[0, 1), at least ``min_masks``)
+    drawn without replacement among valid frames, each masking ``mask_length`` frames; HuBERT: ``mask_prob = 0.8``,
+    ``mask_length = 10`` (about half of the frames end up masked, as spans overlap).
+
+    Args:
+        config: ``HubertConfig`` (see :func:`hubert_config`); needs ``mask_time_prob > 0`` or
+            ``mask_feature_prob > 0`` (so the model has ``masked_spec_embed``) and ``apply_spec_augment``.
+        num_clusters: K target clusters.
+        final_dim: width of the projection and the cluster embeddings (fairseq Base: 256).
+        logit_temp: cosine temperature (0.1).
+        mask_prob, mask_length, min_masks: span masking, as above.
+        feature_grad_mult: gradient scale into the CNN (0: frozen CNN output, 1: unscaled).
+
+    Shapes:
+        ``forward(wavs: (N, S) float 16 kHz, lens: (N,) int samples, targets: (N, T) int, mask: (N, T) bool)``
+        -> ``(loss: scalar, logs: dict of detached scalars)``; ``logits(...) -> ((N, T, K), (N,) frames)``.
+
+    Raises:
+        ValueError: a config whose model would have no ``masked_spec_embed`` or ignores ``mask_time_indices``
+            (``apply_spec_augment=False``), ``num_clusters < 1``, ``final_dim < 1``, ``logit_temp <= 0``,
+            ``mask_prob`` outside [0, 1], ``mask_length < 1``, ``feature_grad_mult < 0``.
+    """
+
+    def __init__(
+        self,
+        config,
+        num_clusters: int = 100,
+        final_dim: int = 256,
+        logit_temp: float = 0.1,
+        mask_prob: float = 0.8,
+        mask_length: int = 10,
+        min_masks: int = 2,
+        feature_grad_mult: float = 0.1,
+    ):
+        super().__init__()
+        import transformers
+
+        if not (config.mask_time_prob > 0 or config.mask_feature_prob > 0):
+            raise ValueError("config.mask_time_prob or mask_feature_prob must be > 0, else HubertModel has no "
+                             "masked_spec_embed to mask with")
+        if not getattr(config, "apply_spec_augment", True):
+            raise ValueError("config.apply_spec_augment=False makes HubertModel ignore mask_time_indices")
+        if num_clusters < 1 or final_dim < 1 or logit_temp <= 0 or mask_length < 1 or feature_grad_mult < 0:
+            raise ValueError(f"bad settings: num_clusters={num_clusters}, final_dim={final_dim}, logit_temp="
+                             f"{logit_temp}, mask_length={mask_length}, feature_grad_mult={feature_grad_mult}")
+        if not 0.0 <= mask_prob <= 1.0:
+            raise ValueError(f"mask_prob must be in [0, 1], got {mask_prob}")
+        self.model = transformers.HubertModel(config)
+        self.num_clusters, self.final_dim, self.logit_temp = int(num_clusters), int(final_dim), float(logit_temp)
+        self.mask_prob, self.mask_length, self.min_masks = float(mask_prob), int(mask_length), int(min_masks)
+        self.feature_grad_mult = float(feature_grad_mult)
+        self.final_proj = nn.Linear(config.hidden_size, self.final_dim)
+        self.label_embs = nn.Parameter(torch.empty(self.num_clusters, self.final_dim).uniform_())
+        self.model.feature_extractor.register_forward_hook(self._scale_feature_grad)
+
+    def _scale_feature_grad(self, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        """Forward hook on the CNN: its ``(N, C_cnn, T)`` output with the gradient scaled (fairseq GradMultiply)."""
+        if self.feature_grad_mult == 1.0 or not output.requires_grad:
+            return output
+        if self.feature_grad_mult == 0.0:
+            return output.detach()
+        return _GradScale.apply(output, self.feature_grad_mult)
+
+    @property
+    def config(self):
+        """The ``HubertConfig`` of :attr:`model`."""
+        return self.model.config
+
+    @property
+    def samples_per_frame(self) -> int:
+        """Frame shift in samples, ``prod(conv_stride)`` (320 = 20 ms for HuBERT's CNN)."""
+        return math.prod(int(s) for s in self.config.conv_stride)
+
+    @property
+    def min_samples(self) -> int:
+        """Receptive field in samples: the shortest input with one frame (400 for HuBERT's CNN)."""
+        return _receptive_field(self.config.conv_kernel, self.config.conv_stride)
+
+    def settings(self) -> dict:
+        """The head and masking settings (JSON-serialisable), as passed to the constructor."""
+        return {
+            "num_clusters": self.num_clusters,
+            "final_dim": self.final_dim,
+            "logit_temp": self.logit_temp,
+            "mask_prob": self.mask_prob,
+            "mask_length": self.mask_length,
+            "min_masks": self.min_masks,
+            "feature_grad_mult": self.feature_grad_mult,
+        }
+
+    def frame_lens(self, lens: torch.Tensor) -> torch.Tensor:
+        """Valid frames ``(N,)`` int64 of ``lens: (N,)`` samples (``_get_feat_extract_output_lengths``)."""
+        return self.model._get_feat_extract_output_lengths(lens.to(torch.long)).to(torch.long)
+
+    def sample_mask(self, frame_lens: torch.Tensor, num_frames: Optional[int] = None, seed: Optional[int] = None
+                    ) -> torch.Tensor:
+        """Span mask over the frames (``transformers``' ``_compute_mask_indices``, see the class docstring).
+
+        Args:
+            frame_lens: ``(N,)`` valid frames per utterance.
+            num_frames: T, the padded frame axis (default ``frame_lens.max()``).
+            seed: seeds numpy's global generator for this call only (its state is restored afterwards), so a
+                given seed gives a given mask; None draws from the current global state.
+
+        Returns:
+            ``(N, T)`` bool, True = masked; never True at or after ``frame_lens[n]``.
+
+        Raises:
+            ValueError: ``num_frames < mask_length`` (``_compute_mask_indices`` needs T >= mask_length).
+        """
+        from transformers.models.hubert.modeling_hubert import _compute_mask_indices
+
+        frame_lens = frame_lens.detach().to("cpu", torch.long)
+        t = int(frame_lens.max()) if num_frames is None else int(num_frames)
+        if t < self.mask_length:
+            raise ValueError(f"{t} frames are fewer than mask_length = {self.mask_length}")
+        valid = torch.arange(t)[None, :] < frame_lens[:, None]  # (N, T)
+        state = np.random.get_state() if seed is not None else None
+        try:
+            if seed is not None:
+                np.random.seed(int(seed) % 2**32)
+            mask = _compute_mask_indices((valid.shape[0], t), self.mask_prob, self.mask_length,
+                                         attention_mask=valid.long(), min_masks=self.min_masks)
+        finally:
+            if state is not None:
+                np.random.set_state(state)
+        return torch.from_numpy(mask) & valid
+
+    def _check(self, wavs: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        if wavs.dim() != 2 or not wavs.is_floating_point():
+            raise ValueError(f"wavs must be a float (N, S) tensor, got {tuple(wavs.shape)} {wavs.dtype}")
+        if lens.shape != (wavs.shape[0],) or lens.is_floating_point():
+            raise ValueError(
+                f"lens must be (N,) = ({wavs.shape[0]},) integer samples, got {tuple(lens.shape)} {lens.dtype}"
+            )
+        lens = lens.to(wavs.device, torch.long)
+        if int(lens.max()) > wavs.shape[1] or int(lens.min()) < self.min_samples:
+            raise ValueError(f"lens must lie in [{self.min_samples}, S = {wavs.shape[1]}] samples, got "
+                             f"[{int(lens.min())}, {int(lens.max())}]")
+        return lens
+
+    def logits(self, wavs: torch.Tensor, lens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cluster logits of every frame, with the CNN features at ``mask`` replaced by ``masked_spec_embed``.
+
+        Args:
+            wavs: ``(N, S)`` float 16 kHz waveforms, right-padded (padding goes to the transformer as an attention
+                mask; with a GroupNorm CNN padding still changes the CNN output, so the training loop avoids it).
+            lens: ``(N,)`` valid samples.
+            mask: ``(N, T)`` bool frames to mask, T = frames of S samples.
+
+        Returns:
+            ``(logits (N, T, K) = cos / logit_temp, frame_lens (N,))``.
+
+        Raises:
+            ValueError: bad shapes, ``lens`` outside ``[min_samples, S]``, a mask not ``(N, T)``.
+        """
+        lens = self._check(wavs, lens)
+        t = _frames(self.config, wavs.shape[1])
+        if mask.shape != (wavs.shape[0], t) or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be (N, T) = ({wavs.shape[0]}, {t}) bool, got {tuple(mask.shape)} {mask.dtype}")
+        attention = None
+        if int(lens.min()) < wavs.shape[1]:
+            attention = (torch.arange(wavs.shape[1], device=wavs.device)[None, :] < lens[:, None]).long()
+        out = self.model(wavs, attention_mask=attention, mask_time_indices=mask.to(wavs.device), return_dict=True)
+        proj = F.normalize(self.final_proj(out.last_hidden_state), dim=-1)  # (N, T, D)
+        logits = proj @ F.normalize(self.label_embs, dim=-1).t() / self.logit_temp  # (N, T, K)
+        return logits, self.frame_lens(lens)
+
+    def forward(
+        self,
+        wavs: torch.Tensor,
+        lens: torch.Tensor,
+        targets: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        seed: Optional[int] = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Masked-prediction loss of a batch (HuBERT eq. 2-3 with alpha = 1).
+
+        Args:
+            wavs: ``(N, S)`` float 16 kHz waveforms, right-padded.
+            lens: ``(N,)`` valid samples.
+            targets: ``(N, T)`` integer cluster ids in ``[0, K)`` per model frame (values at padded frames ignored).
+            mask: ``(N, T)`` bool frames to mask and predict (default :meth:`sample_mask` with ``seed``).
+            seed: see :meth:`sample_mask` (only used when ``mask`` is None).
+
+        Returns:
+            ``(loss, logs)``: the mean cross-entropy (nats) over masked valid frames (0, with a gradient, when no frame
+            is masked), and detached scalars ``loss``, ``acc_m`` / ``acc_u`` (accuracy on masked / unmasked valid
+            frames), ``mask_frac`` (share of valid frames masked), ``frames`` (valid frames).
+
+        Raises:
+            ValueError: ``targets`` not ``(N, T)``, or a target id outside ``[0, K)`` at a valid frame; or as
+                :meth:`logits`.
+        """
+        lens = self._check(wavs, lens)
+        frame_lens = self.frame_lens(lens)
+        t = _frames(self.config, wavs.shape[1])
+        if mask is None:
+            mask = self.sample_mask(frame_lens, t, seed=seed)
+        if targets.shape != (wavs.shape[0], t) or targets.is_floating_point():
+            raise ValueError(f"targets must be (N, T) = ({wavs.shape[0]}, {t}) integer ids, got "
+                             f"{tuple(targets.shape)} {targets.dtype}")
+        logits, frame_lens = self.logits(wavs, lens, mask)
+        valid = torch.arange(t, device=logits.device)[None, :] < frame_lens[:, None]  # (N, T)
+        targets = targets.to(logits.device, torch.long)
+        if bool(((targets < 0) | (targets >= self.num_clusters))[valid].any()):
+            raise ValueError(f"target ids must lie in [0, {self.num_clusters}) at valid frames")
+        mask = mask.to(logits.device) & valid
+        unmasked = valid & ~mask
+        n_masked = int(mask.sum())
+        if n_masked:
+            loss = F.cross_entropy(logits[mask], targets[mask])
+        else:
+            loss = logits.sum() * 0.0
+        with torch.no_grad():
+            correct = logits.argmax(-1) == targets
+            logs = {
+                "loss": loss.detach(),
+                "acc_m": correct[mask].float().mean() if n_masked else logits.new_zeros(()),
+                "acc_u": correct[unmasked].float().mean() if bool(unmasked.any()) else logits.new_zeros(()),
+                "mask_frac": mask.sum() / valid.sum().clamp_min(1),
+                "frames": valid.sum(),
+            }
+        return loss, logs
+
+    def save_pretrained(self, out_dir: PathLike, extra: Optional[dict] = None) -> Path:
+        """Export the encoder as a Hugging Face HuBERT directory, atomically (temporary directory, then rename).
+
+        Writes ``config.json`` (``model_type: hubert``) + ``model.safetensors`` (``HubertModel.save_pretrained``;
+        loadable by :func:`speechkd.teachers.hf.load_ssl_model` / ``load_ssl_teacher``), ``preprocessor_config.json``
+        (``do_normalize: false``, as HuBERT Base) and :data:`SUMMARY_FILE` (the head settings plus ``extra``). The
+        pre-training head itself is not exported (it is in the training checkpoint).
+
+        Args:
+            out_dir: the directory; an existing one is replaced only if it is empty or holds :data:`SUMMARY_FILE`
+                (an earlier export).
+            extra: more JSON-serialisable entries for :data:`SUMMARY_FILE`.
+
+        Returns:
+            ``out_dir``.
+
+        Raises:
+            FileExistsError: ``out_dir`` exists, is not empty and is not an earlier export (it is left untouched).
+        """
+        out_dir = Path(out_dir)
+        if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir())
+                                                             and not (out_dir / SUMMARY_FILE).is_file())):
+            raise FileExistsError(f"{out_dir} exists and is not an earlier HuBERT export: not overwriting it")
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        try:
+            self.model.save_pretrained(tmp)
+            preprocessor = {
+                "feature_extractor_type": "Wav2Vec2FeatureExtractor",
+                "do_normalize": False,
+                "sampling_rate": SAMPLE_RATE,
+                "feature_size": 1,
+                "padding_value": 0.0,
+                "return_attention_mask": True,
+            }
+            (tmp / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n", encoding="utf-8")
+            summary = {"method": "HuBERT iteration 1 (MFCC k-means targets), arXiv 2106.07447", **self.settings(),
+                       **(extra or {})}
+            (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+            old = None
+            if out_dir.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+                os.replace(out_dir, old / out_dir.name)
+            os.replace(tmp, out_dir)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return out_dir
+
+
+# ------------------------------------------------------------------------------------------------ training loop
+class PretrainResult(NamedTuple):
+    """What :func:`pretrain_hubert` returns.
+
+    Attributes:
+        model_dir: the exported Hugging Face directory.
+        pretrainer: the trained :class:`HubertPretrainer`, in eval mode.
+        step: optimizer steps done in total (over all resumed runs).
+        history: one dict per logged step: ``step``, ``lr``, ``loss``, ``acc_m``, ``acc_u``, ``mask_frac``.
+        resumed_from: the checkpoint's step this run started from (0 for a fresh run).
+    """
+
+    model_dir: Path
+    pretrainer: HubertPretrainer
+    step: int
+    history: list[dict]
+    resumed_from: int
+
+
+def _batches(lengths: list[int], order: np.ndarray, max_samples: int, max_batch_samples: int) -> list[list[int]]:
+    """Group utterance indices into buckets of similar length: ``order`` stably sorted by length, then consecutive
+    utterances while ``count * crop <= max_batch_samples`` (crop = the bucket's shortest, at most ``max_samples``)."""
+    idx = sorted(order.tolist(), key=lambda i: lengths[i])  # stable: ties keep the random order
+    out, cur = [], []
+    for i in idx:
+        crop = min(lengths[cur[0]] if cur else lengths[i], max_samples)
+        if cur and (len(cur) + 1) * crop > max_batch_samples:
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _data_fingerprint(ids: list[str], lengths: list[int], labels: list[torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for uid, n, lab in zip(ids, lengths, labels):
+        h.update(f"{uid}\t{n}\n".encode())
+        h.update(lab.to(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def pretrain_hubert(
+    data: AudioData,
+    out_dir: PathLike,
+    steps: Optional[int] = None,
+    epochs: Optional[int] = None,
+    config=None,
+    hidden_size: int = 256,
+    num_layers: int = 6,
+    num_heads: int = 4,
+    conv_dim: Union[int, Sequence[int]] = 256,
+    num_clusters: int = 100,
+    final_dim: int = 256,
+    mask_prob: float = 0.8,
+    mask_length: int = 10,
+    lr: float = 5e-4,
+    warmup_steps: Optional[int] = None,
+    weight_decay: float = 0.01,
+    grad_clip: float = 10.0,
+    max_samples: int = 15 * SAMPLE_RATE,
+    max_batch_samples: int = 64 * SAMPLE_RATE,
+    seed: int = 0,
+    ckpt_path: Optional[PathLike] = None,
+    ckpt_every: int = 500,
+    log_every: int = 10,
+    kmeans_iters: int = 30,
+    max_kmeans_frames: Optional[int] = 500_000,
+    num_threads: Optional[int] = None,
+    progress: bool = True,
+    callback: Optional[Callable[[int, dict], None]] = None,
+) -> PretrainResult:
+    """Pre-train a HuBERT teacher from scratch (first iteration, MFCC k-means targets) and export it.
+
+    Steps: load the audio (:func:`load_waveforms`), make targets (:func:`mfcc_targets`; on resume, the checkpoint's
+    centroids are re-used), build :class:`HubertPretrainer` on ``config`` (default :func:`hubert_config` with the
+    given sizes), train, export with :meth:`HubertPretrainer.save_pretrained`.
+
+    Batches: each epoch the utterances are shuffled, stably sorted by length and cut into buckets whose
+    ``count * crop <= max_batch_samples``; every utterance of a bucket is cropped to ``crop`` samples (the bucket's
+    shortest, at most ``max_samples``; fairseq ``pad_audio=False``, ``max_sample_size``) at a random offset that is a
+    multiple of ``prod(conv_stride)`` samples, so the crop's frames are exactly frames of the whole utterance and take
+    their labels; no padding is needed (a GroupNorm CNN is not padding-invariant). Buckets are visited in random
+    order. Utterances with fewer than ``mask_length`` frames are left out.
+
+    Optimisation (fairseq ``hubert_base_librispeech``): AdamW (betas 0.9, 0.98, eps 1e-6, ``weight_decay``), learning
+    rate linearly warmed up over ``warmup_steps`` (default 8% of ``steps``) then linearly decayed to 0 at ``steps``,
+    gradient norm clipped to ``grad_clip``.
+
+    Determinism and resume: step s uses generators seeded by ``(seed, s)`` (torch's global seed, for dropout and
+    LayerDrop; crop offsets; numpy for the mask) and the batch order of epoch ``s // batches_per_epoch``, seeded by
+    ``(seed, epoch)``. Every ``ckpt_every`` steps and at the end, a checkpoint (``torch.save`` of state dicts,
+    tensors and JSON strings only; read back with ``weights_only=True``) is written atomically to ``ckpt_path``. A
+    later call with the same ``ckpt_path`` resumes from it and trains up to ``steps`` (a larger ``steps`` continues
+    training; the learning-rate schedule follows the current call). The checkpoint is kept after the export.
+
+    Args:
+        data: utterances (e.g. ``read_split(...)``), lhotse cuts, or id -> 16 kHz waveform; ids must be unique.
+        out_dir: the exported directory (see :meth:`HubertPretrainer.save_pretrained`).
+        steps: optimizer steps in total; or ``epochs``: passes over the data (exactly one of them).
+        config: a ``HubertConfig`` (then the size arguments are ignored).
+        hidden_size, num_layers, num_heads, conv_dim: sizes for :func:`hubert_config`.
+        num_clusters: k-means clusters K (HuBERT: 100).
+        final_dim, mask_prob, mask_length: as for :class:`HubertPretrainer`.
+        lr, warmup_steps, weight_decay, grad_clip: optimisation, as above.
+        max_samples: longest crop in samples (default 15 s).
+        max_batch_samples: samples per batch at most (default 64 s of audio; a single utterance always fits).
+        seed: seeds the weights, k-means, batches, crops, masks and dropout.
+        ckpt_path: checkpoint file (default ``<out_dir>.pretrain_ckpt.pt``, see :data:`CKPT_SUFFIX`).
+        ckpt_every: steps between checkpoints (>= 1).
+        log_every: steps between entries of the history (and the progress bar's loss).
+        kmeans_iters, max_kmeans_frames: as for :func:`mfcc_targets`.
+        num_threads: torch threads (``set_thread_policy``; None keeps torch's setting).
+        progress: show progress bars.
+        callback: called as ``callback(step, logs)`` after every step (``logs`` as :meth:`HubertPretrainer.forward`'s
+            plus ``lr``), e.g. to watch or stop (raise) a run.
+
+    Returns:
+        :class:`PretrainResult`.
+
+    Raises:
+        ValueError: not exactly one of ``steps`` / ``epochs``, or < 1; no utterance long enough; a checkpoint made
+            with another model, head, masking, batching, seed or data (its message names the differing settings);
+            or as :func:`mfcc_targets` and :class:`HubertPretrainer`.
+        FileExistsError: as :meth:`HubertPretrainer.save_pretrained`.
+    """
+    if (steps is None) == (epochs is None):
+        raise ValueError("give exactly one of steps and epochs")
+    if (steps is not None and steps < 1) or (epochs is not None and epochs < 1) or ckpt_every < 1 or log_every < 1:
+        raise ValueError(f"steps, epochs, ckpt_every and log_every must be >= 1 (got {steps}, {epochs}, "
+                         f"{ckpt_every}, {log_every})")
+    set_thread_policy(num_threads)
+    out_dir = Path(out_dir)
+    ckpt_path = Path(ckpt_path) if ckpt_path is not None else out_dir.with_name(out_dir.name + CKPT_SUFFIX)
+    if config is None:
+        config = hubert_config(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, conv_dim=conv_dim)
+    config = copy.deepcopy(config)  # the caller's is never changed (save_pretrained sets e.g. `architectures`)
+    config_json = json.loads(config.to_json_string())
+    for key in ("transformers_version", "dtype", "torch_dtype", "architectures"):
+        config_json.pop(key, None)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path.is_file() else None
+    if ckpt is not None and ckpt.get("version") != _CKPT_VERSION:
+        raise ValueError(f"{ckpt_path}: unknown checkpoint version {ckpt.get('version')!r}")
+    if ckpt is not None and ckpt["centroids"].shape[0] != num_clusters:
+        raise ValueError(f"{ckpt_path} was made with {ckpt['centroids'].shape[0]} clusters, not num_clusters="
+                         f"{num_clusters}: delete it or use another ckpt_path")
+
+    waves = load_waveforms(data)
+    targets = mfcc_targets(waves, config, num_clusters=num_clusters, kmeans_iters=kmeans_iters,
+                           max_kmeans_frames=max_kmeans_frames, seed=seed,
+                           centroids=None if ckpt is None else ckpt["centroids"], progress=progress)
+    ids = [u for u in waves if targets.labels[u].shape[0] >= mask_length]
+    if not ids:
+        raise ValueError(f"no utterance has the {mask_length} frames (mask_length) a training crop needs")
+    wavs = [waves[u] for u in ids]
+    labels = [targets.labels[u] for u in ids]
+    lengths = [int(w.shape[0]) for w in wavs]
+
+    torch.manual_seed(seed)
+    pretrainer = HubertPretrainer(config, num_clusters=int(num_clusters), final_dim=final_dim,
+                                  mask_prob=mask_prob, mask_length=mask_length)
+    spf = pretrainer.samples_per_frame
+    # a crop capped at max_samples must still have mask_length frames (_compute_mask_indices needs them)
+    max_samples = max(int(max_samples), _receptive_field(config.conv_kernel, config.conv_stride)
+                      + (mask_length - 1) * spf)
+    fingerprint = {
+        "config": config_json,
+        "head": pretrainer.settings(),
+        "clusters": int(targets.centroids.shape[0]),
+        "kmeans": {"iters": int(kmeans_iters), "max_frames": max_kmeans_frames},
+        "seed": int(seed),
+        "max_samples": int(max_samples),
+        "max_batch_samples": int(max_batch_samples),
+        "data": _data_fingerprint(ids, lengths, labels),
+        "utterances": len(ids),
+    }
+    optimizer = torch.optim.AdamW(pretrainer.parameters(), lr=lr, betas=(0.9, 0.98), eps=1e-6,
+                                  weight_decay=weight_decay)
+    start, history = 0, []
+    if ckpt is not None:
+        saved = json.loads(ckpt["fingerprint"])
+        diff = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+        if diff:
+            raise ValueError(f"{ckpt_path} was made with other settings ({', '.join(diff)} differ): delete it or "
+                             "use another ckpt_path")
+        pretrainer.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start, history = int(ckpt["step"]), json.loads(ckpt["history"])
+
+    n_batches = len(_batches(lengths, np.arange(len(ids)), max_samples, max_batch_samples))
+    total = int(steps) if steps is not None else int(epochs) * n_batches
+    warm = int(round(0.08 * total)) if warmup_steps is None else int(warmup_steps)
+
+    def lr_at(step: int) -> float:
+        if step < warm:
+            return lr * (step + 1) / warm
+        return lr * max(0.0, (total - step) / max(1, total - warm))
+
+    def save_ckpt(step: int) -> None:
+        state = {
+            "version": _CKPT_VERSION,
+            "step": step,
+            "model": pretrainer.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "centroids": targets.centroids,
+            "fingerprint": json.dumps(fingerprint),
+            "history": json.dumps(history),
+        }
+        with atomic_path(ckpt_path) as tmp:
+            torch.save(state, tmp)
+
+    bar = None
+    if progress and start < total:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=start, desc="HuBERT pretrain", unit="step")
+    epoch_cache: dict[int, list[list[int]]] = {}
+    t0 = time.time()
+    pretrainer.train()
+    for step in range(start, total):
+        epoch, index = divmod(step, n_batches)
+        if epoch not in epoch_cache:
+            order = np.random.default_rng([int(seed), epoch]).permutation(len(ids))
+            batches = _batches(lengths, order, max_samples, max_batch_samples)
+            epoch_cache = {epoch: [batches[i] for i in np.random.default_rng([int(seed), epoch, 1]).permutation(
+                len(batches))]}
+        batch = epoch_cache[epoch][index]
+        rng = np.random.default_rng([int(seed), step, 2])
+        crop = min(min(lengths[i] for i in batch), max_samples)
+        num_frames = _frames(config, crop)
+        xs, ys = [], []
+        for i in batch:
+            offset = int(rng.integers(0, (lengths[i] - crop) // spf + 1)) * spf
+            xs.append(wavs[i][offset : offset + crop])
+            first = offset // spf
+            ys.append(labels[i][first : first + num_frames].long())
+        x, y = torch.stack(xs), torch.stack(ys)
+        x_lens = torch.full((len(batch),), crop, dtype=torch.long)
+        torch.manual_seed(int(rng.integers(2**62)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        loss, logs = pretrainer(x, x_lens, y, seed=int(rng.integers(2**32)))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(pretrainer.parameters(), grad_clip)
+        optimizer.step()
+        logs = {k: float(v) for k, v in logs.items()}
+        logs["lr"] = lr_at(step)
+        if (step + 1) % log_every == 0 or step + 1 == total:
+            history.append({"step": step + 1, **{k: logs[k] for k in ("lr", "loss", "acc_m", "acc_u", "mask_frac")}})
+            if bar is not None:
+                bar.set_postfix(loss=f"{logs['loss']:.3f}", acc_m=f"{logs['acc_m']:.3f}")
+        if callback is not None:
+            callback(step + 1, logs)
+        if bar is not None:
+            bar.update(1)
+        if (step + 1) % ckpt_every == 0 and step + 1 < total:
+            save_ckpt(step + 1)
+    if bar is not None:
+        bar.close()
+    if start < total:
+        save_ckpt(total)
+    pretrainer.eval()
+    final = max(start, total)
+    extra = {
+        "steps": final,
+        "resumed_from": start,
+        "utterances": len(ids),
+        "hours": round(sum(lengths) / SAMPLE_RATE / 3600, 4),
+        "targets": f"k-means of 39-dim MFCC (lhotse, snip_edges) at 100 Hz, {targets.centroids.shape[0]} clusters, "
+                   "MFCC frame round((t P + (R - 400) / 2) / 160) for model frame t",
+        "seed": int(seed),
+        "lr": lr,
+        "warmup_steps": warm,
+        "max_samples": int(max_samples),
+        "max_batch_samples": int(max_batch_samples),
+        "train_seconds_this_run": round(time.time() - t0, 1),
+        "history": history,
+    }
+    model_dir = pretrainer.save_pretrained(out_dir, extra=extra)
+    return PretrainResult(model_dir=model_dir, pretrainer=pretrainer, step=final, history=history, resumed_from=start)
