@@ -1,6 +1,15 @@
 """The ``speechkd`` command: one subcommand per stage, and ``run`` for the whole chain.
 
-Typical use::
+A recipe is an ASR experiment (transducer / AED teacher and students: MVQ-KD, seq-KD, CoDERT), or, with
+``task: ssl`` at its top, an SSL-distillation experiment (HuBERT teacher -> DistilHuBERT student -> KWS and SV
+fine-tuning); the same subcommands run the stages of either kind.
+
+Typical use (SSL)::
+
+    speechkd run recipes/ssl_kws_sv.yaml                # prepare, teacher, distill, finetune, evaluate, report
+    speechkd finetune recipes/ssl_kws_sv.yaml           # or stage by stage
+
+Typical use (ASR)::
 
     speechkd run recipes/commands_mvq.yaml              # everything, resumable
     speechkd prepare recipes/commands_mvq.yaml          # or stage by stage
@@ -27,7 +36,14 @@ import typer
 app = typer.Typer(
     help="speechkd: knowledge distillation for speech models (MVQ-KD and friends).\n\n"
     "Every stage reads a recipe (YAML, validated: an unknown key is an error) and works in the recipe's "
-    "experiment directory; stages skip outputs that are complete, so re-running resumes.",
+    "experiment directory; stages skip outputs that are complete, so re-running resumes.\n\n"
+    "ASR recipes (e.g. recipes/commands_mvq.yaml): prepare -> train (teacher) -> extract -> quantize or "
+    "pseudo-label (as the students need) -> distill -> evaluate -> report.\n\n"
+    "SSL recipes (`task: ssl`, e.g. recipes/ssl_kws_sv.yaml): prepare (KWS/SV waveform cuts, trial lists) -> "
+    "train (HuBERT pre-training, iteration 1; skipped with teacher.dir) -> distill (DistilHuBERT student) -> "
+    "finetune (teacher and student x frozen / finetune / multitask for KWS and SV) -> evaluate (KWS accuracy, "
+    "SV EER and minDCF, params, CPU RTF) -> report.\n\n"
+    "`speechkd run RECIPE` runs them all in order.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -44,7 +60,7 @@ ProgressOpt = typer.Option(True, "--progress/--no-progress", help="show progress
 
 def _experiment(recipe: Path, exp_dir: Optional[Path], corpora_dir: Optional[Path], progress: bool):
     from speechkd.config import RecipeError, load_recipe
-    from speechkd.pipeline import Experiment
+    from speechkd.pipeline import make_experiment
 
     overrides = {}
     if exp_dir is not None:
@@ -56,18 +72,29 @@ def _experiment(recipe: Path, exp_dir: Optional[Path], corpora_dir: Optional[Pat
         raise typer.Exit(2)
     if corpora_dir is not None:
         r.data.corpora_dir = str(corpora_dir)
-    exp = Experiment(r, progress=progress)
+    exp = make_experiment(r, progress=progress)
     exp.dir.mkdir(parents=True, exist_ok=True)
     exp.write_config()
     return exp
 
 
 def _stage(name: str, recipe, exp_dir, corpora_dir, progress, **kw):
-    from speechkd.pipeline import STAGES
+    from speechkd.pipeline import stages_of
 
     exp = _experiment(recipe, exp_dir, corpora_dir, progress)
+    stages = stages_of(exp)
+    kind = "an SSL (task: ssl)" if getattr(exp, "kind", "asr") == "ssl" else "an ASR"
+    if name not in stages:
+        typer.echo(f"error: stage '{name}' does not apply to {kind} recipe; its stages: {', '.join(stages)}", err=True)
+        raise typer.Exit(2)
+    if getattr(exp, "kind", "asr") == "ssl":
+        given = [k for k, v in kw.items() if v is not None]
+        if given:
+            typer.echo(f"error: option(s) {given} apply to ASR recipes only", err=True)
+            raise typer.Exit(2)
+        kw = {}
     try:
-        STAGES[name](exp, **kw)
+        stages[name](exp, **kw)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         typer.echo(f"error in stage '{name}': {e}", err=True)
         raise typer.Exit(1)
@@ -76,14 +103,17 @@ def _stage(name: str, recipe, exp_dir, corpora_dir, progress, **kw):
 @app.command()
 def prepare(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpora_dir: Optional[Path] = CorporaOpt,
             progress: bool = ProgressOpt):
-    """Build connected-word cuts (train/dev/test, speaker-disjoint), 80-dim fbank, and the tokenizer."""
+    """Build the data. ASR: connected-word cuts (train/dev/test, speaker-disjoint), 80-dim fbank, the tokenizer.
+    SSL: waveform cuts for pre-training, KWS and SV (train, test) and the trial lists kept."""
     _stage("prepare", recipe, exp_dir, corpora_dir, progress)
 
 
 @app.command()
 def train(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpora_dir: Optional[Path] = CorporaOpt,
           progress: bool = ProgressOpt):
-    """Train the teacher transducer (resumes from its last checkpoint)."""
+    """Train the teacher (resumes from its last checkpoint). ASR: the teacher transducer / AED. SSL: HuBERT
+    pre-training, first iteration (MFCC k-means targets), exported as a Hugging Face directory; nothing to do when
+    the recipe gives teacher.dir."""
     _stage("teacher", recipe, exp_dir, corpora_dir, progress)
 
 
@@ -119,14 +149,27 @@ def distill(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpora_
             progress: bool = ProgressOpt,
             student: Optional[str] = typer.Option(None, help="train only the student run with this name"),
             seed: Optional[list[int]] = typer.Option(None, help="train only these seeds (repeatable)")):
-    """Train the recipe's students (baseline and KD), every seed; resumes stopped runs."""
+    """Train the recipe's students; resumes stopped runs. ASR: every student run (baseline and KD), every seed.
+    SSL: the DistilHuBERT student (teacher CNN + K layers, prediction heads for teacher layers)."""
     _stage("distill", recipe, exp_dir, corpora_dir, progress, only=student, seeds=seed or None)
+
+
+@app.command()
+def finetune(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpora_dir: Optional[Path] = CorporaOpt,
+             progress: bool = ProgressOpt):
+    """SSL recipes: fine-tune teacher and student for keyword spotting and speaker verification.
+
+    Each (encoder, mode) of the recipe's downstream section: frozen (frozen encoder, one head per task), finetune
+    (encoder fine-tuned per task), multitask (one encoder, L = L_KWS + beta * L_SV). Resumes stopped runs.
+    """
+    _stage("finetune", recipe, exp_dir, corpora_dir, progress)
 
 
 @app.command()
 def evaluate(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpora_dir: Optional[Path] = CorporaOpt,
              progress: bool = ProgressOpt):
-    """WER (dev, test), parameters, CPU real-time factor and label bytes -> eval/*.json."""
+    """Evaluate every trained model -> eval/*.json. ASR: WER (dev, test), parameters, CPU real-time factor, label
+    bytes. SSL: per system, KWS accuracy, SV EER and minDCF on each trial list, parameters, CPU real-time factor."""
     _stage("evaluate", recipe, exp_dir, corpora_dir, progress)
 
 
@@ -140,7 +183,11 @@ def report(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpora_d
 @app.command()
 def run(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpora_dir: Optional[Path] = CorporaOpt,
         progress: bool = ProgressOpt):
-    """Run every stage the recipe needs, in order, skipping complete outputs (resumable)."""
+    """Run every stage the recipe needs, in order, skipping complete outputs (resumable).
+
+    ASR: prepare, teacher, extract / quantize / pseudo-label as the students need, distill, evaluate, report.
+    SSL (task: ssl): prepare, teacher, distill, finetune, evaluate, report.
+    """
     from speechkd.pipeline import run_all
 
     exp = _experiment(recipe, exp_dir, corpora_dir, progress)

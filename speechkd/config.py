@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -242,12 +242,262 @@ class Recipe(Strict):
         return run.model if run.model is not None else self.student_model
 
 
+# ------------------------------------------------------------------------------------------------ SSL recipes
+class SslDataConfig(Strict):
+    """Where the SSL recipe's audio comes from (the shared corpora; see :mod:`speechkd.data.classification`).
+
+    ``pretrain_corpora``: corpora whose ``train_split`` the teacher is pre-trained and the student distilled on
+    (every utterance, no labels needed). ``sv_corpora``: corpora whose ``train_split`` speakers the SV heads learn.
+    KWS always uses Speech Commands (``speech_commands_v2_test``): its ``train_split`` to train, its ``test_split``
+    to score accuracy on the 12 classes.
+    ``trials``: speaker-verification trial lists scored for EER / minDCF, each ``<corpus>/<list>`` (a file
+    ``<corpus>/trials/<list>.tsv``; trial speakers are held out from every ``train`` split).
+    ``max_trials``: keep at most this many trials per list (the first half of them target trials, the rest
+    non-target ones, in file order); null keeps every trial.
+    ``max_segment`` / ``min_segment``: training utterances longer than ``max_segment`` seconds (LibriSpeech: up to
+    23 s) are cut into windows of that length; a last window under ``min_segment`` seconds is dropped.
+    ``smoke``: read every split from the corpora's tiny ``smoke`` lists (for tests: train and test overlap).
+    """
+
+    corpora_dir: Optional[str] = None
+    pretrain_corpora: list[str] = Field(["commands", "librispeech_spk"], min_length=1)
+    sv_corpora: list[str] = Field(["commands", "librispeech_spk"], min_length=1)
+    train_split: str = "train"
+    test_split: str = "test"
+    trials: list[str] = ["commands/sv_test", "librispeech_spk/sv_test"]
+    max_trials: Optional[int] = Field(None, ge=2)
+    max_segment: float = Field(6.0, gt=0, description="seconds; longer training utterances are cut into windows")
+    min_segment: float = Field(1.0, gt=0)
+    smoke: bool = False
+
+    @model_validator(mode="after")
+    def _check(self):
+        for t in self.trials:
+            parts = t.split("/")
+            if len(parts) != 2 or not all(parts):
+                raise ValueError(f"trial list {t!r} must be written <corpus>/<list>, e.g. commands/sv_test")
+        if len(set(self.trials)) != len(self.trials):
+            raise ValueError(f"trial lists repeat: {self.trials}")
+        if self.min_segment > self.max_segment:
+            raise ValueError(f"min_segment {self.min_segment} exceeds max_segment {self.max_segment}")
+        return self
+
+
+class HubertPretrainConfig(Strict):
+    """A small HuBERT teacher pre-trained here (first iteration: masked prediction of MFCC k-means clusters,
+    :func:`speechkd.teachers.hubert_pretrain.pretrain_hubert`).
+
+    Sizes: ``hidden_size`` x ``num_layers`` transformer layers (``num_heads`` heads, feed-forward
+    ``intermediate_size``, default 4 x hidden), a CNN of ``conv_dim`` channels with HuBERT's kernels and strides
+    (20 ms frames) unless ``conv_kernel`` / ``conv_stride`` say otherwise, a positional convolution of
+    ``pos_conv_kernel`` taps in ``pos_conv_groups`` groups. HuBERT Base is 768 x 12, CNN 512, 100 clusters.
+    Training: ``steps`` AdamW steps at peak ``lr`` (8% warm-up unless ``warmup_steps``), batches of at most
+    ``batch_seconds`` of audio cropped to at most ``max_seconds``; a checkpoint every ``ckpt_every`` steps.
+    """
+
+    hidden_size: int = Field(256, ge=8)
+    num_layers: int = Field(6, ge=1)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: Optional[int] = Field(None, ge=8)
+    conv_dim: int = Field(256, ge=1)
+    conv_kernel: Optional[list[int]] = None
+    conv_stride: Optional[list[int]] = None
+    pos_conv_kernel: int = Field(128, ge=2)
+    pos_conv_groups: int = Field(16, ge=1)
+    num_clusters: int = Field(100, ge=2)
+    final_dim: int = Field(256, ge=1)
+    mask_prob: float = Field(0.8, ge=0, le=1)
+    mask_length: int = Field(10, ge=1)
+    steps: int = Field(4000, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    warmup_steps: Optional[int] = Field(None, ge=0)
+    batch_seconds: float = Field(64.0, gt=0)
+    max_seconds: float = Field(6.0, gt=0)
+    kmeans_iters: int = Field(30, ge=0)
+    max_kmeans_frames: Optional[int] = Field(500_000, ge=1)
+    ckpt_every: int = Field(200, ge=1)
+    seed: int = 0
+    num_threads: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.hidden_size % self.num_heads or self.hidden_size % self.pos_conv_groups:
+            raise ValueError(f"num_heads ({self.num_heads}) and pos_conv_groups ({self.pos_conv_groups}) must divide "
+                             f"hidden_size ({self.hidden_size})")
+        if (self.conv_kernel is None) != (self.conv_stride is None) or (
+                self.conv_kernel is not None and (len(self.conv_kernel) != len(self.conv_stride) or not self.conv_kernel)):
+            raise ValueError("give conv_kernel and conv_stride together, one entry per CNN layer")
+        return self
+
+
+class SslTeacherConfig(Strict):
+    """The SSL teacher: ``dir`` of an existing Hugging Face HuBERT / wav2vec 2.0 / WavLM checkpoint
+    (``config.json`` + ``model.safetensors``), or ``pretrain`` settings to pre-train one here (the default when
+    neither is given)."""
+
+    dir: Optional[str] = None
+    pretrain: Optional[HubertPretrainConfig] = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.dir is not None and self.pretrain is not None:
+            raise ValueError("teacher: give either dir (an existing checkpoint) or pretrain (train one here), not both")
+        if self.dir is None and self.pretrain is None:
+            self.pretrain = HubertPretrainConfig()
+        return self
+
+
+class SslStudentConfig(Strict):
+    """The DistilHuBERT student (:func:`speechkd.models.ssl.build_ssl_student`) and its distillation.
+
+    ``num_layers``: K student transformer layers (DistilHuBERT: 2), initialised from teacher layers ``layer_map``
+    (default 1..K) and the teacher's CNN. ``target_layers``: teacher layers the prediction heads learn (default:
+    three evenly spaced ones, L/3, 2L/3, L: DistilHuBERT's 4, 8, 12 of 12; in ``layer_to_layer`` mode the
+    ``layer_map``, one per student layer). Loss per target layer: ``l1_weight * L1 + l2_weight * L2 + cos_weight *
+    -log sigmoid(cos)`` (``cos_type``), averaged (``layer_reduction: mean``) or summed over the layers.
+    Training: ``steps`` AdamW steps at peak ``lr`` (linear warm-up, cosine decay to ``final_lr_ratio * lr``),
+    batches of ``batch_seconds`` of audio; the CNN's gradient is scaled by ``feature_grad_mult``.
+    """
+
+    num_layers: int = Field(2, ge=1)
+    target_layers: Optional[list[int]] = None
+    layer_map: Optional[list[int]] = None
+    layer_to_layer: bool = False
+    head_type: Literal["mlp", "linear"] = "mlp"
+    l1_weight: float = Field(1.0, ge=0)
+    l2_weight: float = Field(0.0, ge=0)
+    cos_weight: float = Field(1.0, ge=0)
+    cos_type: Literal["logsigmoid", "cosine"] = "logsigmoid"
+    layer_reduction: Literal["mean", "sum"] = "mean"
+    feature_grad_mult: float = Field(0.1, ge=0)
+    steps: int = Field(2000, ge=1)
+    lr: float = Field(5e-4, gt=0, description="DistilHuBERT: 2e-4 over 200k steps; higher for a short CPU run")
+    warmup_steps: int = Field(100, ge=0)
+    final_lr_ratio: float = Field(0.05, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(10.0, gt=0)
+    batch_seconds: float = Field(32.0, gt=0)
+    ckpt_every: int = Field(200, ge=1)
+    seed: int = 0
+    num_threads: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.l1_weight + self.l2_weight + self.cos_weight <= 0:
+            raise ValueError("student: at least one of l1_weight, l2_weight, cos_weight must be > 0")
+        if self.layer_map is not None and len(self.layer_map) != self.num_layers:
+            raise ValueError(f"student.layer_map names {len(self.layer_map)} teacher layers for "
+                             f"{self.num_layers} student layers")
+        if self.target_layers is not None and (not self.target_layers or len(set(self.target_layers)) != len(self.target_layers)):
+            raise ValueError(f"student.target_layers must be distinct teacher layers, got {self.target_layers}")
+        if self.layer_to_layer and self.target_layers is not None and len(self.target_layers) != self.num_layers:
+            raise ValueError("layer_to_layer needs one target layer per student layer")
+        return self
+
+
+class DownstreamConfig(Strict):
+    """Fine-tuning each encoder (``encoders``: the teacher, the distilled student) for the tasks, in each mode.
+
+    ``modes``: ``frozen`` (encoder frozen, one run per task training only its head), ``finetune`` (encoder
+    fine-tuned, one run per task) and ``multitask`` (one encoder fine-tuned for both tasks at once with
+    ``L = L_KWS + beta * L_SV``; arXiv 2210.16611). ``tasks``: ``kws`` (12-class Speech Commands, SUPERB KS head,
+    cross-entropy) and ``sv`` (x-vector head, AM-softmax with scale ``am_s`` and margin ``am_m``).
+    Heads read a learnt softmax-weighted sum of all encoder layers (SUPERB). KWS head: projection
+    ``kws_proj_dim``; SV head: projection / TDNN width ``sv_proj_dim``, pooled width ``sv_stats_dim``, embedding
+    ``sv_embed_dim``, TDNN ``sv_padding`` (``valid``: SUPERB / Kaldi; needs 15 frames).
+    Training: ``steps`` AdamW steps per run; heads at peak ``lr``, a fine-tuned encoder at ``encoder_lr``
+    (linear warm-up, cosine decay to ``final_lr_ratio``); batches of ``batch_seconds`` of audio. A fine-tuned
+    encoder keeps its CNN frozen (``freeze_cnn``), runs with ``encoder_layerdrop`` and, when ``spec_augment``, its
+    own time masking (the checkpoint's ``mask_time_prob``).
+    """
+
+    encoders: list[Literal["teacher", "student"]] = ["teacher", "student"]
+    modes: list[Literal["frozen", "finetune", "multitask"]] = ["frozen", "finetune", "multitask"]
+    tasks: list[Literal["kws", "sv"]] = ["kws", "sv"]
+    steps: int = Field(1000, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    encoder_lr: float = Field(5e-5, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    final_lr_ratio: float = Field(0.05, ge=0, le=1)
+    weight_decay: float = Field(1e-3, ge=0)
+    grad_clip: float = Field(5.0, gt=0)
+    batch_seconds: float = Field(32.0, gt=0)
+    beta: float = Field(1.0, ge=0, description="weight of the SV loss in multitask mode")
+    am_s: float = Field(30.0, gt=0)
+    am_m: float = Field(0.4, ge=0)
+    kws_proj_dim: int = Field(256, ge=1)
+    sv_proj_dim: int = Field(256, ge=1)
+    sv_stats_dim: int = Field(750, ge=1)
+    sv_embed_dim: int = Field(256, ge=1)
+    sv_padding: Literal["valid", "same"] = "valid"
+    layer_norm: bool = Field(False, description="layer-normalise each encoder layer before the weighted sum")
+    freeze_cnn: bool = True
+    encoder_layerdrop: float = Field(0.0, ge=0, lt=1)
+    spec_augment: bool = False
+    ckpt_every: int = Field(200, ge=1)
+    seed: int = 0
+    num_threads: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        for key in ("encoders", "modes", "tasks"):
+            values = getattr(self, key)
+            if not values or len(set(values)) != len(values):
+                raise ValueError(f"downstream.{key} must be a non-empty list without repeats, got {values}")
+        if "multitask" in self.modes and set(self.tasks) != {"kws", "sv"}:
+            raise ValueError("downstream mode 'multitask' needs both tasks (tasks: [kws, sv])")
+        return self
+
+
+class SslEvalConfig(Strict):
+    """Evaluation of every fine-tuned system: KWS accuracy on the Speech Commands test split, SV EER and minDCF
+    (prior ``p_target``, unit costs) on each trial list by cosine scoring, parameters, and the CPU real-time factor
+    of the whole system (every task's encoder and head) on ``rtf_utts`` test clips run one at a time with
+    ``rtf_threads`` threads."""
+
+    batch_seconds: float = Field(60.0, gt=0)
+    p_target: float = Field(0.01, gt=0, lt=1)
+    rtf_utts: int = Field(50, ge=1)
+    rtf_threads: int = Field(1, ge=1)
+    num_threads: int = Field(2, ge=1)
+
+
+class SslRecipe(Strict):
+    """An SSL-distillation experiment (arXiv 2210.16611 after DistilHuBERT): a HuBERT teacher (pre-trained here or
+    loaded), a DistilHuBERT student distilled from it, both fine-tuned for keyword spotting and speaker verification
+    (frozen / fine-tuned / multi-task), evaluated and reported. Selected by ``task: ssl`` at the top of the YAML."""
+
+    task: Literal["ssl"]
+    name: str
+    exp_dir: str
+    data: SslDataConfig = SslDataConfig()
+    teacher: SslTeacherConfig = SslTeacherConfig()
+    student: SslStudentConfig = SslStudentConfig()
+    downstream: DownstreamConfig = DownstreamConfig()
+    eval: SslEvalConfig = SslEvalConfig()
+
+    @model_validator(mode="after")
+    def _check_layers(self):
+        pre = self.teacher.pretrain
+        if pre is not None:
+            layers = pre.num_layers
+            for key, lo in (("target_layers", 0), ("layer_map", 1)):
+                bad = [i for i in getattr(self.student, key) or [] if not lo <= i <= layers]
+                if bad:
+                    raise ValueError(f"student.{key} {bad} out of range {lo}..{layers} (the teacher's layers)")
+        return self
+
+
+AnyRecipe = Union[Recipe, SslRecipe]
+
+
 class RecipeError(ValueError):
     """A recipe file could not be read or does not fit the schema (the message names the file and key)."""
 
 
-def load_recipe(path: Pathlike, overrides: Optional[dict] = None) -> Recipe:
-    """Read and validate a recipe YAML.
+def load_recipe(path: Pathlike, overrides: Optional[dict] = None) -> AnyRecipe:
+    """Read and validate a recipe YAML: an ASR recipe (:class:`Recipe`), or an SSL one (:class:`SslRecipe`) when
+    its top level says ``task: ssl``.
 
     Args:
       path: the YAML file.
@@ -266,12 +516,15 @@ def load_recipe(path: Pathlike, overrides: Optional[dict] = None) -> Recipe:
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: expected a mapping at the top level")
     raw.update(overrides or {})
+    if "task" in raw and raw["task"] != "ssl":
+        raise RecipeError(f"{path}: task must be 'ssl' (an SSL-distillation recipe) or absent (an ASR recipe), "
+                          f"got {raw['task']!r}")
     try:
-        return Recipe.model_validate(raw)
+        return (SslRecipe if "task" in raw else Recipe).model_validate(raw)
     except ValidationError as e:
         raise RecipeError(f"{path}: {e}") from e
 
 
-def dump_recipe(recipe: Recipe) -> str:
+def dump_recipe(recipe: AnyRecipe) -> str:
     """The resolved recipe as YAML (every default written out)."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

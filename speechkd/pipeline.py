@@ -662,8 +662,34 @@ def needed_stages(recipe: Recipe) -> list[str]:
     return stages + ["distill", "evaluate", "report"]
 
 
+def make_experiment(recipe, progress: bool = True):
+    """The experiment of a recipe: :class:`Experiment` for an ASR :class:`~speechkd.config.Recipe`,
+    :class:`speechkd.methods.ssl_kd.SslExperiment` for an :class:`~speechkd.config.SslRecipe` (``task: ssl``)."""
+    from speechkd.config import SslRecipe
+
+    if isinstance(recipe, SslRecipe):
+        from speechkd.methods.ssl_kd import SslExperiment
+
+        return SslExperiment(recipe, progress=progress)
+    return Experiment(recipe, progress=progress)
+
+
+def stages_of(exp) -> dict[str, Callable]:
+    """The stage functions of an experiment's kind (ASR :data:`STAGES`, or the SSL recipe's)."""
+    if getattr(exp, "kind", "asr") == "ssl":
+        from speechkd.methods.ssl_kd import SSL_STAGES
+
+        return SSL_STAGES
+    return STAGES
+
+
 def run_all(exp: Experiment, stages: Optional[list[str]] = None) -> None:
-    """Run the recipe's stages in order; each skips what is already complete."""
+    """Run the recipe's stages in order; each skips what is already complete (an SSL experiment runs the stages of
+    :mod:`speechkd.methods.ssl_kd`)."""
+    if getattr(exp, "kind", "asr") == "ssl":
+        from speechkd.methods.ssl_kd import run_all as run_ssl
+
+        return run_ssl(exp, stages)
     exp.dir.mkdir(parents=True, exist_ok=True)
     exp.write_config()
     for name in stages or needed_stages(exp.recipe):

@@ -31,6 +31,10 @@ Outputs: ``EXP/report.md``, ``EXP/plots/training_curves.png`` and
 ``EXP/plots/wer_vs_label_bytes.png``, all written atomically.
 
 Command line: ``python -m speechkd.report EXP [--title TITLE]``.
+
+SSL-distillation experiments (``task: ssl`` recipes) have other results (KWS accuracy, SV EER / minDCF per
+trial list): :func:`write_ssl_report` writes their ``report.md`` (and ``plots/ssl_tasks.png``) from
+``eval/<encoder>-<mode>.json`` (keys: :data:`SSL_REQUIRED_KEYS`), reusing this module's table and plot helpers.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ import numpy as np
 
 from speechkd.utils import atomic_path, write_text_atomic
 
-__all__ = ["load_results", "aggregate", "write_report", "ROLES", "REQUIRED_KEYS"]
+__all__ = ["load_results", "aggregate", "write_report", "ROLES", "REQUIRED_KEYS", "load_ssl_results", "write_ssl_report"]
 
 ROLES = ("teacher", "baseline", "distilled")
 _ROLE_RANK = {r: i for i, r in enumerate(ROLES)}
@@ -662,6 +666,165 @@ def write_report(exp_dir: PathLike, title: Optional[str] = None) -> Path:
     ))
     if notes:
         out += ["", "## Missing data", ""] + [f"- {n}" for n in notes]
+    path = exp / "report.md"
+    _write_text(path, "\n".join(out) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------- SSL (KWS + SV) experiments
+SSL_REQUIRED_KEYS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "name": ((str,), False),
+    "encoder": ((str,), False),
+    "mode": ((str,), False),
+    "params": ((int,), False),
+    "encoder_params": ((int,), False),
+    "kws_accuracy": (_NUM, True),
+    "sv": ((dict,), False),
+    "rtf": (_NUM, True),
+    "train_seconds": (_NUM, True),
+}
+"""Keys of an SSL experiment's ``eval/<encoder>-<mode>.json`` (written by :func:`speechkd.methods.ssl_kd.evaluate`):
+``kws_accuracy`` in percent (null without the KWS task), ``sv`` maps each trial list ``<corpus>/<list>`` to
+``{"eer": percent, "min_dcf": float, "trials": int}``, ``params`` counts what serves every task (encoders and
+heads), ``encoder_params`` one encoder."""
+
+_SSL_MODES = {"frozen": "frozen encoder, one head per task", "finetune": "fine-tuned encoder per task",
+              "multitask": "one encoder fine-tuned for both tasks"}
+
+
+def load_ssl_results(exp_dir: PathLike) -> list[dict]:
+    """Read and validate every ``EXP/eval/*.json`` of an SSL experiment (sorted by file name).
+
+    Raises:
+        FileNotFoundError: no ``EXP/eval``.
+        ValueError: no result, malformed JSON, a missing key, a wrong type or a non-finite number (naming the file).
+    """
+    eval_dir = Path(exp_dir) / "eval"
+    if not eval_dir.is_dir():
+        raise FileNotFoundError(f"no eval directory: {eval_dir}")
+    files = sorted(eval_dir.glob("*.json"))
+    if not files:
+        raise ValueError(f"no result files (*.json) in {eval_dir}")
+    out = []
+    for f in files:
+        try:
+            res = json.loads(f.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{f}: malformed JSON: {e}") from e
+        if not isinstance(res, dict):
+            raise ValueError(f"{f}: expected a JSON object")
+        for key, (types, nullable) in SSL_REQUIRED_KEYS.items():
+            if key not in res:
+                raise ValueError(f"{f}: missing key {key!r}")
+            v = res[key]
+            if v is None and nullable:
+                continue
+            if isinstance(v, bool) or not isinstance(v, types) or (isinstance(v, float) and not math.isfinite(v)):
+                raise ValueError(f"{f}: key {key!r} has a bad value {v!r}")
+        for spec, v in res["sv"].items():
+            if not isinstance(v, dict) or not all(isinstance(v.get(k), _NUM) and math.isfinite(v[k])
+                                                  for k in ("eer", "min_dcf")):
+                raise ValueError(f"{f}: sv[{spec!r}] needs finite 'eer' and 'min_dcf'")
+        out.append(res)
+    return out
+
+
+def _plot_ssl(path: Path, results: list[dict], lists: list[str]) -> None:
+    """KWS accuracy and mean SV EER against parameters, one point per system."""
+    fig = _figure(11, 4.2)
+    ax_kws, ax_sv = fig.subplots(1, 2)
+    markers = {"frozen": "s", "finetune": "o", "multitask": "^"}
+    colors = {"teacher": "black", "student": "tab:blue"}
+    for r in results:
+        x = r["params"] / 1e6
+        style = dict(marker=markers.get(r["mode"], "D"), color=colors.get(r["encoder"], "tab:orange"), ms=8, ls="")
+        if r["kws_accuracy"] is not None:
+            ax_kws.plot(x, r["kws_accuracy"], label=r["name"], **style)
+        if r["sv"]:
+            ax_sv.plot(x, float(np.mean([r["sv"][s]["eer"] for s in lists if s in r["sv"]] or [np.nan])),
+                       label=r["name"], **style)
+    ax_kws.set(title="KWS accuracy (12 classes)", xlabel="parameters serving both tasks (M)", ylabel="accuracy (%)")
+    ax_sv.set(title=f"SV EER (mean of {len(lists)} trial list(s))", xlabel="parameters serving both tasks (M)",
+              ylabel="EER (%)")
+    for ax in (ax_kws, ax_sv):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    _save_fig(fig, path)
+
+
+def write_ssl_report(exp_dir: PathLike, title: Optional[str] = None) -> Path:
+    """Write ``EXP/report.md`` and ``EXP/plots/ssl_tasks.png`` for an SSL-distillation experiment (atomically).
+
+    One row per system (teacher / student encoder x frozen / finetune / multitask mode): parameters serving both
+    tasks and of one encoder, KWS accuracy, EER and minDCF per trial list, CPU real-time factor, fine-tuning time;
+    then findings (student vs teacher, multi-task vs single-task) and the plot.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`load_ssl_results`.
+    """
+    exp = Path(exp_dir)
+    results = load_ssl_results(exp)
+    order = {("teacher", m): i for i, m in enumerate(_SSL_MODES)}
+    order.update({("student", m): 10 + i for i, m in enumerate(_SSL_MODES)})
+    results.sort(key=lambda r: (order.get((r["encoder"], r["mode"]), 99), r["name"]))
+    lists = list(dict.fromkeys(s for r in results for s in r["sv"]))
+    mtimes = [f.stat().st_mtime for f in (exp / "eval").glob("*.json")]
+    out = [f"# {title or f'SSL experiment report: {exp.resolve().name}'}", ""]
+    out.append(f"- Experiment directory: `{exp.resolve()}`")
+    first, last = _when(min(mtimes)), _when(max(mtimes))
+    out.append(f"- Results written: {first if first == last else f'{first} to {last}'} (eval JSON file times)")
+    out.append(f"- Report generated: {_when(datetime.now().timestamp())}")
+    out += ["", "## Results", ""]
+    header = ["System", "Encoder", "Mode", "Params (M)", "Encoder params (M)", "KWS acc %"]
+    header += [f"EER % ({s})" for s in lists] + [f"minDCF ({s})" for s in lists] + ["RTF", "Fine-tune time (min)"]
+    body = []
+    for r in results:
+        sv = r["sv"]
+        body.append([r["name"], r["encoder"], r["mode"], f"{r['params'] / 1e6:.3f}", f"{r['encoder_params'] / 1e6:.3f}",
+                     _fmt(r["kws_accuracy"], ".2f")]
+                    + [_fmt(sv[s]["eer"] if s in sv else None, ".2f") for s in lists]
+                    + [_fmt(sv[s]["min_dcf"] if s in sv else None, ".3f") for s in lists]
+                    + [_fmt(r["rtf"], ".4f"), _fmt(None if r["train_seconds"] is None else r["train_seconds"] / 60, ".1f")])
+    out += [_table(header, body), ""]
+    p_target = next((r.get("p_target") for r in results if r.get("p_target") is not None), None)
+    out.append("Modes: " + "; ".join(f"`{k}` = {v}" for k, v in _SSL_MODES.items()) + ". Params (M): parameters "
+               "that serve every task (a fine-tuned encoder per task counts once per task; AM-softmax speaker weights, "
+               "used in training only, are not counted). KWS: 12-class Speech Commands accuracy on the test split. EER "
+               "and minDCF" + (f" (P_target = {p_target:g}, unit costs)" if p_target else "") + " by cosine scoring of "
+               "the x-vector embeddings. RTF: seconds of CPU time per second of audio for all tasks' models, one "
+               "utterance at a time (< 1 is faster than real time).")
+    out += ["", "## Findings", ""]
+    by = {(r["encoder"], r["mode"]): r for r in results}
+    findings = []
+    for mode in _SSL_MODES:
+        t, s = by.get(("teacher", mode)), by.get(("student", mode))
+        if t is None or s is None:
+            continue
+        parts = [f"student encoder {s['encoder_params'] / 1e6:.2f} M vs teacher {t['encoder_params'] / 1e6:.2f} M "
+                 f"parameters ({t['encoder_params'] / max(1, s['encoder_params']):.1f}x smaller)"]
+        if t["kws_accuracy"] is not None and s["kws_accuracy"] is not None:
+            parts.append(f"KWS accuracy {s['kws_accuracy']:.2f}% vs {t['kws_accuracy']:.2f}%")
+        parts += [f"EER ({x}) {s['sv'][x]['eer']:.2f}% vs {t['sv'][x]['eer']:.2f}%" for x in lists
+                  if x in s["sv"] and x in t["sv"]]
+        if t["rtf"] and s["rtf"]:
+            parts.append(f"RTF {s['rtf']:.4f} vs {t['rtf']:.4f}")
+        findings.append(f"- `{mode}`: " + "; ".join(parts) + ".")
+    for enc in ("teacher", "student"):
+        m, f = by.get((enc, "multitask")), by.get((enc, "finetune"))
+        if m is None or f is None:
+            continue
+        parts = [f"{m['params'] / 1e6:.2f} M vs {f['params'] / 1e6:.2f} M parameters for both tasks"]
+        if m["kws_accuracy"] is not None and f["kws_accuracy"] is not None:
+            parts.append(f"KWS accuracy {m['kws_accuracy']:.2f}% vs {f['kws_accuracy']:.2f}%")
+        parts += [f"EER ({x}) {m['sv'][x]['eer']:.2f}% vs {f['sv'][x]['eer']:.2f}%" for x in lists
+                  if x in m["sv"] and x in f["sv"]]
+        findings.append(f"- {enc}: multi-task vs single-task fine-tuning: " + "; ".join(parts) + ".")
+    out += findings or ["- Nothing to compare yet (needs the same mode for teacher and student, or both "
+                        "fine-tuning modes for one encoder)."]
+    plot = exp / "plots" / "ssl_tasks.png"
+    _plot_ssl(plot, results, lists)
+    out += ["", "## Plots", "", f"![KWS accuracy and SV EER against parameters](plots/{plot.name})", ""]
     path = exp / "report.md"
     _write_text(path, "\n".join(out) + "\n")
     return path

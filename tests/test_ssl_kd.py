@@ -1,0 +1,203 @@
+"""The SSL-distillation recipe: schema (unknown keys refused, ASR recipes unchanged), the whole chain on the Speech
+Commands smoke list (HuBERT pre-training -> DistilHuBERT student -> KWS/SV fine-tuning in three modes -> evaluation ->
+report), a second run that skips everything, frozen encoders left unchanged, a stopped fine-tuning resumed exactly,
+and the CLI's dispatch on the recipe kind."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+pytest.importorskip("transformers")
+
+from speechkd.config import Recipe, RecipeError, SslRecipe, load_recipe  # noqa: E402
+from speechkd.pipeline import make_experiment, run_all  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SYSTEMS = {f"{e}-{m}" for e in ("teacher", "student") for m in ("frozen", "finetune", "multitask")}
+
+
+def _write(tmp_path, data, name="r.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- schema
+def test_recipes_validate_by_kind():
+    for name in ("smoke_ssl.yaml", "ssl_kws_sv.yaml"):
+        assert isinstance(load_recipe(REPO / "recipes" / name), SslRecipe)
+    for name in ("smoke.yaml", "commands_mvq.yaml", "smoke_codert.yaml"):
+        assert type(load_recipe(REPO / "recipes" / name)) is Recipe
+    real = load_recipe(REPO / "recipes" / "ssl_kws_sv.yaml")
+    assert real.teacher.pretrain is not None and real.teacher.dir is None and real.student.num_layers == 2
+    assert set(real.downstream.modes) == {"frozen", "finetune", "multitask"}
+    assert real.data.pretrain_corpora == ["commands", "librispeech_spk"] and not real.data.smoke
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"student": {"num_layer": 2}}, ["num_layer"]),  # typo inside a section
+    ({"studnet": {}}, ["studnet"]),  # typo at the top
+    ({"teacher": {"dir": "x", "pretrain": {}}}, ["either dir"]),
+    ({"downstream": {"tasks": ["kws"]}}, ["multitask"]),
+    ({"downstream": {"modes": ["frozen", "frozen"]}}, ["repeats"]),
+    ({"data": {"trials": ["sv_test"]}}, ["<corpus>/<list>"]),
+    ({"student": {"target_layers": [2, 9]}}, ["out of range"]),
+    ({"task": "kws"}, ["task must be 'ssl'"]),
+])
+def test_recipe_errors_name_the_problem(tmp_path, bad, words):
+    base = {"task": "ssl", "name": "x", "exp_dir": str(tmp_path / "e")}
+    with pytest.raises(RecipeError) as err:
+        load_recipe(_write(tmp_path, {**base, **bad}))
+    assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_teacher_defaults_to_pretraining(tmp_path):
+    r = load_recipe(_write(tmp_path, {"task": "ssl", "name": "x", "exp_dir": "e"}))
+    assert r.teacher.pretrain is not None and r.teacher.dir is None
+    r = load_recipe(_write(tmp_path, {"task": "ssl", "name": "x", "exp_dir": "e", "teacher": {"dir": "hf/hubert"}}))
+    assert r.teacher.pretrain is None and r.teacher.dir == "hf/hubert"
+
+
+# ---------------------------------------------------------------------------------------------- the chain
+@pytest.fixture(scope="module")
+def ssl_exp(tmp_path_factory, corpora_dir):
+    exp_dir = tmp_path_factory.mktemp("smoke_ssl") / "exp"
+    recipe = load_recipe(REPO / "recipes" / "smoke_ssl.yaml", {"exp_dir": str(exp_dir)})
+    recipe.data.corpora_dir = str(corpora_dir)
+    exp = make_experiment(recipe, progress=False)
+    run_all(exp)
+    return exp
+
+
+def test_chain_writes_report_and_finite_results(ssl_exp):
+    d = ssl_exp.dir
+    assert (d / "config.yaml").is_file() and (d / "plots" / "ssl_tasks.png").is_file()
+    results = {p.stem: json.loads(p.read_text()) for p in (d / "eval").glob("*.json")}
+    assert set(results) == SYSTEMS
+    for r in results.values():
+        assert 0 <= r["kws_accuracy"] <= 100 and r["rtf"] > 0 and r["params"] > r["encoder_params"] > 0
+        sv = r["sv"]["commands/sv_test"]
+        assert sv["trials"] == 16 and 0 <= sv["eer"] <= 100 and 0 <= sv["min_dcf"] <= 1
+        assert all(math.isfinite(x) for x in (r["kws_accuracy"], r["rtf"], sv["eer"], sv["min_dcf"]))
+    # the student is the teacher's CNN with fewer transformer layers
+    assert results["student-frozen"]["encoder_params"] < results["teacher-frozen"]["encoder_params"]
+    # one fine-tuned encoder per task costs an encoder more than one shared multi-task encoder
+    for enc in ("teacher", "student"):
+        fin, multi = results[f"{enc}-finetune"], results[f"{enc}-multitask"]
+        assert fin["params"] - multi["params"] == fin["encoder_params"]
+        assert results[f"{enc}-frozen"]["params"] == multi["params"]
+    report = (d / "report.md").read_text()
+    for word in sorted(SYSTEMS) + ["KWS acc %", "EER % (commands/sv_test)", "minDCF (commands/sv_test)", "RTF"]:
+        assert word in report
+    # the kept trials: 8 target + 8 non-target trials of the held-out list, the cuts of their utterances
+    trials = (d / "cuts" / "trials" / "commands-sv_test.tsv").read_text().splitlines()
+    assert trials[0] == "label\tenroll_id\ttest_id" and sorted(t[0] for t in trials[1:]) == ["0"] * 8 + ["1"] * 8
+    # the student's distillation targets: 3 evenly spaced layers of the 2-layer teacher, without repeats
+    assert json.loads((d / "student" / "train_summary.json").read_text())["target_layers"] == [1, 2]
+
+
+def test_second_run_skips_everything(ssl_exp, capsys):
+    outputs = sorted(p for p in ssl_exp.dir.rglob("*") if p.is_file() and p.name != "config.yaml")
+    before = {p: p.stat().st_mtime_ns for p in outputs}
+    run_all(ssl_exp)
+    out = capsys.readouterr().out
+    assert "skipped" in out and "steps in" not in out and "pre-trained" not in out
+    assert {p: p.stat().st_mtime_ns for p in outputs if p.name != "report.md" and "plots" not in p.parts} == {
+        p: t for p, t in before.items() if p.name != "report.md" and "plots" not in p.parts}
+
+
+def _encoder_state(model_dir):
+    from speechkd.teachers.hf import load_ssl_model
+
+    return load_ssl_model(model_dir).state_dict()
+
+
+def test_frozen_runs_keep_the_encoder_and_finetuned_runs_change_it(ssl_exp):
+    for enc in ("teacher", "student"):
+        source = _encoder_state(ssl_exp.encoder_dir(enc))
+        for task in ("kws", "sv"):
+            frozen = _encoder_state(ssl_exp.dir / "finetune" / f"{enc}-frozen-{task}" / "encoder")
+            assert frozen.keys() == source.keys() and all(torch.equal(frozen[k], source[k]) for k in source)
+        tuned = _encoder_state(ssl_exp.dir / "finetune" / f"{enc}-multitask" / "encoder")
+        assert any(not torch.equal(tuned[k], source[k]) for k in source)
+        # the CNN stays frozen in fine-tuning (freeze_cnn)
+        assert all(torch.equal(tuned[k], source[k]) for k in source if k.startswith("feature_extractor."))
+
+
+def test_frozen_mode_trains_only_the_heads(ssl_exp, tmp_path):
+    from speechkd.methods.ssl_kd import FinetuneRun, build_downstream, train_steps
+
+    c = ssl_exp.recipe.downstream
+    model = build_downstream(ssl_exp, FinetuneRun("student", "frozen", ("sv",)))
+    enc0 = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    heads0 = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("encoder.")}
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+    train_steps(tmp_path / "ckpt.pt", model, [{"params": model.head_parameters(), "lr": 1e-2}], ssl_exp.cuts("sv_train"),
+                lambda b: model.loss(b), steps=2, warmup_steps=0, final_lr_ratio=1.0, weight_decay=0.1, grad_clip=5.0,
+                batch_seconds=8, seed=0, ckpt_every=10, fingerprint={}, target_keys=["spk_target"], progress=False)
+    assert not model.encoder.training  # a frozen encoder stays in eval mode (no dropout) while the heads train
+    assert all(torch.equal(v, enc0[k]) for k, v in model.encoder.state_dict().items())
+    heads = {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.")}
+    assert any(not torch.equal(heads[k], heads0[k]) for k in heads0 if "num_batches" not in k)
+
+
+def test_stopped_finetuning_resumes_exactly(ssl_exp, tmp_path):
+    """A run stopped after its step-2 checkpoint and resumed ends with the weights of a run never stopped."""
+    from speechkd.methods.ssl_kd import FinetuneRun, build_downstream, train_steps
+
+    run = FinetuneRun("student", "multitask", ("kws", "sv"))
+    cuts = ssl_exp.cuts("multitask_train")
+    c = ssl_exp.recipe.downstream
+
+    def fit(ckpt, stop_at=None):
+        model = build_downstream(ssl_exp, run)
+        calls = []
+
+        def step(batch):
+            if stop_at is not None and len(calls) == stop_at:
+                raise KeyboardInterrupt("simulated stop")
+            calls.append(1)
+            return model.loss(batch, c.beta)
+
+        groups = [{"params": model.head_parameters(), "lr": 1e-3},
+                  {"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": 1e-4}]
+        summary = train_steps(ckpt, model, groups, cuts, step, steps=4, warmup_steps=1, final_lr_ratio=0.1,
+                              weight_decay=0.0, grad_clip=5.0, batch_seconds=8, seed=3, ckpt_every=2,
+                              fingerprint={"x": 1}, target_keys=["kws_target", "spk_target"], progress=False)
+        return model, summary
+
+    straight, _ = fit(tmp_path / "a.pt")
+    with pytest.raises(KeyboardInterrupt):
+        fit(tmp_path / "b.pt", stop_at=3)  # stopped during step 3, after the checkpoint of step 2
+    resumed, summary = fit(tmp_path / "b.pt")
+    assert summary.resumed_from == 2 and summary.steps == 4
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="other settings"):
+        train_steps(tmp_path / "b.pt", resumed, [{"params": resumed.head_parameters(), "lr": 1e-3}], cuts,
+                    lambda b: resumed.loss(b), steps=5, warmup_steps=0, final_lr_ratio=1.0, weight_decay=0.0,
+                    grad_clip=1.0, batch_seconds=8, seed=3, ckpt_every=2, fingerprint={"x": 2}, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_cli_dispatches_on_the_recipe_kind(tmp_path):
+    from speechkd.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["--help"])
+    assert res.exit_code == 0 and "finetune" in res.output and "task: ssl" in res.output
+    ssl = REPO / "recipes" / "smoke_ssl.yaml"
+    res = runner.invoke(app, ["quantize", str(ssl), "--exp-dir", str(tmp_path / "e")])
+    assert res.exit_code == 2 and "does not apply to an SSL" in res.output and "finetune" in res.output
+    res = runner.invoke(app, ["finetune", str(REPO / "recipes" / "smoke.yaml"), "--exp-dir", str(tmp_path / "a")])
+    assert res.exit_code == 2 and "does not apply to an ASR" in res.output
+    res = runner.invoke(app, ["distill", str(ssl), "--exp-dir", str(tmp_path / "e"), "--student", "x"])
+    assert res.exit_code == 2 and "ASR recipes only" in res.output
+    bad = _write(tmp_path, {"task": "ssl", "name": "x", "exp_dir": str(tmp_path / "e"), "downstream": {"bta": 1}})
+    res = runner.invoke(app, ["run", str(bad)])
+    assert res.exit_code == 2 and "bta" in res.output
