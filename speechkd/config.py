@@ -132,6 +132,8 @@ class KDConfig(Strict):
     (+ CTC) loss) or ``shared`` (tandem, the two encoders sharing the student's predictor and joiner). When the
     teacher has 2x the student's frame rate, each student frame's target is the mean of the teacher's
     distributions over its frames (``frame_ratio_mode`` does not apply).
+    ``teacher_lr``: tandem/shared: peak lr of the co-learned teacher, an optimiser group of its own with its own
+    gradient clipping; null: the ``teacher`` stage's ``train.lr`` (the lr its model is tuned for).
     """
 
     method: Literal["none", "mvq", "l1", "l2", "seq", "word", "codert"] = "none"
@@ -146,6 +148,7 @@ class KDConfig(Strict):
     temperature: float = Field(1.0, gt=0)
     init_from_teacher: bool = False
     codert_mode: Literal["static", "tandem", "shared"] = "static"
+    teacher_lr: Optional[float] = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _check_method(self):

@@ -379,7 +379,9 @@ def make_kd(exp: Experiment, run, seed: int = 0):
             else:
                 teacher = build_model(t_cfg, exp.tokenizer.vocab_size)
             kd = CodertKD(kd_cfg.codert_mode, teacher, scale=kd_cfg.scale, temperature=kd_cfg.temperature,
-                          frame_ratio=ratio, ctc_weight=exp.recipe.student_train.ctc_weight, student_dim=s.dim)
+                          frame_ratio=ratio, ctc_weight=exp.recipe.student_train.ctc_weight, student_dim=s.dim,
+                          teacher_lr=None if kd_cfg.codert_mode == "static"
+                          else (kd_cfg.teacher_lr or exp.recipe.teacher.train.lr))
         return kd, exp.cuts("train"), init_fn
     ratio = exp.teacher_frame_ratio(run)
     if kd_cfg.method == "mvq":

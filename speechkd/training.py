@@ -129,10 +129,23 @@ class AsrTask(_lightning().LightningModule):
             self.log("val_wer", stats.wer, prog_bar=True)
         self._val = []
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Clip each optimiser group's gradient norm on its own (a co-learned teacher's large gradients must not
+        shrink the student's steps); with one group this is Lightning's own norm clipping."""
+        if not gradient_clip_val:
+            return
+        if gradient_clip_algorithm not in (None, "norm"):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        for group in optimizer.param_groups:
+            torch.nn.utils.clip_grad_norm_(group["params"], gradient_clip_val)
+
     def configure_optimizers(self):
+        extra = self.kd.extra_param_groups() if self.kd is not None else []
+        taken = {id(p) for g in extra for p in g["params"]}
         params = list(self.model.parameters()) + (list(self.kd.parameters()) if self.kd is not None else [])
-        params = [p for p in params if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        params = [p for p in params if p.requires_grad and id(p) not in taken]
+        groups = [{"params": params, "lr": self.cfg.lr}] + [{"params": list(g["params"]), "lr": g["lr"]} for g in extra]
+        opt = torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         warm, total, floor = self.cfg.warmup_steps, self.total_steps, self.cfg.final_lr_ratio
 
         def schedule(step: int) -> float:

@@ -267,3 +267,36 @@ def test_make_kd_refuses_a_non_transducer_teacher_naming_the_run(tmp_path):
                     students=[run])
     with pytest.raises(ValueError, match="codert-x"):
         make_kd(Experiment(recipe, progress=False), run)
+
+
+@pytest.mark.parametrize("mode", ["tandem", "shared"])
+def test_co_learned_teacher_own_lr_group_and_own_gradient_clipping(mode):
+    from speechkd.config import TrainConfig
+    from speechkd.training import AsrTask
+
+    student, teacher = _model(), _model(dim=24, seed=1)
+    kd = CodertKD(mode, teacher, teacher_lr=1e-3, student_dim=16)
+    task = AsrTask(student, None, TrainConfig(lr=2e-3, warmup_steps=1, epochs=1, grad_clip=1.0), steps_per_epoch=4,
+                   kd=kd)
+    opt = task.configure_optimizers()["optimizer"]
+    assert [g["lr"] for g in opt.param_groups] == [2e-3, 1e-3]
+    ids = [{id(p) for p in g["params"]} for g in opt.param_groups]
+    assert not ids[0] & ids[1]
+    assert ids[0] == {id(p) for p in student.parameters()}  # shared mode: the student's joiner stays the student's
+    assert ids[1] == {id(p) for p in kd.parameters()}  # the teacher (tandem) / its encoder + projection (shared)
+    # each group's norm is clipped on its own: the teacher's large gradient does not shrink the student's
+    for g, scale in zip(opt.param_groups, (1e-3, 100.0)):
+        for p in g["params"]:
+            p.grad = torch.full_like(p, scale)
+    before = [torch.cat([p.grad.flatten() for p in g["params"]]).norm() for g in opt.param_groups]
+    assert before[0] < 1.0 < before[1]
+    task.configure_gradient_clipping(opt, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    after = [torch.cat([p.grad.flatten() for p in g["params"]]).norm() for g in opt.param_groups]
+    assert after[0] == pytest.approx(before[0].item(), rel=1e-6)  # under the limit: untouched
+    assert after[1] == pytest.approx(1.0, rel=1e-4)
+    # without teacher_lr (and in static mode) there is one group, as before
+    kd1 = CodertKD(mode, _model(dim=24, seed=1), student_dim=16)
+    task1 = AsrTask(student, None, TrainConfig(lr=2e-3, warmup_steps=1, epochs=1), steps_per_epoch=4, kd=kd1)
+    assert len(task1.configure_optimizers()["optimizer"].param_groups) == 1
+    with pytest.raises(ValueError, match="teacher_lr"):
+        CodertKD(mode, _model(dim=24, seed=1), teacher_lr=0.0, student_dim=16)

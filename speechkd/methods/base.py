@@ -24,6 +24,13 @@ class KDMethod(nn.Module):
     label_keys: tuple[str, ...] = ()
     reference_weight: float = 1.0
 
+    def extra_param_groups(self) -> list[dict]:
+        """Parameter groups of this module that train as separate models, each ``{"params": [...], "lr": peak
+        lr}``; the trainer gives each its own optimiser group (same warm-up/decay schedule, scaled to its own
+        peak lr) and clips its gradient norm on its own. Every other parameter of this module trains in the
+        student's group. Default: none (a KD head is part of the student's group)."""
+        return []
+
 
 def pick_layer(layer_outputs: list[torch.Tensor], layer: int) -> torch.Tensor:
     """The output of 1-based block ``layer`` (-1 = last).

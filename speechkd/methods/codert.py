@@ -122,6 +122,10 @@ class CodertKD(KDMethod):
         shared: the student's, applied to the projected teacher frames).
       student_dim: shared: the student encoder's width C_s. The teacher's frames (width C_t) go through
         ``self.proj``, a ``Linear(C_t, C_s)`` when the widths differ, else ``nn.Identity``.
+      teacher_lr: tandem/shared: peak learning rate of the co-learned teacher (its encoder, and in tandem mode
+        its predictor and joiner; in shared mode also ``proj``), an optimiser group of its own with its own
+        gradient clipping (:meth:`extra_param_groups`); None: it trains in the student's group, at the
+        student's lr, its gradients clipped together with the student's.
 
     ``forward(batch, encoder_out (N, T_s, C_s), encoder_out_lens (N,), layer_outputs, ctx) -> (loss, logs)``:
     ``batch["features"]: (N, T, F)`` and ``batch["feature_lens"]: (N,)`` feed the teacher (the same, possibly
@@ -129,16 +133,19 @@ class CodertKD(KDMethod):
     ``ctx.model`` is the student transducer. ``loss = teacher_loss + scale * encoder_kl`` (nats per utterance;
     :meth:`teacher_loss` in tandem/shared only, :meth:`encoder_kl` the KL over the frames valid for both, with
     the teacher's logits detached). ``logs``: ``codert_kl`` (the unscaled KL), and ``teacher_rnnt`` (+
-    ``teacher_ctc``) in tandem/shared. A co-learned teacher trains with the student's optimiser and schedule.
+    ``teacher_ctc``) in tandem/shared. A co-learned teacher trains with the student's optimiser and schedule, at
+    ``teacher_lr`` when given.
 
     Raises:
       ValueError: unknown mode, a teacher that is not a transducer, scale < 0, temperature <= 0, ctc_weight < 0,
+        teacher_lr <= 0,
         a frame ratio that is not a positive integer, or shared mode without ``student_dim``; in ``forward``,
         no ``ctx``, a student that is not a transducer, or teacher and student vocabularies that differ.
     """
 
     def __init__(self, mode: str, teacher: nn.Module, scale: float = 1.0, temperature: float = 1.0,
-                 frame_ratio: int = 1, ctc_weight: float = 0.0, student_dim: Optional[int] = None):
+                 frame_ratio: int = 1, ctc_weight: float = 0.0, student_dim: Optional[int] = None,
+                 teacher_lr: Optional[float] = None):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"CoDERT mode must be one of {MODES}, got {mode!r}")
@@ -150,7 +157,10 @@ class CodertKD(KDMethod):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if ctc_weight < 0:
             raise ValueError(f"ctc_weight must be >= 0, got {ctc_weight}")
+        if teacher_lr is not None and teacher_lr <= 0:
+            raise ValueError(f"teacher_lr must be > 0, got {teacher_lr}")
         self.mode, self.scale, self.temperature, self.ctc_weight = mode, scale, temperature, ctc_weight
+        self.teacher_lr = teacher_lr
         self.frame_ratio = _integer_ratio(frame_ratio)
         self._frozen = []  # static teacher, unregistered
         if mode == "static":
@@ -163,6 +173,13 @@ class CodertKD(KDMethod):
             self.teacher_encoder = teacher.encoder
             t_dim = teacher.encoder.output_dim
             self.proj = nn.Linear(t_dim, student_dim) if t_dim != student_dim else nn.Identity()
+
+    def extra_param_groups(self) -> list[dict]:
+        """The co-learned teacher as its own optimiser group (tandem/shared with ``teacher_lr``), else none."""
+        if self.mode == "static" or self.teacher_lr is None:
+            return []
+        params = [p for p in self.parameters() if p.requires_grad]  # tandem: the teacher; shared: encoder + proj
+        return [{"params": params, "lr": self.teacher_lr}]
 
     @property
     def frozen_teacher(self) -> Optional[nn.Module]:
