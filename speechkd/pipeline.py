@@ -25,14 +25,9 @@ import numpy as np
 import torch
 
 from speechkd.config import Recipe, dump_recipe
-from speechkd.utils import write_json_atomic, write_text_atomic
+from speechkd.utils import log, write_json_atomic, write_text_atomic
 
 SPLITS = ("train", "dev", "test")
-
-
-def log(msg: str) -> None:
-    """One-line stage summary on stdout."""
-    print(f"[speechkd] {msg}", flush=True)
 
 
 class Experiment:
@@ -686,15 +681,18 @@ def stages_of(exp) -> dict[str, Callable]:
 
 
 def run_all(exp: Experiment, stages: Optional[list[str]] = None) -> None:
-    """Run the recipe's stages in order; each skips what is already complete (an SSL experiment runs the stages of
-    :mod:`speechkd.methods.ssl_kd`)."""
-    if getattr(exp, "kind", "asr") == "ssl":
-        from speechkd.methods.ssl_kd import run_all as run_ssl
-
-        return run_ssl(exp, stages)
+    """Run the recipe's stages in order (:func:`needed_stages`, or for an SSL experiment
+    :func:`speechkd.methods.ssl_kd.needed_stages`); each skips what is already complete."""
     exp.dir.mkdir(parents=True, exist_ok=True)
     exp.write_config()
-    for name in stages or needed_stages(exp.recipe):
+    if getattr(exp, "kind", "asr") == "ssl":
+        from speechkd.methods.ssl_kd import needed_stages as needed_ssl_stages
+
+        needed = needed_ssl_stages(exp.recipe)
+    else:
+        needed = needed_stages(exp.recipe)
+    functions = stages_of(exp)
+    for name in stages or needed:
         t0 = time.time()
-        STAGES[name](exp)
+        functions[name](exp)
         log(f"stage {name} done ({time.time() - t0:.0f} s)")

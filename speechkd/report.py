@@ -79,13 +79,36 @@ PathLike = Union[str, os.PathLike]
 
 
 # --------------------------------------------------------------------------- loading
-def _validate(res: Any, src: str) -> dict:
+def _read_eval_files(exp_dir: PathLike) -> list[tuple[Path, Any]]:
+    """``(file, parsed JSON)`` for every ``EXP/eval/*.json``, sorted by file name.
+
+    Raises:
+        FileNotFoundError: no ``EXP/eval``. ValueError: no file, or malformed JSON (names the file).
+    """
+    eval_dir = Path(exp_dir) / "eval"
+    if not eval_dir.is_dir():
+        raise FileNotFoundError(f"no eval directory: {eval_dir}")
+    files = sorted(eval_dir.glob("*.json"))
+    if not files:
+        raise ValueError(f"no result files (*.json) in {eval_dir}")
+    out = []
+    for f in files:
+        try:
+            out.append((f, json.loads(f.read_text(encoding="utf-8"))))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{f}: malformed JSON: {e}") from e
+    return out
+
+
+def _check_keys(res: Any, src: str, required: dict[str, tuple[tuple[type, ...], bool]]) -> dict:
+    """Check that ``res`` is a JSON object with every key of ``required`` of its types (finite numbers; null
+    only where allowed); raise ValueError naming ``src`` otherwise."""
     if not isinstance(res, dict):
         raise ValueError(f"{src}: expected a JSON object, got {type(res).__name__}")
-    missing = [k for k in REQUIRED_KEYS if k not in res]
+    missing = [k for k in required if k not in res]
     if missing:
         raise ValueError(f"{src}: missing keys {missing}")
-    for key, (types, nullable) in REQUIRED_KEYS.items():
+    for key, (types, nullable) in required.items():
         v = res[key]
         if v is None and nullable:
             continue
@@ -94,6 +117,11 @@ def _validate(res: Any, src: str) -> dict:
             raise ValueError(f"{src}: key {key!r} must be {want}, got {v!r}")
         if isinstance(v, float) and not math.isfinite(v):
             raise ValueError(f"{src}: key {key!r} must be finite, got {v!r}")
+    return res
+
+
+def _validate(res: Any, src: str) -> dict:
+    _check_keys(res, src, REQUIRED_KEYS)
     if res["role"] not in ROLES:
         raise ValueError(f"{src}: role must be one of {ROLES}, got {res['role']!r}")
     for key in ("name", "group", "method", "label_kind"):
@@ -121,18 +149,8 @@ def load_results(exp_dir: PathLike) -> list[dict]:
         ValueError: a file is not valid JSON, lacks a key or has a wrong type/value (the message
             names the file); no JSON file at all; two results share a ``name``.
     """
-    eval_dir = Path(exp_dir) / "eval"
-    if not eval_dir.is_dir():
-        raise FileNotFoundError(f"no eval directory: {eval_dir}")
-    files = sorted(eval_dir.glob("*.json"))
-    if not files:
-        raise ValueError(f"no result files (*.json) in {eval_dir}")
     results, seen = [], {}
-    for f in files:
-        try:
-            data = json.loads(f.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{f}: malformed JSON: {e}") from e
+    for f, data in _read_eval_files(exp_dir):
         res = _validate(data, str(f))
         if res["name"] in seen:
             raise ValueError(f"{f}: name {res['name']!r} already used by {seen[res['name']]}")
@@ -699,28 +717,9 @@ def load_ssl_results(exp_dir: PathLike) -> list[dict]:
         FileNotFoundError: no ``EXP/eval``.
         ValueError: no result, malformed JSON, a missing key, a wrong type or a non-finite number (naming the file).
     """
-    eval_dir = Path(exp_dir) / "eval"
-    if not eval_dir.is_dir():
-        raise FileNotFoundError(f"no eval directory: {eval_dir}")
-    files = sorted(eval_dir.glob("*.json"))
-    if not files:
-        raise ValueError(f"no result files (*.json) in {eval_dir}")
     out = []
-    for f in files:
-        try:
-            res = json.loads(f.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{f}: malformed JSON: {e}") from e
-        if not isinstance(res, dict):
-            raise ValueError(f"{f}: expected a JSON object")
-        for key, (types, nullable) in SSL_REQUIRED_KEYS.items():
-            if key not in res:
-                raise ValueError(f"{f}: missing key {key!r}")
-            v = res[key]
-            if v is None and nullable:
-                continue
-            if isinstance(v, bool) or not isinstance(v, types) or (isinstance(v, float) and not math.isfinite(v)):
-                raise ValueError(f"{f}: key {key!r} has a bad value {v!r}")
+    for f, res in _read_eval_files(exp_dir):
+        _check_keys(res, str(f), SSL_REQUIRED_KEYS)
         for spec, v in res["sv"].items():
             if not isinstance(v, dict) or not all(isinstance(v.get(k), _NUM) and math.isfinite(v[k])
                                                   for k in ("eer", "min_dcf")):

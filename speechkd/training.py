@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import torch
 
 from speechkd.config import ModelConfig, TrainConfig
-from speechkd.utils import Pathlike, write_json_atomic
+from speechkd.utils import Pathlike, warmup_cosine, write_json_atomic
 
 
 def _lightning():
@@ -146,15 +146,8 @@ class AsrTask(_lightning().LightningModule):
         params = [p for p in params if p.requires_grad and id(p) not in taken]
         groups = [{"params": params, "lr": self.cfg.lr}] + [{"params": list(g["params"]), "lr": g["lr"]} for g in extra]
         opt = torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        warm, total, floor = self.cfg.warmup_steps, self.total_steps, self.cfg.final_lr_ratio
-
-        def schedule(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            progress = min(1.0, (step - warm) / max(1, total - warm))
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: warmup_cosine(step, self.cfg.warmup_steps, self.total_steps, self.cfg.final_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

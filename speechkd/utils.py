@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import tempfile
@@ -13,6 +14,20 @@ from typing import Any, Iterator, Union
 Pathlike = Union[str, Path]
 Seconds = float
 Bytes = int
+
+
+def log(msg: str) -> None:
+    """One-line stage summary on stdout (``[speechkd] ...``)."""
+    print(f"[speechkd] {msg}", flush=True)
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, final_ratio: float) -> float:
+    """Learning-rate factor at optimiser step ``step`` (0-based): linear warm-up ``(step + 1) / warmup_steps``,
+    then cosine decay from 1 to ``final_ratio`` at ``total_steps`` (and ``final_ratio`` after it)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @contextlib.contextmanager

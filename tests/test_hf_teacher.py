@@ -13,29 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from speechkd.teachers.hf import SSLTeacher, load_ssl_model, load_ssl_teacher  # noqa: E402
 
-MODEL_TYPES = {
-    "hubert": ("HubertConfig", "HubertModel"),
-    "wav2vec2": ("Wav2Vec2Config", "Wav2Vec2Model"),
-    "wavlm": ("WavLMConfig", "WavLMModel"),
-}
-TINY = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-    conv_dim=(32, 32),
-    conv_kernel=(10, 3),
-    conv_stride=(5, 2),
-    num_conv_pos_embeddings=8,
-    num_conv_pos_embedding_groups=4,
-)
-
-
-def _tiny_model(model_type: str, seed: int = 0, **overrides):
-    cfg_name, model_name = MODEL_TYPES[model_type]
-    config = getattr(transformers, cfg_name)(**{**TINY, **overrides})
-    torch.manual_seed(seed)
-    return getattr(transformers, model_name)(config).eval()
+from hf_tiny import MODEL_TYPES, tiny_hf_model as _tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -22,29 +22,11 @@ from speechkd.models.ssl import (  # noqa: E402
 )
 from speechkd.teachers.hf import SSLTeacher, load_ssl_model, load_ssl_teacher  # noqa: E402
 
-MODEL_TYPES = {
-    "hubert": ("HubertConfig", "HubertModel"),
-    "wav2vec2": ("Wav2Vec2Config", "Wav2Vec2Model"),
-    "wavlm": ("WavLMConfig", "WavLMModel"),
-}
-TINY = dict(
-    hidden_size=32,
-    num_hidden_layers=4,
-    num_attention_heads=2,
-    intermediate_size=64,
-    conv_dim=(32, 32),
-    conv_kernel=(10, 3),
-    conv_stride=(5, 2),
-    num_conv_pos_embeddings=8,
-    num_conv_pos_embedding_groups=4,
-)
+from hf_tiny import tiny_hf_model  # noqa: E402
 
 
 def _tiny_teacher(model_type: str = "hubert", seed: int = 0, **overrides):
-    cfg_name, model_name = MODEL_TYPES[model_type]
-    config = getattr(transformers, cfg_name)(**{**TINY, **overrides})
-    torch.manual_seed(seed)
-    return getattr(transformers, model_name)(config).eval()
+    return tiny_hf_model(model_type, seed, **{"num_hidden_layers": 4, **overrides})
 
 
 def _batch(lens, seed=0):

@@ -86,6 +86,18 @@ def _kws_target(u: Utterance, cdir: Path, strict: bool) -> int:
     return KWS_CLASSES.index(u.label)
 
 
+def _targets(u: Utterance, cdir: Path, strict: bool, speaker_index: Optional[dict[str, int]] = None) -> dict:
+    """``cut.custom`` of one utterance: ``kws_target`` (:func:`_kws_target`), ``spk_target`` (its index in
+    ``speaker_index``, IGNORE_INDEX without one or without a speaker), ``speaker`` and ``corpus``."""
+    spk = speaker_label(cdir.name, u.speaker) if u.speaker else ""
+    return {
+        "kws_target": _kws_target(u, cdir, strict=strict),
+        "spk_target": speaker_index[spk] if speaker_index is not None and spk else IGNORE_INDEX,
+        "speaker": spk,
+        "corpus": cdir.name,
+    }
+
+
 def _attach(cuts, custom: dict[str, dict]):
     """Set ``cut.custom`` from ``custom[cut.id]`` (in place, eager CutSets) and return the CutSet."""
     for cut in cuts:
@@ -112,15 +124,7 @@ def kws_cuts(split: str, corpora_dir: Optional[Pathlike] = None, sampling_rate: 
     """
     cdir = corpus_dir(KWS_CORPUS, corpora_dir)
     utts = read_split(cdir, split, read_metadata(cdir))
-    custom = {
-        u.id: {
-            "kws_target": _kws_target(u, cdir, strict=True),
-            "spk_target": IGNORE_INDEX,
-            "speaker": speaker_label(cdir.name, u.speaker) if u.speaker else "",
-            "corpus": cdir.name,
-        }
-        for u in utts
-    }
+    custom = {u.id: _targets(u, cdir, strict=True) for u in utts}
     return _attach(utterances_to_cuts(utts, sampling_rate), custom)
 
 
@@ -178,15 +182,7 @@ def sv_train_cuts(
     index = {s: i for i, s in enumerate(speakers)}
     cuts = []
     for cdir, utts in per_corpus:
-        custom = {}
-        for u in utts:
-            spk = speaker_label(cdir.name, u.speaker) if u.speaker else ""
-            custom[u.id] = {
-                "kws_target": _kws_target(u, cdir, strict=False),
-                "spk_target": index[spk] if spk else IGNORE_INDEX,
-                "speaker": spk,
-                "corpus": cdir.name,
-            }
+        custom = {u.id: _targets(u, cdir, strict=False, speaker_index=index) for u in utts}
         for cut in _attach(utterances_to_cuts(utts, sampling_rate), custom):
             if max_segment is not None and cut.duration > max_segment:
                 cuts.extend(w for w in cut.cut_into_windows(max_segment) if w.duration >= min_segment)
@@ -232,15 +228,7 @@ def sv_trial_cuts(corpus: str, trials: str = "sv_dev", corpora_dir: Optional[Pat
         if uid not in meta:
             raise CorpusError(f"{path}: utterance id '{uid}' is not in {cdir / 'metadata.tsv'}")
         utts.append(meta[uid])
-    custom = {
-        u.id: {
-            "kws_target": _kws_target(u, cdir, strict=False),
-            "spk_target": IGNORE_INDEX,
-            "speaker": speaker_label(cdir.name, u.speaker) if u.speaker else "",
-            "corpus": cdir.name,
-        }
-        for u in utts
-    }
+    custom = {u.id: _targets(u, cdir, strict=False) for u in utts}
     return _attach(utterances_to_cuts(utts, sampling_rate), custom), tr
 
 

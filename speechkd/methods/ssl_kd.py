@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import time
 import warnings
 from pathlib import Path
@@ -45,7 +44,9 @@ from torch import nn
 
 from speechkd.config import DownstreamConfig, SslRecipe, dump_recipe
 from speechkd.data.classification import IGNORE_INDEX, SAMPLE_RATE
-from speechkd.utils import atomic_dir, atomic_path, set_thread_policy, write_json_atomic, write_text_atomic
+from speechkd.teachers.hf import write_preprocessor_config
+from speechkd.utils import (atomic_dir, atomic_path, log, set_thread_policy, warmup_cosine, write_json_atomic,
+                            write_text_atomic)
 
 __all__ = [
     "SSL_STAGES",
@@ -55,7 +56,7 @@ __all__ = [
     "TrainSummary",
     "default_target_layers",
     "load_downstream",
-    "run_all",
+    "needed_stages",
     "save_downstream",
     "train_steps",
 ]
@@ -65,10 +66,6 @@ DOWNSTREAM_META = "downstream.json"
 HEADS_WEIGHTS = "heads.safetensors"
 """Downstream heads (and the AM-softmax speaker weights) of a fine-tuned run directory."""
 
-
-def log(msg: str) -> None:
-    """One-line stage summary on stdout."""
-    print(f"[speechkd] {msg}", flush=True)
 
 
 def default_target_layers(num_teacher_layers: int, count: int = 3) -> list[int]:
@@ -282,12 +279,6 @@ def train_steps(
         optimizer.load_state_dict(ckpt["optimizer"])
         start, history, seconds = int(ckpt["step"]), json.loads(ckpt["history"]), float(ckpt["seconds"])
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        t = min(1.0, (step - warmup_steps) / max(1, steps - warmup_steps))
-        return final_lr_ratio + (1 - final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-
     def save(step: int, secs: float) -> None:
         state = {"step": step, "model": module.state_dict(), "optimizer": optimizer.state_dict(),
                  "history": json.dumps(history), "seconds": secs, "fingerprint": fp}
@@ -304,7 +295,7 @@ def train_steps(
         batch = next(stream)
         torch.manual_seed(_step_seed(seed, step))
         for group, peak in zip(optimizer.param_groups, peaks):
-            group["lr"] = peak * factor(step)
+            group["lr"] = peak * warmup_cosine(step, warmup_steps, steps, final_lr_ratio)
         loss, logs = step_fn(batch)
         if not torch.isfinite(loss):
             raise RuntimeError(f"{desc}: loss is {float(loss)} at step {step} (batch {batch['cut_ids'][:3]} ...)")
@@ -599,11 +590,6 @@ class DownstreamModel(nn.Module):
         return res
 
 
-def _preprocessor_config(normalize: bool) -> dict:
-    return {"feature_extractor_type": "Wav2Vec2FeatureExtractor", "do_normalize": bool(normalize),
-            "sampling_rate": SAMPLE_RATE, "feature_size": 1, "padding_value": 0.0, "return_attention_mask": True}
-
-
 def save_downstream(model: DownstreamModel, out_dir: Path, meta: dict) -> None:
     """Write a fine-tuned model: ``encoder/`` (a Hugging Face directory that
     :func:`speechkd.teachers.hf.load_ssl_teacher` loads), :data:`HEADS_WEIGHTS` and :data:`DOWNSTREAM_META`
@@ -613,8 +599,7 @@ def save_downstream(model: DownstreamModel, out_dir: Path, meta: dict) -> None:
     out_dir = Path(out_dir)
     enc = out_dir / "encoder"
     model.encoder.model.save_pretrained(enc)
-    (enc / "preprocessor_config.json").write_text(json.dumps(_preprocessor_config(model.encoder.normalize), indent=2)
-                                                   + "\n", encoding="utf-8")
+    write_preprocessor_config(enc, model.encoder.normalize)
     heads = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.startswith("encoder.")}
     save_file(heads, out_dir / HEADS_WEIGHTS)
     write_json_atomic(out_dir / DOWNSTREAM_META, {"tasks": list(model.tasks), **meta})
@@ -850,14 +835,9 @@ SSL_STAGES: dict[str, Callable] = {
 """The SSL recipe's stages, in the order ``speechkd run`` runs them."""
 
 
-def run_all(exp: SslExperiment, stages: Optional[list[str]] = None) -> None:
-    """Run the SSL stages in order; each skips what is already complete."""
-    exp.dir.mkdir(parents=True, exist_ok=True)
-    exp.write_config()
+def needed_stages(recipe: SslRecipe) -> list[str]:
+    """The SSL recipe's stages in order (:data:`SSL_STAGES`); ``distill`` only when a student is fine-tuned."""
     needed = list(SSL_STAGES)
-    if "student" not in exp.recipe.downstream.encoders:
+    if "student" not in recipe.downstream.encoders:
         needed.remove("distill")
-    for name in stages or needed:
-        t0 = time.time()
-        SSL_STAGES[name](exp)
-        log(f"stage {name} done ({time.time() - t0:.0f} s)")
+    return needed

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from speechkd.losses.distill import prediction_loss
-from speechkd.teachers.hf import SAMPLE_RATE, SSLOutput, SSLTeacher, load_ssl_model
+from speechkd.teachers.hf import SSLOutput, SSLTeacher, load_ssl_model, read_normalize, write_preprocessor_config
 
 __all__ = [
     "DISTILHUBERT_TARGET_LAYERS",
@@ -426,15 +426,7 @@ class SSLStudent(nn.Module):
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(out_dir)
-        preprocessor = {
-            "feature_extractor_type": "Wav2Vec2FeatureExtractor",
-            "do_normalize": self.encoder.normalize,
-            "sampling_rate": SAMPLE_RATE,
-            "feature_size": 1,
-            "padding_value": 0.0,
-            "return_attention_mask": True,
-        }
-        (out_dir / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n", encoding="utf-8")
+        write_preprocessor_config(out_dir, self.encoder.normalize)
         heads = {k: v.detach().contiguous() for k, v in self.prediction_heads.state_dict().items()}
         meta = {"format": "pt", _HEADS_META_KEY: json.dumps(self.heads_config())}
         save_file(heads, out_dir / HEADS_FILE, metadata=meta)
@@ -529,11 +521,7 @@ def load_ssl_student(model_dir: PathLike, exact_padding: bool = True) -> SSLStud
     if meta is None:
         raise ValueError(f"{heads_path} has no {_HEADS_META_KEY!r} metadata (not written by SSLStudent)")
     settings = json.loads(meta)
-    normalize = False
-    pre = model_dir / "preprocessor_config.json"
-    if pre.is_file():
-        normalize = bool(json.loads(pre.read_text(encoding="utf-8")).get("do_normalize", False))
-    student = SSLStudent(model, normalize=normalize, exact_padding=exact_padding, **settings)
+    student = SSLStudent(model, normalize=read_normalize(model_dir), exact_padding=exact_padding, **settings)
     state = load_file(heads_path)
     try:
         student.prediction_heads.load_state_dict(state)

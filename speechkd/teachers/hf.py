@@ -31,6 +31,8 @@ __all__ = [
     "SSLTeacher",
     "load_ssl_model",
     "load_ssl_teacher",
+    "read_normalize",
+    "write_preprocessor_config",
 ]
 
 SAMPLE_RATE = 16000
@@ -86,6 +88,44 @@ def _check_model_dir(model_dir: Path) -> str:
             "(model.save_pretrained(dir, safe_serialization=True)). Sharded checkpoints are not supported."
         )
     return model_type
+
+
+PREPROCESSOR_FILE = "preprocessor_config.json"
+"""The Hugging Face feature-extractor settings beside a checkpoint; :func:`load_ssl_teacher` reads ``do_normalize``."""
+
+
+def write_preprocessor_config(model_dir: PathLike, normalize: bool) -> Path:
+    """Write :data:`PREPROCESSOR_FILE` into ``model_dir`` (a ``Wav2Vec2FeatureExtractor`` at 16 kHz, mono).
+
+    Args:
+        model_dir: an existing checkpoint directory (it is not made atomic here: write into a temporary
+            directory, e.g. :func:`speechkd.utils.atomic_dir`, when that matters).
+        normalize: ``do_normalize``: per-utterance zero-mean unit-variance waveforms (wav2vec 2.0 Large, WavLM)
+            or not (HuBERT Base).
+
+    Returns:
+        The file's path.
+    """
+    cfg = {"feature_extractor_type": "Wav2Vec2FeatureExtractor", "do_normalize": bool(normalize),
+           "sampling_rate": SAMPLE_RATE, "feature_size": 1, "padding_value": 0.0, "return_attention_mask": True}
+    path = Path(model_dir) / PREPROCESSOR_FILE
+    path.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def read_normalize(model_dir: PathLike) -> bool:
+    """``do_normalize`` from ``model_dir``'s :data:`PREPROCESSOR_FILE`; False when the directory has none.
+
+    Raises:
+        ValueError: the file is not a JSON object (names the file).
+    """
+    pre = Path(model_dir) / PREPROCESSOR_FILE
+    if not pre.is_file():
+        return False
+    try:
+        return bool(json.loads(pre.read_text(encoding="utf-8")).get("do_normalize", False))
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ValueError(f"{pre} is not a valid JSON object: {e}") from e
 
 
 def load_ssl_model(model_dir: PathLike) -> nn.Module:
@@ -362,11 +402,5 @@ def load_ssl_teacher(
     """
     model = load_ssl_model(model_dir)
     if normalize is None:
-        normalize = False
-        pre = Path(model_dir) / "preprocessor_config.json"
-        if pre.is_file():
-            try:
-                normalize = bool(json.loads(pre.read_text(encoding="utf-8")).get("do_normalize", False))
-            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-                raise ValueError(f"{pre} is not a valid JSON object: {e}") from e
+        normalize = read_normalize(model_dir)
     return SSLTeacher(model, layers=layers, normalize=normalize, exact_padding=exact_padding, frozen=frozen)

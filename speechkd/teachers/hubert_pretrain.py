@@ -39,8 +39,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -54,8 +52,8 @@ from torch import nn
 from speechkd.data.corpora import Utterance, utterances_to_cuts
 from speechkd.models.ssl import _GradScale
 from speechkd.mvq.quantizer import _assign, _kmeans
-from speechkd.teachers.hf import SAMPLE_RATE, _receptive_field
-from speechkd.utils import atomic_path, set_thread_policy
+from speechkd.teachers.hf import SAMPLE_RATE, _receptive_field, write_preprocessor_config
+from speechkd.utils import atomic_dir, atomic_path, set_thread_policy
 
 __all__ = [
     "CKPT_SUFFIX",
@@ -660,32 +658,12 @@ class HubertPretrainer(nn.Module):
         if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir())
                                                              and not (out_dir / SUMMARY_FILE).is_file())):
             raise FileExistsError(f"{out_dir} exists and is not an earlier HuBERT export: not overwriting it")
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        try:
+        with atomic_dir(out_dir) as tmp:
             self.model.save_pretrained(tmp)
-            preprocessor = {
-                "feature_extractor_type": "Wav2Vec2FeatureExtractor",
-                "do_normalize": False,
-                "sampling_rate": SAMPLE_RATE,
-                "feature_size": 1,
-                "padding_value": 0.0,
-                "return_attention_mask": True,
-            }
-            (tmp / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n", encoding="utf-8")
+            write_preprocessor_config(tmp, normalize=False)
             summary = {"method": "HuBERT iteration 1 (MFCC k-means targets), arXiv 2106.07447", **self.settings(),
                        **(extra or {})}
             (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-            old = None
-            if out_dir.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-                os.replace(out_dir, old / out_dir.name)
-            os.replace(tmp, out_dir)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         return out_dir
 
 
