@@ -78,6 +78,9 @@ def _experiment(recipe: Path, exp_dir: Optional[Path], corpora_dir: Optional[Pat
     return exp
 
 
+SSL_ONLY_OPTIONS = ("runs",)
+
+
 def _stage(name: str, recipe, exp_dir, corpora_dir, progress, **kw):
     from speechkd.pipeline import stages_of
 
@@ -87,12 +90,17 @@ def _stage(name: str, recipe, exp_dir, corpora_dir, progress, **kw):
     if name not in stages:
         typer.echo(f"error: stage '{name}' does not apply to {kind} recipe; its stages: {', '.join(stages)}", err=True)
         raise typer.Exit(2)
+    ssl_kw = {k: kw.pop(k) for k in SSL_ONLY_OPTIONS if k in kw}
     if getattr(exp, "kind", "asr") == "ssl":
         given = [k for k, v in kw.items() if v is not None]
         if given:
             typer.echo(f"error: option(s) {given} apply to ASR recipes only", err=True)
             raise typer.Exit(2)
-        kw = {}
+        kw = {k: v for k, v in ssl_kw.items() if v is not None}
+    elif any(v is not None for v in ssl_kw.values()):
+        typer.echo(f"error: option(s) {[k for k, v in ssl_kw.items() if v is not None]} apply to SSL recipes only",
+                   err=True)
+        raise typer.Exit(2)
     try:
         stages[name](exp, **kw)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
@@ -156,13 +164,17 @@ def distill(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpora_
 
 @app.command()
 def finetune(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpora_dir: Optional[Path] = CorporaOpt,
-             progress: bool = ProgressOpt):
+             progress: bool = ProgressOpt,
+             run: Optional[list[str]] = typer.Option(
+                 None, "--run", help="train only this run (repeatable), e.g. teacher-frozen-kws, student-multitask; "
+                                     "give each of several processes its own runs to train them in parallel")):
     """SSL recipes: fine-tune teacher and student for keyword spotting and speaker verification.
 
     Each (encoder, mode) of the recipe's downstream section: frozen (frozen encoder, one head per task), finetune
     (encoder fine-tuned per task), multitask (one encoder, L = L_KWS + beta * L_SV). Resumes stopped runs.
+    Run names: <encoder>-frozen-<task>, <encoder>-finetune-<task>, <encoder>-multitask.
     """
-    _stage("finetune", recipe, exp_dir, corpora_dir, progress)
+    _stage("finetune", recipe, exp_dir, corpora_dir, progress, runs=run or None)
 
 
 @app.command()

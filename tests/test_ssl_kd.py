@@ -184,6 +184,38 @@ def test_stopped_finetuning_resumes_exactly(ssl_exp, tmp_path):
                     grad_clip=1.0, batch_seconds=8, seed=3, ckpt_every=2, fingerprint={"x": 2}, progress=False)
 
 
+def test_finetune_trains_only_the_runs_asked_for(ssl_exp, tmp_path):
+    """``finetune --run`` retrains the named run only (so runs can train in parallel processes); an unknown name is
+    an error that lists the recipe's runs."""
+    import shutil
+
+    from speechkd.cli import app
+
+    exp_dir = tmp_path / "exp"
+    shutil.copytree(ssl_exp.dir, exp_dir)
+    shutil.rmtree(exp_dir / "finetune" / "student-frozen-kws")
+    (exp_dir / "finetune" / "student-frozen-kws.ckpt.pt").unlink()
+    shutil.rmtree(exp_dir / "finetune" / "teacher-multitask")
+    others = {p: p.stat().st_mtime_ns for p in (exp_dir / "finetune").rglob("*") if p.is_file()}
+    args = ["finetune", str(REPO / "recipes" / "smoke_ssl.yaml"), "--exp-dir", str(exp_dir), "--no-progress",
+            "--corpora-dir", ssl_exp.recipe.data.corpora_dir]
+    res = CliRunner().invoke(app, args + ["--run", "student-frozen-kws"])
+    assert res.exit_code == 0, res.output
+    assert (exp_dir / "finetune" / "student-frozen-kws" / "downstream.json").is_file()
+    assert not (exp_dir / "finetune" / "teacher-multitask").exists()  # not asked for
+    assert {p: p.stat().st_mtime_ns for p in others} == others
+    # the retrained run repeats the first one exactly (same seeds, same batches)
+    from safetensors.torch import load_file
+
+    from speechkd.methods.ssl_kd import HEADS_WEIGHTS
+
+    a = load_file(ssl_exp.dir / "finetune" / "student-frozen-kws" / HEADS_WEIGHTS)
+    b = load_file(exp_dir / "finetune" / "student-frozen-kws" / HEADS_WEIGHTS)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    res = CliRunner().invoke(app, args + ["--run", "student-frozen-kw"])
+    assert res.exit_code == 1 and "student-frozen-kw'" in res.output and "teacher-multitask" in res.output
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 def test_cli_dispatches_on_the_recipe_kind(tmp_path):
     from speechkd.cli import app

@@ -185,6 +185,13 @@ class TrainSummary(NamedTuple):
     resumed_from: int
 
 
+def _settings(cfg, *also_drop: str) -> dict:
+    """A config section as a resume fingerprint: without the keys that do not change what a run computes
+    (``num_threads``, ``ckpt_every``) and ``also_drop`` (which other runs a recipe lists)."""
+    drop = {"num_threads", "ckpt_every", *also_drop}
+    return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in drop}
+
+
 def _step_seed(seed: int, step: int) -> int:
     return int(np.random.default_rng([int(seed), int(step), 7]).integers(2**62))
 
@@ -479,7 +486,7 @@ def distill(exp: SslExperiment) -> None:
         return loss, {"loss": float(loss.detach()), "cos_sim": float(np.mean(cos))}
 
     cuts = exp.cuts("pretrain")
-    fingerprint = {"student": s.model_dump(mode="json"), "teacher": [teacher.num_layers, teacher.hidden_size],
+    fingerprint = {"student": _settings(s), "teacher": [teacher.num_layers, teacher.hidden_size],
                    "targets": student.target_layers, "cuts": len(cuts)}
     summary = train_steps(
         out.with_name(out.name + ".ckpt.pt"), student, [{"params": [p for p in student.parameters() if p.requires_grad],
@@ -669,7 +676,7 @@ def _finetune_run(exp: SslExperiment, run: FinetuneRun) -> None:
     cuts_name = "multitask_train" if len(run.tasks) > 1 else f"{run.tasks[0]}_train"
     cuts = exp.cuts(cuts_name)
     keys = [{"kws": "kws_target", "sv": "spk_target"}[t] for t in run.tasks]
-    fingerprint = {"downstream": c.model_dump(mode="json"), "run": run.name, "cuts": len(cuts),
+    fingerprint = {"downstream": _settings(c, "encoders", "modes", "tasks"), "run": run.name, "cuts": len(cuts),
                    "encoder": [model.encoder.num_layers, model.encoder.hidden_size]}
     summary = train_steps(
         out.with_name(out.name + ".ckpt.pt"), model, groups, cuts, lambda b: model.loss(b, c.beta), steps=c.steps,
@@ -688,9 +695,24 @@ def _finetune_run(exp: SslExperiment, run: FinetuneRun) -> None:
         f"({', '.join(f'{k} {v:.3f}' for k, v in last.items() if k not in ('step', 'lr'))}) -> {out}")
 
 
-def finetune(exp: SslExperiment) -> None:
-    """Fine-tune every (encoder, mode, task) run of the recipe; resumes stopped runs, skips finished ones."""
-    for run in exp.runs():
+def finetune(exp: SslExperiment, runs: Optional[Sequence[str]] = None) -> None:
+    """Fine-tune every (encoder, mode, task) run of the recipe; resumes stopped runs, skips finished ones.
+
+    Args:
+      runs: only these runs (names as :attr:`FinetuneRun.name`, e.g. ``teacher-frozen-kws``,
+        ``student-multitask``); runs of one recipe may train in parallel processes, each given its own runs.
+
+    Raises:
+      ValueError: a name in ``runs`` that is not a run of the recipe (the error lists the recipe's runs).
+    """
+    todo = exp.runs()
+    if runs:
+        names = [r.name for r in todo]
+        unknown = [r for r in runs if r not in names]
+        if unknown:
+            raise ValueError(f"no fine-tuning run {unknown} in this recipe; its runs: {', '.join(names)}")
+        todo = [r for r in todo if r.name in set(runs)]
+    for run in todo:
         out = exp.run_dir(run)
         if (out / DOWNSTREAM_META).is_file():
             log(f"finetune: {out} exists, skipped")
