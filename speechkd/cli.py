@@ -119,9 +119,9 @@ def prepare(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpora_
 @app.command()
 def train(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpora_dir: Optional[Path] = CorporaOpt,
           progress: bool = ProgressOpt):
-    """Train the teacher (resumes from its last checkpoint). ASR: the teacher transducer / AED. SSL: HuBERT
-    pre-training, first iteration (MFCC k-means targets), exported as a Hugging Face directory; nothing to do when
-    the recipe gives teacher.dir."""
+    """Train the teacher (resumes from its last checkpoint). ASR: the teacher transducer / AED (with teacher.hf_dir
+    only that Hugging Face checkpoint is checked). SSL: HuBERT pre-training, first iteration (MFCC k-means targets),
+    exported as a Hugging Face directory; nothing to do when the recipe gives teacher.dir."""
     _stage("teacher", recipe, exp_dir, corpora_dir, progress)
 
 

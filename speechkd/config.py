@@ -173,12 +173,35 @@ class StudentRun(Strict):
 
 
 class TeacherConfig(Strict):
-    """The teacher transducer: its model and training, and which block's output is the KD embedding."""
+    """The teacher: the project's transducer (its model and training) or a Hugging Face SSL encoder, and which
+    layer's output is the KD embedding.
+
+    ``hf_dir``: a local Hugging Face HuBERT / wav2vec 2.0 / WavLM checkpoint directory (``config.json`` +
+    ``model.safetensors``; see :mod:`speechkd.teachers.hf`; a relative path is read from the working directory).
+    With it the ``teacher`` stage trains nothing (it only checks the directory), ``extract`` stores the model's
+    hidden states at its own frame shift (``prod(conv_stride)`` / 16 kHz: 20 ms for the standard CNN), and
+    ``model``, ``train`` and ``seed`` are unused. Only frame-level KD students (``mvq``, ``l1``, ``l2``) and
+    baselines can use it: sequence-level KD, word-level KL, ``init_from_teacher`` and CoDERT need the project's
+    transducer / AED teacher.
+    ``layer``: without ``hf_dir``, the 1-based Conformer block whose output is distilled (-1 = last). With
+    ``hf_dir``, the index into ``transformers``' ``output_hidden_states``: i = 1..L is the output of transformer
+    layer i (1-based), 0 the input of the first transformer layer, -1 the last layer (L).
+    """
 
     model: ModelConfig = ModelConfig(dim=256, num_layers=4, ff_dim=1024)
     train: TrainConfig = TrainConfig()
     seed: int = 0
-    layer: int = Field(-1, description="1-based Conformer block whose output is distilled (-1 = last)")
+    layer: int = Field(-1, description="distilled layer: 1-based Conformer block, or with hf_dir the hidden-state "
+                                       "index (i = output of transformer layer i, 0 = its input); -1 = last")
+    hf_dir: Optional[str] = Field(None, description="local Hugging Face HuBERT / wav2vec 2.0 / WavLM directory "
+                                                    "used as the teacher instead of the transducer")
+
+    @model_validator(mode="after")
+    def _check_layer(self):
+        if self.hf_dir is not None and (not self.hf_dir.strip() or self.layer < -1):
+            raise ValueError(f"teacher.hf_dir {self.hf_dir!r} / teacher.layer {self.layer}: with hf_dir, layer is a "
+                             "hidden-state index >= 0 or -1 (the last), and hf_dir a directory")
+        return self
 
 
 class PseudoLabelConfig(Strict):
@@ -209,6 +232,20 @@ class EvalConfig(Strict):
     rtf_threads: int = Field(1, ge=1)
 
 
+def needs_project_teacher(kd: KDConfig) -> Optional[str]:
+    """What in ``kd`` needs the project's own (transducer / AED) teacher rather than an SSL one
+    (``teacher.hf_dir``), in words for an error message; None when nothing does (mvq, l1, l2, none)."""
+    if kd.method == "seq":
+        return "kd.method 'seq' (sequence-level KD on the teacher's N-best pseudo-labels)"
+    if kd.method == "codert":
+        return "kd.method 'codert' (CoDERT: the teacher's encoder logits)"
+    if kd.method == "word" or kd.kl_scale > 0:
+        return "token-level KL (kd.method 'word' / kd.kl_scale > 0: the teacher's decoder distributions)"
+    if kd.init_from_teacher:
+        return "kd.init_from_teacher (copying Conformer blocks of the teacher)"
+    return None
+
+
 class Recipe(Strict):
     """A whole experiment: data, teacher, student architecture, quantizer, the student runs, evaluation.
 
@@ -233,6 +270,14 @@ class Recipe(Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"student names must be unique, got {names}")
         for run in self.students:
+            if self.teacher.hf_dir is not None:
+                needs = needs_project_teacher(run.kd)
+                if needs:
+                    raise ValueError(
+                        f"teacher.hf_dir is set (a Hugging Face SSL teacher, {self.teacher.hf_dir}), but student "
+                        f"'{run.name}' uses {needs}, which needs the project's transducer/AED teacher trained by the "
+                        "teacher stage: remove teacher.hf_dir or that student (an HF teacher serves kd.method "
+                        "mvq, l1, l2 and none)")
             if run.kd.method == "seq" and run.kd.nbest > self.pseudo_label.nbest:
                 raise ValueError(f"student '{run.name}' uses nbest={run.kd.nbest} but pseudo_label.nbest="
                                  f"{self.pseudo_label.nbest} hypotheses are stored")

@@ -9,6 +9,10 @@
     evaluate  -> eval/<model>.json (+ eval/<model>-<split>-errs.txt)
     report    -> report.md, plots/*.png
 
+With ``teacher.hf_dir`` (a Hugging Face HuBERT / wav2vec 2.0 / WavLM directory) the teacher stage only checks
+that directory, ``extract`` runs that model over the training waveforms (its hidden states at its own frame
+shift, 20 ms for the standard CNN), and ``evaluate`` / ``report`` have no teacher row (no ASR head, no WER).
+
 Every stage skips work whose outputs are complete (each output is written atomically, the marker file
 last), so ``speechkd run`` resumes a stopped experiment; a stopped training resumes from its last
 checkpoint.
@@ -24,7 +28,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from speechkd.config import Recipe, dump_recipe
+from speechkd.config import Recipe, dump_recipe, needs_project_teacher
 from speechkd.utils import log, write_json_atomic, write_text_atomic
 
 SPLITS = ("train", "dev", "test")
@@ -43,6 +47,7 @@ class Experiment:
         self.dir = Path(recipe.exp_dir)
         self.progress = progress
         self._tokenizer = None
+        self._hf_info = None
 
     # paths
     def cuts_path(self, split: str) -> Path:
@@ -96,18 +101,55 @@ class Experiment:
         """Write the resolved recipe to ``config.yaml`` (every default spelled out)."""
         write_text_atomic(self.dir / "config.yaml", dump_recipe(self.recipe))
 
-    def teacher_frame_ratio(self, run=None) -> int:
-        """Teacher frames per student frame (student subsampling / teacher subsampling) for a student run
-        (default: the recipe's student_model).
+    @property
+    def hf_teacher_dir(self) -> Optional[Path]:
+        """The Hugging Face SSL teacher's directory (``teacher.hf_dir``), or None for the project's teacher."""
+        d = self.recipe.teacher.hf_dir
+        return None if d is None else Path(d)
+
+    def hf_teacher_info(self):
+        """:class:`speechkd.teachers.hf.SSLConfigInfo` of ``teacher.hf_dir`` (read once; no weights loaded).
 
         Raises:
-          ValueError: the student's subsampling is not a multiple of the teacher's.
+          ValueError: the recipe has no ``teacher.hf_dir``; as :func:`speechkd.teachers.hf.check_ssl_dir` for a
+            bad directory (naming it).
         """
+        if self.hf_teacher_dir is None:
+            raise ValueError("the recipe has no teacher.hf_dir")
+        if self._hf_info is None:
+            from speechkd.teachers.hf import check_ssl_dir
+
+            self._hf_info = check_ssl_dir(self.hf_teacher_dir)
+        return self._hf_info
+
+    def teacher_frame_shift(self) -> float:
+        """Seconds per teacher frame: ``prod(conv_stride) / 16000`` of the HF teacher (0.02 for HuBERT's CNN),
+        else 10 ms x the transducer teacher's subsampling."""
+        from speechkd.data.datamodule import FRAME_SHIFT
+
+        if self.hf_teacher_dir is not None:
+            return self.hf_teacher_info().frame_shift
+        return FRAME_SHIFT * self.recipe.teacher.model.subsampling
+
+    def student_frame_shift(self, run=None) -> float:
+        """Seconds per encoder frame of a student run (default: the recipe's student_model): 10 ms x subsampling."""
+        from speechkd.data.datamodule import FRAME_SHIFT
+
         student = self.recipe.student_model_of(run) if run is not None else self.recipe.student_model
-        t, s = self.recipe.teacher.model.subsampling, student.subsampling
-        if s % t != 0:
-            raise ValueError(f"student subsampling {s} must be a multiple of the teacher's {t}")
-        return s // t
+        return FRAME_SHIFT * student.subsampling
+
+    def teacher_frame_ratio(self, run=None, teacher_frame_shift: Optional[float] = None) -> int:
+        """Teacher frames per student frame for a student run (default: the recipe's student_model):
+        :meth:`student_frame_shift` / ``teacher_frame_shift`` (default :meth:`teacher_frame_shift`; give the
+        stored labels' frame shift when labels are used).
+
+        Raises:
+          ValueError: the ratio is not a whole number >= 1 (see :func:`speechkd.methods.base.frame_ratio_of`).
+        """
+        from speechkd.methods.base import frame_ratio_of
+
+        t = self.teacher_frame_shift() if teacher_frame_shift is None else teacher_frame_shift
+        return frame_ratio_of(self.student_frame_shift(run), t)
 
 
 # ---------------------------------------------------------------- prepare
@@ -144,9 +186,24 @@ def prepare(exp: Experiment) -> None:
 
 # ---------------------------------------------------------------- teacher
 def train_teacher(exp: Experiment) -> None:
-    """Train the teacher transducer on the training cuts (resumable)."""
+    """Train the teacher transducer on the training cuts (resumable); with ``teacher.hf_dir``, only check that
+    Hugging Face checkpoint (directory, ``config.json``, ``model.safetensors``, ``teacher.layer`` in range).
+
+    Raises:
+      FileNotFoundError / NotADirectoryError / ValueError: a bad ``teacher.hf_dir`` or ``teacher.layer`` (naming
+        the directory or setting).
+    """
     from speechkd.training import fit_model
 
+    if exp.hf_teacher_dir is not None:
+        from speechkd.teachers.hf import resolve_layer
+
+        info = exp.hf_teacher_info()
+        layer = resolve_layer(exp.recipe.teacher.layer, info.num_layers, "teacher.layer")
+        log(f"teacher: using the Hugging Face {info.model_type} model in {exp.hf_teacher_dir} (hidden state {layer} "
+            f"of 0..{info.num_layers}, width {info.hidden_size}, {1000 * info.frame_shift:g} ms frames); "
+            "no transducer is trained")
+        return
     if (exp.teacher_dir / "model.safetensors").is_file():
         log(f"teacher: {exp.teacher_dir}/model.safetensors exists, skipped")
         return
@@ -174,10 +231,80 @@ def _teacher_layer_outputs(exp: Experiment, cuts, layer: int, batch_seconds: flo
                 yield cid, x[i, : int(lens[i])].float().numpy()
 
 
+def load_audio_16k(cut) -> np.ndarray:
+    """A cut's mono waveform at 16 kHz, ``(S,)`` float32 samples (lhotse resamples a cut at another rate).
+
+    Raises:
+      ValueError: the cut has no recording, or more than one channel (naming the cut).
+    """
+    from speechkd.teachers.hf import SAMPLE_RATE
+
+    if not getattr(cut, "has_recording", False):
+        raise ValueError(f"cut '{cut.id}' has no recording: the Hugging Face teacher needs its waveform")
+    if cut.sampling_rate != SAMPLE_RATE:
+        cut = cut.resample(SAMPLE_RATE)
+    audio = cut.load_audio()  # (channels, S)
+    if audio.ndim != 2 or audio.shape[0] != 1:
+        raise ValueError(f"cut '{cut.id}': audio of shape {audio.shape}; the Hugging Face teacher takes one channel")
+    return np.asarray(audio[0], dtype=np.float32)
+
+
+def _hf_teacher_layer_outputs(exp: Experiment, cuts, layer: int, batch_seconds: float = 100.0):
+    """Yield ``(cut_id, hidden states (T', C) float32 numpy)`` of the HF teacher's hidden state ``layer`` (-1 =
+    last) for every cut, ``T'`` its valid frames at the teacher's frame shift (20 ms for HuBERT's CNN).
+
+    Cuts are run in order of duration, in batches of at most ``batch_seconds`` of audio (a longer cut alone), in
+    inference mode, at 16 kHz (:func:`load_audio_16k`), normalised as the checkpoint's
+    ``preprocessor_config.json`` says (see :func:`speechkd.teachers.hf.load_ssl_teacher`).
+
+    Raises:
+      ValueError: a cut shorter than the teacher's receptive field (no frame), or as :func:`load_audio_16k`
+        (naming the cut); ``layer`` out of range (naming ``teacher.layer``).
+    """
+    from tqdm import tqdm
+
+    from speechkd.teachers.hf import SAMPLE_RATE, load_ssl_teacher, resolve_layer
+
+    info = exp.hf_teacher_info()
+    index = resolve_layer(layer, info.num_layers, "teacher.layer")
+    teacher = load_ssl_teacher(exp.hf_teacher_dir, layers=[index])
+    ordered = sorted(cuts, key=lambda c: c.duration)
+    batches, current, seconds = [], [], 0.0
+    for c in ordered:
+        if current and seconds + c.duration > batch_seconds:
+            batches.append(current)
+            current, seconds = [], 0.0
+        current.append(c)
+        seconds += c.duration
+    if current:
+        batches.append(current)
+    with torch.inference_mode():
+        for batch in tqdm(batches, desc="HF teacher forward", disable=not exp.progress):
+            wavs = [load_audio_16k(c) for c in batch]
+            for c, w in zip(batch, wavs):
+                if len(w) < teacher.min_samples:
+                    raise ValueError(f"cut '{c.id}' has {len(w)} samples ({len(w) / SAMPLE_RATE:.3f} s), fewer than "
+                                     f"the teacher's receptive field of {teacher.min_samples}: it has no frame")
+            lens = torch.tensor([len(w) for w in wavs], dtype=torch.long)
+            x = torch.zeros(len(wavs), int(lens.max()))  # (N, S)
+            for i, w in enumerate(wavs):
+                x[i, : len(w)] = torch.from_numpy(w)
+            out = teacher(x, lens)
+            h = out.hidden_states[0]  # (N, T, C)
+            for i, c in enumerate(batch):
+                yield c.id, h[i, : int(out.lens[i])].float().numpy()
+
+
 # ---------------------------------------------------------------- extract
 def extract(exp: Experiment) -> None:
-    """Store the teacher's chosen layer for every training cut as float32 (the L1/L2 labels)."""
-    from speechkd.data.datamodule import FRAME_SHIFT, save_cuts
+    """Store the teacher's chosen layer for every training cut as float32 (the L1/L2 labels), at the teacher's
+    frame shift (:meth:`Experiment.teacher_frame_shift`): the transducer's encoder block ``teacher.layer`` over
+    the fbank, or with ``teacher.hf_dir`` the HF model's hidden state ``teacher.layer`` over the 16 kHz waveform.
+
+    Raises:
+      ValueError: as :func:`_hf_teacher_layer_outputs` and :func:`speechkd.mvq.store.write_frame_labels`.
+    """
+    from speechkd.data.datamodule import save_cuts
     from speechkd.methods.mvq_kd import EMB_KEY
     from speechkd.mvq.store import write_frame_labels
 
@@ -187,9 +314,14 @@ def extract(exp: Experiment) -> None:
     t = exp.recipe.teacher
     cuts = exp.cuts("train")
     t0 = time.time()
+    if exp.hf_teacher_dir is not None:
+        outputs = _hf_teacher_layer_outputs(exp, cuts, t.layer)
+        extra = {"teacher_layer": str(t.layer), "teacher_hf_dir": str(exp.hf_teacher_dir.resolve())}
+    else:
+        outputs = _teacher_layer_outputs(exp, cuts, t.layer)
+        extra = {"teacher_layer": str(t.layer)}
     labelled = write_frame_labels(
-        cuts, _teacher_layer_outputs(exp, cuts, t.layer), exp.dir / "labels", key=EMB_KEY,
-        frame_shift=FRAME_SHIFT * t.model.subsampling, extra={"teacher_layer": str(t.layer)},
+        cuts, outputs, exp.dir / "labels", key=EMB_KEY, frame_shift=exp.teacher_frame_shift(), extra=extra,
     )
     save_cuts(labelled, exp.emb_cuts_path)
     log(f"extract: teacher layer {t.layer} for {len(labelled)} cuts ({time.time() - t0:.0f} s) -> {exp.emb_cuts_path}")
@@ -198,10 +330,10 @@ def extract(exp: Experiment) -> None:
 # ---------------------------------------------------------------- quantize
 def quantize(exp: Experiment) -> None:
     """Train the multi-codebook quantizer on sampled teacher frames and write CI for every training cut."""
-    from speechkd.data.datamodule import FRAME_SHIFT, load_cuts, save_cuts
+    from speechkd.data.datamodule import load_cuts, save_cuts
     from speechkd.methods.mvq_kd import CI_KEY, EMB_KEY
     from speechkd.mvq.quantizer import Quantizer, train_quantizer
-    from speechkd.mvq.store import load_frame_labels, write_frame_labels
+    from speechkd.mvq.store import label_frame_shift, load_frame_labels, write_frame_labels
 
     if exp.ci_cuts_path.is_file():
         log(f"quantize: {exp.ci_cuts_path} exists, skipped")
@@ -241,9 +373,9 @@ def quantize(exp: Experiment) -> None:
                 group, frames = [], 0
         yield from _encode_group(quantizer, group)
 
-    t = exp.recipe.teacher
+    # the CI frames are the embeddings' frames: same frame shift (20 ms for an HF teacher, 10 ms x subsampling else)
     labelled = write_frame_labels(cuts, indexes(), exp.dir / "labels", key=CI_KEY,
-                                  frame_shift=FRAME_SHIFT * t.model.subsampling, extra={"quantizer_id": quantizer.id})
+                                  frame_shift=label_frame_shift(cuts, EMB_KEY), extra={"quantizer_id": quantizer.id})
     save_cuts(labelled, exp.ci_cuts_path)
     log(f"quantize: codebook indexes for {len(labelled)} cuts -> {exp.ci_cuts_path}")
 
@@ -272,6 +404,9 @@ def pseudo_label(exp: Experiment, shard: Optional[str] = None) -> None:
 
     With ``shard="i/n"`` only cuts i, i+n, ... are decoded (run the n shards in parallel, on any machines
     sharing the directory); the labels are merged onto the cuts once every cut has its list.
+
+    Raises:
+      ValueError: the recipe's teacher is a Hugging Face SSL model (``teacher.hf_dir``), which cannot decode.
     """
     from speechkd.data.datamodule import save_cuts
     from speechkd.data.pseudo_labels import merge_pseudo_labels, parse_shard, write_pseudo_labels
@@ -280,6 +415,9 @@ def pseudo_label(exp: Experiment, shard: Optional[str] = None) -> None:
     if exp.nbest_cuts_path.is_file():
         log(f"pseudo-label: {exp.nbest_cuts_path} exists, skipped")
         return
+    if exp.hf_teacher_dir is not None:
+        raise ValueError(f"pseudo-label: teacher.hf_dir ({exp.hf_teacher_dir}) is an SSL encoder without an ASR "
+                         "head: it cannot write N-best lists (sequence-level KD needs the project's teacher)")
     p = exp.recipe.pseudo_label
     i, n = parse_shard(shard)
     cuts = exp.cuts("train")
@@ -317,15 +455,20 @@ def make_kd(exp: Experiment, run, seed: int = 0):
 
     Raises:
       ValueError / FileNotFoundError: labels missing or written by another quantizer or teacher; a CoDERT run
-        whose teacher or student is not a transducer (naming the run).
+        whose teacher or student is not a transducer (naming the run); a run that needs the project's teacher
+        while the recipe's is a Hugging Face one (``teacher.hf_dir``); a student frame shift that is not a whole
+        multiple of the stored labels' (see :meth:`Experiment.teacher_frame_ratio`).
     """
     from speechkd.data.datamodule import load_cuts
-    from speechkd.methods.mvq_kd import CI_KEY, MvqKD, RegressionKD
+    from speechkd.methods.mvq_kd import CI_KEY, EMB_KEY, MvqKD, RegressionKD
     from speechkd.mvq.quantizer import Quantizer
-    from speechkd.mvq.store import check_label_meta
+    from speechkd.mvq.store import check_label_meta, label_frame_shift
 
     kd_cfg = run.kd
     s = exp.recipe.student_model_of(run)
+    if exp.hf_teacher_dir is not None and needs_project_teacher(kd_cfg):
+        raise ValueError(f"student '{run.name}' uses {needs_project_teacher(kd_cfg)}, but teacher.hf_dir "
+                         f"({exp.hf_teacher_dir}) is a Hugging Face SSL teacher")
     from speechkd.models.build import load_model
 
     def init_from_teacher_fn(student):
@@ -378,16 +521,18 @@ def make_kd(exp: Experiment, run, seed: int = 0):
                           teacher_lr=None if kd_cfg.codert_mode == "static"
                           else (kd_cfg.teacher_lr or exp.recipe.teacher.train.lr))
         return kd, exp.cuts("train"), init_fn
-    ratio = exp.teacher_frame_ratio(run)
+    # frame-level labels: the ratio comes from the frame shift stored with them (the teacher's own)
     if kd_cfg.method == "mvq":
         quantizer = Quantizer.load(exp.quantizer_path)
         cuts = load_cuts(exp.ci_cuts_path)
         check_label_meta(cuts, CI_KEY, {"quantizer_id": quantizer.id})
+        ratio = exp.teacher_frame_ratio(run, label_frame_shift(cuts, CI_KEY))
         kd = MvqKD(s.dim, quantizer.num_codebooks, layer=kd_cfg.student_layer, frame_ratio=ratio,
                    mode=kd_cfg.frame_ratio_mode, scale=kd_cfg.scale)
         return kd, cuts, init_fn
     cuts = load_cuts(exp.emb_cuts_path)
-    teacher_dim = exp.recipe.teacher.model.dim
+    ratio = exp.teacher_frame_ratio(run, label_frame_shift(cuts, EMB_KEY))
+    teacher_dim = next(iter(cuts)).custom[EMB_KEY].shape[-1]  # the stored embeddings' width D
     kd = RegressionKD(s.dim, teacher_dim, kind=kd_cfg.method, layer=kd_cfg.student_layer, frame_ratio=ratio,
                       mode=kd_cfg.frame_ratio_mode, scale=kd_cfg.scale)
     return kd, cuts, init_fn
@@ -527,8 +672,10 @@ def distill(exp: Experiment, only: Optional[str] = None, seeds: Optional[list[in
 
 # ---------------------------------------------------------------- evaluate
 def _models(exp: Experiment):
-    """(name, group, dir, method, seed) of the teacher and every student run."""
-    yield "teacher", "teacher", exp.teacher_dir, "none", exp.recipe.teacher.seed
+    """(name, group, dir, method, seed) of the teacher and every student run; no teacher with ``teacher.hf_dir``
+    (an SSL encoder has no ASR head to decode with)."""
+    if exp.hf_teacher_dir is None:
+        yield "teacher", "teacher", exp.teacher_dir, "none", exp.recipe.teacher.seed
     for run in exp.recipe.students:
         for seed in run.seeds:
             yield f"{run.name}-seed{seed}", run.name, exp.student_dir(run.name, seed), run.kd.method, seed
@@ -579,6 +726,8 @@ def evaluate(exp: Experiment) -> None:
         from speechkd.data.pseudo_labels import label_bytes as nbest_bytes
 
         label_bytes["seq"] = ("nbest", nbest_bytes(exp.nbest_dir))
+    if exp.hf_teacher_dir is not None:
+        log(f"evaluate: the teacher is the Hugging Face SSL model {exp.hf_teacher_dir} (no ASR head): no WER, skipped")
     splits = {s: exp.cuts(s) for s in ("dev", "test")}
     rtf_cuts = splits["test"].subset(first=min(e.rtf_utts, len(splits["test"])))
     for name, group, mdir, method, seed in _models(exp):
@@ -625,10 +774,16 @@ def _train_seconds(mdir: Path) -> Optional[float]:
 
 # ---------------------------------------------------------------- report
 def report(exp: Experiment) -> Path:
-    """Write ``report.md`` and the plots from ``eval/*.json`` and the training logs."""
+    """Write ``report.md`` and the plots from ``eval/*.json`` and the training logs (with ``teacher.hf_dir``, a
+    line saying the HF teacher has no WER in place of the teacher row). Returns the report's path."""
     from speechkd.report import write_report
 
-    path = write_report(exp.dir, title=f"speechkd experiment '{exp.recipe.name}'")
+    note = None
+    if exp.hf_teacher_dir is not None:
+        note = (f"Teacher: the Hugging Face SSL model `{exp.hf_teacher_dir}` (hidden state teacher.layer = "
+                f"{exp.recipe.teacher.layer}); it has no ASR head, so no teacher WER: students are compared with the "
+                "baseline only.")
+    path = write_report(exp.dir, title=f"speechkd experiment '{exp.recipe.name}'", teacher_note=note)
     log(f"report: {path}")
     return path
 

@@ -550,7 +550,7 @@ def _when(ts: float) -> str:
     return datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
 
 
-def write_report(exp_dir: PathLike, title: Optional[str] = None) -> Path:
+def write_report(exp_dir: PathLike, title: Optional[str] = None, teacher_note: Optional[str] = None) -> Path:
     """Write ``EXP/report.md`` and its plots in ``EXP/plots/`` (all atomically).
 
     The report has: a header (experiment, when its results were written, when the report was
@@ -563,6 +563,8 @@ def write_report(exp_dir: PathLike, title: Optional[str] = None) -> Path:
     Args:
         exp_dir: experiment directory holding ``eval/*.json`` (and optional training CSVs).
         title: report title; default ``"Experiment report: <dir name>"``.
+        teacher_note: a line on the teacher for the findings, written in place of "cannot compare, no teacher
+            results" when there is no teacher row (e.g. a Hugging Face SSL teacher, which has no WER).
 
     Returns:
         Path of ``report.md``.
@@ -621,7 +623,11 @@ def write_report(exp_dir: PathLike, title: Optional[str] = None) -> Path:
 
     if teacher is None or not bases:
         absent = [x for x, r in (("teacher", teacher), ("baseline", bases or None)) if r is None]
-        out.append(f"- Teacher vs baseline: cannot compare, no {' and '.join(absent)} results.")
+        if teacher is None and teacher_note:
+            out.append(f"- {teacher_note}")
+            absent.remove("teacher")
+        if absent:
+            out.append(f"- Teacher vs baseline: cannot compare, no {' and '.join(absent)} results.")
     else:
         for base in bases:
             t_wer, b_wer = teacher["test_wer_mean"], base["test_wer_mean"]

@@ -46,6 +46,36 @@ def pick_layer(layer_outputs: list[torch.Tensor], layer: int) -> torch.Tensor:
     return layer_outputs[layer - 1]
 
 
+def frame_ratio_of(student_frame_shift: float, teacher_frame_shift: float) -> int:
+    """Teacher frames per student frame, ``student_frame_shift / teacher_frame_shift``, as the integer that
+    :func:`align_teacher_frames` takes.
+
+    E.g. a 4x-subsampled student (40 ms frames) and a HuBERT teacher (20 ms) give 2; the same student and a
+    4x-subsampled transducer teacher (40 ms) give 1.
+
+    Args:
+      student_frame_shift: seconds per student encoder frame (10 ms x its subsampling).
+      teacher_frame_shift: seconds per teacher label frame (as stored with the labels).
+
+    Returns:
+      The ratio, an int >= 1.
+
+    Raises:
+      ValueError: a shift <= 0, or a ratio that is not a whole number >= 1 (a student with a higher frame rate
+        than the teacher, or shifts such as 40 ms vs 30 ms); the message gives both shifts in ms.
+    """
+    if not (student_frame_shift > 0 and teacher_frame_shift > 0):
+        raise ValueError(f"frame shifts must be > 0, got student {student_frame_shift} s, teacher {teacher_frame_shift} s")
+    r = student_frame_shift / teacher_frame_shift
+    k = int(round(r))
+    if k < 1 or abs(r - k) > 1e-6 * r:
+        raise ValueError(
+            f"the student's frame shift ({1000 * student_frame_shift:g} ms) must be a whole multiple (>= 1) of the "
+            f"teacher's ({1000 * teacher_frame_shift:g} ms) for frame-level KD, got a ratio of {r:g}: change the "
+            "student's subsampling")
+    return k
+
+
 def align_teacher_frames(
     labels: torch.Tensor, label_lens: torch.Tensor, num_frames: int, ratio: int, mode: str = "concat"
 ) -> tuple[torch.Tensor, torch.Tensor]:

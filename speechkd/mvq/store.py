@@ -23,7 +23,7 @@ from typing import Iterable, Mapping, Optional, Tuple, Union
 import numpy as np
 
 __all__ = ["write_frame_labels", "load_frame_labels", "check_label_meta", "label_storage_bytes", "label_file_bytes",
-           "meta_key"]
+           "meta_key", "label_frame_shift"]
 
 Pathlike = Union[str, Path]
 _ALLOWED_DTYPES = (np.dtype(np.uint8), np.dtype(np.float16), np.dtype(np.float32))
@@ -217,6 +217,37 @@ def _manifests(cuts, key: str):
             raise ValueError(f"cut '{cut.id}' has no frame labels '{key}'")
         m = custom[key]
         yield cut, getattr(m, "array", m)  # TemporalArray -> its Array
+
+
+def label_frame_shift(cuts, key: str) -> float:
+    """The frame shift (seconds) recorded in the ``TemporalArray`` manifests of labels ``key`` (no arrays are read).
+
+    Args:
+      cuts: lhotse cuts carrying labels ``key`` (as written by :func:`write_frame_labels`), at least one.
+
+    Returns:
+      Seconds between label frames (e.g. 0.02 for a HuBERT teacher, 0.04 for a 4x-subsampled 10 ms one).
+
+    Raises:
+      ValueError: no cuts, a cut without labels ``key`` or without a frame shift, or cuts whose frame shifts
+        differ (naming the cut).
+    """
+    _check_key(key)
+    shift, first = None, None
+    for cut in cuts:
+        custom = _custom(cut)
+        if key not in custom:
+            raise ValueError(f"cut '{cut.id}' has no frame labels '{key}'")
+        fs = getattr(custom[key], "frame_shift", None)
+        if fs is None:
+            raise ValueError(f"cut '{cut.id}': labels '{key}' are not a TemporalArray with a frame shift")
+        if shift is None:
+            shift, first = float(fs), cut.id
+        elif abs(float(fs) - shift) > 1e-9:
+            raise ValueError(f"cut '{cut.id}': labels '{key}' have frame shift {fs} s, cut '{first}' {shift} s")
+    if shift is None:
+        raise ValueError(f"no cuts to read the frame shift of labels '{key}' from")
+    return shift
 
 
 def label_storage_bytes(cuts, key: str) -> int:

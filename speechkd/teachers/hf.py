@@ -27,11 +27,14 @@ from torch import nn
 __all__ = [
     "SAMPLE_RATE",
     "SUPPORTED_MODEL_TYPES",
+    "SSLConfigInfo",
     "SSLOutput",
     "SSLTeacher",
+    "check_ssl_dir",
     "load_ssl_model",
     "load_ssl_teacher",
     "read_normalize",
+    "resolve_layer",
     "write_preprocessor_config",
 ]
 
@@ -88,6 +91,77 @@ def _check_model_dir(model_dir: Path) -> str:
             "(model.save_pretrained(dir, safe_serialization=True)). Sharded checkpoints are not supported."
         )
     return model_type
+
+
+class SSLConfigInfo(NamedTuple):
+    """What :func:`check_ssl_dir` reads from a checkpoint's ``config.json`` (no weights are loaded).
+
+    Attributes:
+        model_type: ``hubert``, ``wav2vec2`` or ``wavlm``.
+        num_layers: number L of transformer layers (hidden-state indices ``0..L``).
+        hidden_size: width C of every hidden state.
+        samples_per_frame: ``prod(conv_stride)``, samples between frames (320 for the standard CNN).
+        frame_shift: seconds between frames at 16 kHz, ``samples_per_frame / 16000`` (0.02 as standard).
+    """
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    samples_per_frame: int
+    frame_shift: float
+
+
+def check_ssl_dir(model_dir: PathLike) -> SSLConfigInfo:
+    """Check a local HuBERT / wav2vec 2.0 / WavLM checkpoint directory and read its sizes, without loading weights.
+
+    The config is read with the ``transformers`` config class of its ``model_type`` (so settings that
+    ``config.json`` leaves out take that class's defaults, as when the model is built).
+
+    Args:
+        model_dir: directory holding ``config.json`` and ``model.safetensors``.
+
+    Returns:
+        :class:`SSLConfigInfo` (layers, width, frame shift in samples and seconds).
+
+    Raises:
+        FileNotFoundError / NotADirectoryError / ValueError: as :func:`load_ssl_model` for the directory and its
+            ``config.json`` (the message names the directory or file).
+    """
+    model_dir = Path(model_dir)
+    model_type = _check_model_dir(model_dir)
+    import transformers
+
+    cls = getattr(transformers, SUPPORTED_MODEL_TYPES[model_type].replace("Model", "Config"))
+    config = cls.from_pretrained(str(model_dir), local_files_only=True)
+    samples = math.prod(int(s) for s in config.conv_stride)
+    return SSLConfigInfo(model_type, int(config.num_hidden_layers), int(config.hidden_size), samples,
+                         samples / SAMPLE_RATE)
+
+
+def resolve_layer(layer: int, num_layers: int, what: str = "layer") -> int:
+    """A hidden-state index from a layer setting: ``-1`` -> ``num_layers`` (the last), else ``layer`` itself.
+
+    Indices follow ``output_hidden_states``: 0 is the input of the first transformer layer, i (1..L) the output of
+    transformer layer i.
+
+    Args:
+        layer: the setting (-1, or 0..num_layers).
+        num_layers: L, the teacher's transformer layers.
+        what: the setting's name for the error message (e.g. ``"teacher.layer"``).
+
+    Returns:
+        An index in ``[0, num_layers]``.
+
+    Raises:
+        ValueError: ``layer`` outside ``-1, 0..num_layers`` (the message names ``what`` and the valid range).
+    """
+    layer = int(layer)
+    if layer == -1:
+        return int(num_layers)
+    if not 0 <= layer <= num_layers:
+        raise ValueError(f"{what} = {layer} is out of range for a teacher with {num_layers} transformer layers: "
+                         f"use 1..{num_layers} (output of transformer layer i), 0 (its input) or -1 (the last)")
+    return layer
 
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
