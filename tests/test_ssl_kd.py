@@ -184,6 +184,29 @@ def test_stopped_finetuning_resumes_exactly(ssl_exp, tmp_path):
                     grad_clip=1.0, batch_seconds=8, seed=3, ckpt_every=2, fingerprint={"x": 2}, progress=False)
 
 
+def test_frozen_system_runs_its_shared_encoder_once(ssl_exp):
+    """The frozen system's runs share one unchanged encoder: deployed (and timed for RTF), it runs once and both
+    heads read it, with the outputs each run gives on its own."""
+    from speechkd.data.classification import WaveformDataset
+    from speechkd.methods.ssl_kd import load_downstream, system_infer
+
+    models = [load_downstream(ssl_exp.dir / "finetune" / f"teacher-frozen-{t}") for t in ("kws", "sv")]
+    batch = WaveformDataset(())[ssl_exp.cuts("kws_test").subset(first=3)]
+    calls = []
+    hooks = [m.encoder.register_forward_hook(lambda mod, i, o, k=k: calls.append(k)) for k, m in enumerate(models)]
+    with torch.inference_mode():
+        shared = system_infer(models, "frozen", batch["wavs"], batch["lens"])
+        assert calls == [0]
+        alone = [m.infer(batch["wavs"], batch["lens"]) for m in models]
+        assert calls == [0, 0, 1]
+        system_infer(models, "finetune", batch["wavs"], batch["lens"])  # own encoders: each runs
+        assert calls == [0, 0, 1, 0, 1]
+    for a, b in zip(shared, alone):
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    for h in hooks:
+        h.remove()
+
+
 def test_finetune_trains_only_the_runs_asked_for(ssl_exp, tmp_path):
     """``finetune --run`` retrains the named run only (so runs can train in parallel processes); an unknown name is
     an error that lists the recipe's runs."""

@@ -586,9 +586,18 @@ class DownstreamModel(nn.Module):
         return total, logs
 
     @torch.inference_mode()
-    def infer(self, wavs: torch.Tensor, lens: torch.Tensor) -> dict:
-        """Every head's output for a batch of waveforms (eval mode)."""
-        out = self.encoder(wavs, lens)
+    def infer(self, wavs: torch.Tensor, lens: torch.Tensor, encoded=None) -> dict:
+        """Every head's output for a batch of waveforms (eval mode).
+
+        Args:
+          wavs: ``(N, S)`` 16 kHz samples; lens: ``(N,)`` valid samples.
+          encoded: the encoder's output for these waveforms (an :class:`~speechkd.teachers.hf.SSLOutput` of every
+            layer), when already computed (a frozen encoder shared by several heads); the encoder is then not run.
+
+        Returns:
+          ``{"kws_logits": (N, 12)}`` and / or ``{"sv_embeddings": (N, D)}``.
+        """
+        out = self.encoder(wavs, lens) if encoded is None else encoded
         res = {}
         if self.kws is not None:
             res["kws_logits"] = self.kws(out.hidden_states, out.lens)
@@ -768,6 +777,23 @@ def _params(modules: Sequence[nn.Module]) -> int:
     return sum(count_parameters(m) for m in modules)
 
 
+def system_infer(models: Sequence[DownstreamModel], mode: str, wavs: torch.Tensor, lens: torch.Tensor) -> list[dict]:
+    """One system's outputs for a batch, as it would be deployed: in ``frozen`` mode the runs share one unchanged
+    encoder, so it runs once and every run's heads read its output; otherwise each run's own encoder runs.
+
+    Args:
+      models: the system's runs (one per task, or one multi-task model); mode: ``frozen``, ``finetune`` or
+        ``multitask``; wavs: ``(N, S)`` 16 kHz samples; lens: ``(N,)`` valid samples.
+
+    Returns:
+      Each model's :meth:`DownstreamModel.infer` output, in order.
+    """
+    if mode == "frozen" and len(models) > 1:
+        encoded = models[0].encoder(wavs, lens)
+        return [m.infer(wavs, lens, encoded=encoded) for m in models]
+    return [m.infer(wavs, lens) for m in models]
+
+
 def evaluate(exp: SslExperiment) -> None:
     """Every system (encoder x mode): KWS accuracy, SV EER and minDCF per trial list, parameters, CPU RTF."""
     from lhotse import CutSet
@@ -821,7 +847,7 @@ def evaluate(exp: SslExperiment) -> None:
         set_thread_policy(e.rtf_threads)
         rtf_cuts = kws_test.subset(first=min(e.rtf_utts, len(kws_test)))
         batches = [WaveformDataset(())[CutSet.from_cuts([c])] for c in rtf_cuts]  # one utterance at a time
-        result["rtf"] = real_time_factor(lambda b: [m.infer(b["wavs"], b["lens"]) for m in models], batches,
+        result["rtf"] = real_time_factor(lambda b: system_infer(models, first.mode, b["wavs"], b["lens"]), batches,
                                          audio_seconds=sum(c.duration for c in rtf_cuts))
         result.update(rtf_utts=len(rtf_cuts), rtf_threads=e.rtf_threads, p_target=e.p_target,
                       train_seconds=sum(json.loads((exp.run_dir(r) / DOWNSTREAM_META).read_text())["train_seconds"]
