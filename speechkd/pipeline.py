@@ -235,64 +235,49 @@ def load_audio_16k(cut) -> np.ndarray:
     """A cut's mono waveform at 16 kHz, ``(S,)`` float32 samples (lhotse resamples a cut at another rate).
 
     Raises:
-      ValueError: the cut has no recording, or more than one channel (naming the cut).
+      ValueError: the audio cannot be read, or has more than one channel (naming the cut).
     """
+    from speechkd.data.classification import waveform_batches
     from speechkd.teachers.hf import SAMPLE_RATE
 
-    if not getattr(cut, "has_recording", False):
-        raise ValueError(f"cut '{cut.id}' has no recording: the Hugging Face teacher needs its waveform")
-    if cut.sampling_rate != SAMPLE_RATE:
-        cut = cut.resample(SAMPLE_RATE)
-    audio = cut.load_audio()  # (channels, S)
-    if audio.ndim != 2 or audio.shape[0] != 1:
-        raise ValueError(f"cut '{cut.id}': audio of shape {audio.shape}; the Hugging Face teacher takes one channel")
-    return np.asarray(audio[0], dtype=np.float32)
+    batch = next(waveform_batches([cut], cut.duration, sampling_rate=SAMPLE_RATE))
+    return batch["wavs"][0].numpy()
 
 
 def _hf_teacher_layer_outputs(exp: Experiment, cuts, layer: int, batch_seconds: float = 100.0):
     """Yield ``(cut_id, hidden states (T', C) float32 numpy)`` of the HF teacher's hidden state ``layer`` (-1 =
     last) for every cut, ``T'`` its valid frames at the teacher's frame shift (20 ms for HuBERT's CNN).
 
-    Cuts are run in order of duration, in batches of at most ``batch_seconds`` of audio (a longer cut alone), in
-    inference mode, at 16 kHz (:func:`load_audio_16k`), normalised as the checkpoint's
-    ``preprocessor_config.json`` says (see :func:`speechkd.teachers.hf.load_ssl_teacher`).
+    Cuts are run in order of duration, in batches of at most ``batch_seconds`` of audio (a longer cut alone;
+    :func:`speechkd.data.classification.waveform_batches`), in inference mode, at 16 kHz, normalised as the
+    checkpoint's ``preprocessor_config.json`` says (see :func:`speechkd.teachers.hf.load_ssl_teacher`).
 
     Raises:
-      ValueError: a cut shorter than the teacher's receptive field (no frame), or as :func:`load_audio_16k`
-        (naming the cut); ``layer`` out of range (naming ``teacher.layer``).
+      ValueError: a cut shorter than the teacher's receptive field (no frame), or audio that cannot be read or is
+        not mono (naming the cut); ``layer`` out of range (naming ``teacher.layer``).
     """
     from tqdm import tqdm
 
+    from speechkd.data.classification import waveform_batches
     from speechkd.teachers.hf import SAMPLE_RATE, load_ssl_teacher, resolve_layer
 
     info = exp.hf_teacher_info()
     index = resolve_layer(layer, info.num_layers, "teacher.layer")
     teacher = load_ssl_teacher(exp.hf_teacher_dir, layers=[index])
     ordered = sorted(cuts, key=lambda c: c.duration)
-    batches, current, seconds = [], [], 0.0
-    for c in ordered:
-        if current and seconds + c.duration > batch_seconds:
-            batches.append(current)
-            current, seconds = [], 0.0
-        current.append(c)
-        seconds += c.duration
-    if current:
-        batches.append(current)
+    bar = tqdm(total=len(ordered), desc="HF teacher forward", unit="cut", disable=not exp.progress)
     with torch.inference_mode():
-        for batch in tqdm(batches, desc="HF teacher forward", disable=not exp.progress):
-            wavs = [load_audio_16k(c) for c in batch]
-            for c, w in zip(batch, wavs):
-                if len(w) < teacher.min_samples:
-                    raise ValueError(f"cut '{c.id}' has {len(w)} samples ({len(w) / SAMPLE_RATE:.3f} s), fewer than "
+        for batch in waveform_batches(ordered, batch_seconds, sampling_rate=SAMPLE_RATE):
+            for cid, n in zip(batch["cut_ids"], batch["lens"].tolist()):
+                if n < teacher.min_samples:
+                    raise ValueError(f"cut '{cid}' has {n} samples ({n / SAMPLE_RATE:.3f} s), fewer than "
                                      f"the teacher's receptive field of {teacher.min_samples}: it has no frame")
-            lens = torch.tensor([len(w) for w in wavs], dtype=torch.long)
-            x = torch.zeros(len(wavs), int(lens.max()))  # (N, S)
-            for i, w in enumerate(wavs):
-                x[i, : len(w)] = torch.from_numpy(w)
-            out = teacher(x, lens)
+            out = teacher(batch["wavs"], batch["lens"])
             h = out.hidden_states[0]  # (N, T, C)
-            for i, c in enumerate(batch):
-                yield c.id, h[i, : int(out.lens[i])].float().numpy()
+            for i, cid in enumerate(batch["cut_ids"]):
+                yield cid, h[i, : int(out.lens[i])].float().numpy()
+            bar.update(len(batch["cut_ids"]))
+    bar.close()
 
 
 # ---------------------------------------------------------------- extract

@@ -119,8 +119,8 @@ def test_pretrain_loss_falls_exports_hf_dir_and_resumes(waves, config, tmp_path)
     assert res.step == 40 and len(res.history) == 10 and res.resumed_from == 0
 
     # the masked-prediction loss on a fixed batch (first 0.2 s of every utterance, fixed mask) fell
-    targets = mfcc_targets(waves, config, centroids=torch.load(out.with_name("hubert.pretrain_ckpt.pt"),
-                                                               weights_only=True)["centroids"])
+    ckpt = torch.load(out.with_name("hubert.pretrain_ckpt.pt"), weights_only=True)
+    targets = mfcc_targets(waves, config, centroids=ckpt["centroids"])
     x = torch.stack([w[:2000] for w in waves.values()])
     y = torch.stack([targets.labels[u][:199].long() for u in waves])
     lens = torch.full((len(waves),), 2000)

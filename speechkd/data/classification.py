@@ -47,6 +47,7 @@ __all__ = [
     "sv_train_cuts",
     "sv_trial_cuts",
     "WaveformDataset",
+    "waveform_batches",
 ]
 
 SAMPLE_RATE = 16000
@@ -240,15 +241,18 @@ class WaveformDataset(torch.utils.data.Dataset):
 
     Args:
         target_keys: ``cut.custom`` integer fields collated as ``(N,)`` int64 tensors (default: both targets).
+        sampling_rate: Hz; cuts at another rate are resampled to it (lhotse) before loading; None keeps each cut's
+            own rate.
 
-    A batch is a dict: ``wavs (N, S)`` float32 waveforms at the cuts' rate (16 kHz here), zero-padded on the
-    right; ``lens (N,)`` int64 valid samples; ``<key> (N,)`` int64 for each target key (``kws_target``,
-    ``spk_target``; :data:`IGNORE_INDEX` where absent); ``cut_ids`` and ``speakers`` (lists of N str).
+    A batch is a dict: ``wavs (N, S)`` float32 waveforms at the cuts' rate (16 kHz here) or ``sampling_rate``,
+    zero-padded on the right; ``lens (N,)`` int64 valid samples; ``<key> (N,)`` int64 for each target key
+    (``kws_target``, ``spk_target``; :data:`IGNORE_INDEX` where absent); ``cut_ids`` and ``speakers`` (lists of N str).
     """
 
-    def __init__(self, target_keys: Sequence[str] = ("kws_target", "spk_target")):
+    def __init__(self, target_keys: Sequence[str] = ("kws_target", "spk_target"), sampling_rate: Optional[int] = None):
         super().__init__()
         self.target_keys = list(target_keys)
+        self.sampling_rate = sampling_rate
 
     def __getitem__(self, cuts) -> dict:
         """Collate one batch.
@@ -266,6 +270,8 @@ class WaveformDataset(torch.utils.data.Dataset):
         cuts = list(cuts)
         if not cuts:
             raise ValueError("empty batch")
+        if self.sampling_rate is not None:
+            cuts = [c if c.sampling_rate == self.sampling_rate else c.resample(self.sampling_rate) for c in cuts]
         wavs = []
         for cut in cuts:
             try:
@@ -293,3 +299,29 @@ class WaveformDataset(torch.utils.data.Dataset):
                 values.append(v)
             batch[key] = torch.tensor(values, dtype=torch.int64)
         return batch
+
+
+def waveform_batches(cuts, batch_seconds: Seconds, target_keys: Sequence[str] = (),
+                     sampling_rate: Optional[int] = None):
+    """Yield :class:`WaveformDataset` batches of ``cuts`` in their order, at most ``batch_seconds`` of audio each
+    (a longer cut alone), for inference.
+
+    Args:
+        cuts: a CutSet (or sequence of cuts) of mono recordings.
+        batch_seconds: seconds of audio per batch.
+        target_keys, sampling_rate: as for :class:`WaveformDataset`.
+
+    Yields:
+        The batch dicts of :class:`WaveformDataset` (``wavs (N, S)``, ``lens (N,)`` samples, ``cut_ids``, ...).
+
+    Raises:
+        CorpusError: as :class:`WaveformDataset` (naming the utterance).
+    """
+    from lhotse import CutSet
+    from lhotse.dataset import SimpleCutSampler
+
+    if not isinstance(cuts, CutSet):
+        cuts = CutSet.from_cuts(cuts)
+    dataset = WaveformDataset(target_keys, sampling_rate=sampling_rate)
+    for batch_cuts in SimpleCutSampler(cuts, max_duration=batch_seconds, shuffle=False):
+        yield dataset[batch_cuts]

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from speechkd.config import DownstreamConfig, SslRecipe, dump_recipe
-from speechkd.data.classification import IGNORE_INDEX, SAMPLE_RATE
+from speechkd.data.classification import IGNORE_INDEX, SAMPLE_RATE, waveform_batches
 from speechkd.teachers.hf import write_preprocessor_config
 from speechkd.utils import (atomic_dir, atomic_path, log, set_thread_policy, warmup_cosine, write_json_atomic,
                             write_text_atomic)
@@ -730,16 +730,6 @@ def finetune(exp: SslExperiment, runs: Optional[Sequence[str]] = None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- evaluate
-def _eval_batches(cuts, batch_seconds: float, target_keys: Sequence[str] = ()):
-    from lhotse.dataset import SimpleCutSampler
-
-    from speechkd.data.classification import WaveformDataset
-
-    dataset = WaveformDataset(target_keys)
-    for batch_cuts in SimpleCutSampler(cuts, max_duration=batch_seconds, shuffle=False):
-        yield dataset[batch_cuts]
-
-
 def kws_accuracy(model: DownstreamModel, cuts, batch_seconds: float, progress: bool = False) -> float:
     """Accuracy (fraction) of the model's KWS head on labelled cuts."""
     from tqdm.auto import tqdm
@@ -747,7 +737,7 @@ def kws_accuracy(model: DownstreamModel, cuts, batch_seconds: float, progress: b
     from speechkd.eval.metrics import accuracy
 
     preds, labels = [], []
-    for batch in tqdm(_eval_batches(cuts, batch_seconds, ("kws_target",)), desc="KWS test", disable=not progress):
+    for batch in tqdm(waveform_batches(cuts, batch_seconds, ("kws_target",)), desc="KWS test", disable=not progress):
         preds += model.infer(batch["wavs"], batch["lens"])["kws_logits"].argmax(-1).tolist()
         labels += batch["kws_target"].tolist()
     return accuracy(preds, labels)
@@ -760,7 +750,7 @@ def sv_scores(model: DownstreamModel, cuts, trials, batch_seconds: float, progre
     from speechkd.eval.verification import cosine_scores
 
     emb = {}
-    for batch in tqdm(_eval_batches(cuts, batch_seconds), desc="SV embeddings", disable=not progress):
+    for batch in tqdm(waveform_batches(cuts, batch_seconds), desc="SV embeddings", disable=not progress):
         e = model.infer(batch["wavs"], batch["lens"])["sv_embeddings"]
         emb.update(zip(batch["cut_ids"], e))
     missing = [u for u in trials.utterance_ids() if u not in emb]

@@ -133,7 +133,7 @@ def check_ssl_dir(model_dir: PathLike) -> SSLConfigInfo:
 
     cls = getattr(transformers, SUPPORTED_MODEL_TYPES[model_type].replace("Model", "Config"))
     config = cls.from_pretrained(str(model_dir), local_files_only=True)
-    samples = math.prod(int(s) for s in config.conv_stride)
+    samples = _samples_per_frame(config.conv_stride)
     return SSLConfigInfo(model_type, int(config.num_hidden_layers), int(config.hidden_size), samples,
                          samples / SAMPLE_RATE)
 
@@ -247,6 +247,12 @@ def load_ssl_model(model_dir: PathLike) -> nn.Module:
     return model.eval()
 
 
+def _samples_per_frame(strides: Sequence[int]) -> int:
+    """Samples between output frames of a stack of strided 1-D convolutions, ``prod(strides)`` (320 = 20 ms at
+    16 kHz for the standard CNN)."""
+    return math.prod(int(s) for s in strides)
+
+
 def _receptive_field(kernels: Sequence[int], strides: Sequence[int]) -> int:
     """Samples seen by one output frame of a stack of 1-D convolutions (no padding, no dilation)."""
     r = 1
@@ -336,7 +342,7 @@ class SSLTeacher(nn.Module):
     @property
     def samples_per_frame(self) -> int:
         """Frame shift in samples, ``prod(conv_stride)`` (320 for the standard CNN)."""
-        return math.prod(int(s) for s in self.model.config.conv_stride)
+        return _samples_per_frame(self.model.config.conv_stride)
 
     @property
     def frame_shift(self) -> float:

@@ -37,7 +37,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 import time
 import warnings
@@ -52,7 +51,7 @@ from torch import nn
 from speechkd.data.corpora import Utterance, utterances_to_cuts
 from speechkd.models.ssl import _GradScale
 from speechkd.mvq.quantizer import _assign, _kmeans
-from speechkd.teachers.hf import SAMPLE_RATE, _receptive_field, write_preprocessor_config
+from speechkd.teachers.hf import SAMPLE_RATE, _receptive_field, _samples_per_frame, write_preprocessor_config
 from speechkd.utils import atomic_dir, atomic_path, set_thread_policy
 
 __all__ = [
@@ -287,7 +286,7 @@ def label_frame_index(
     """
     if num_mfcc_frames < 1 or num_frames < 0:
         raise ValueError(f"need num_mfcc_frames >= 1 and num_frames >= 0, got {num_mfcc_frames}, {num_frames}")
-    p = math.prod(int(s) for s in conv_stride)
+    p = _samples_per_frame(conv_stride)
     r = _receptive_field(conv_kernel, conv_stride)
     t = torch.arange(num_frames, dtype=torch.long)
     j = torch.div(2 * p * t + (r - MFCC_WINDOW) + MFCC_SHIFT, 2 * MFCC_SHIFT, rounding_mode="floor")
@@ -481,7 +480,7 @@ class HubertPretrainer(nn.Module):
     @property
     def samples_per_frame(self) -> int:
         """Frame shift in samples, ``prod(conv_stride)`` (320 = 20 ms for HuBERT's CNN)."""
-        return math.prod(int(s) for s in self.config.conv_stride)
+        return _samples_per_frame(self.config.conv_stride)
 
     @property
     def min_samples(self) -> int:
