@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from speechkd.utils import Pathlike
 
@@ -17,20 +17,103 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class DataConfig(Strict):
-    """The connected-word ASR task built from a shared corpus (see speechkd.data.sequences).
+class TextConfig(Strict):
+    """How transcripts are normalised, the same way for tokenizer training, training targets and WER scoring
+    (:func:`speechkd.data.text.normalize_text`): Unicode NFKC, format characters (zero-width spaces, BOMs)
+    removed, ``lowercase``, with ``strip_punctuation`` every character that is not a letter, digit, apostrophe
+    inside a word or space becomes a space, runs of spaces collapse.
+
+    ``alphabet``: the characters a normalised transcript may hold besides the space, as the body of a regular
+    expression character class (default ``a-z0-9'``: English letters, digits, apostrophes); a transcript with any
+    other character (an accent, a symbol) is bad input (see ``on_bad_input``). Null accepts every character.
+    """
+
+    lowercase: bool = True
+    strip_punctuation: bool = True
+    alphabet: Optional[str] = "a-z0-9'"
+
+    @model_validator(mode="after")
+    def _check_alphabet(self):
+        import re
+
+        if self.alphabet is not None:
+            try:
+                re.compile(f"[{self.alphabet}]")
+            except re.error as e:
+                raise ValueError(f"text.alphabet {self.alphabet!r} is not a regular-expression character class "
+                                 f"body: {e}") from None
+        return self
+
+
+class UnlabelledSet(Strict):
+    """An untranscribed training set the teacher labels (MVQ / L1 / L2 frame labels, sequence-level KD N-best);
+    exactly one of:
+
+    ``cuts``: a lhotse CutSet manifest (any transcripts in it are ignored);
+    ``audio_dir``: a folder searched recursively for ``.flac`` / ``.wav`` / ``.mp3`` / ``.ogg`` / ``.opus`` files
+    (cut id: the path relative to the folder, without suffix, ``/`` replaced by ``-``);
+    ``tsv``: a corpus in the shared TSV layout (a name of the shared corpora or a folder) and its ``split``.
+    """
+
+    cuts: Optional[str] = None
+    audio_dir: Optional[str] = None
+    tsv: Optional[str] = None
+    split: str = "train"
+
+    @model_validator(mode="after")
+    def _one(self):
+        given = [k for k in ("cuts", "audio_dir", "tsv") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"data.unlabelled: give exactly one of cuts, audio_dir, tsv per entry (got {given or 'none'})")
+        return self
+
+
+class DataBase(Strict):
+    """Settings shared by every data source (``data.source``).
+
+    ``corpora_dir``: the shared corpora (TSV names are looked up there; see
+    :func:`speechkd.data.corpora.resolve_corpora_dir`).
+    ``vocab_size`` / ``token_type``: the sentencepiece vocabulary requested (blank and unk included) and its
+    model (``unigram`` or ``bpe``), trained on the normalised training transcripts.
+    ``text``: transcript normalisation (:class:`TextConfig`).
+    ``max_cut_duration``: seconds; longer training (and unlabelled) cuts are dropped, counted in the log and listed
+    in ``cuts/skipped.jsonl``; dev and test keep every cut. Null keeps all.
+    ``on_bad_input``: ``error`` stops at the first damaged row (missing or unreadable audio, NaN samples, an empty
+    recording, a duration that disagrees with the file, an empty or out-of-alphabet transcript, a duplicate id, a
+    cut in two splits) with a message naming the row and the problem; ``skip`` leaves it out, lists it in
+    ``cuts/skipped.jsonl`` (id, file, reason) and prints the count.
+    ``duration_tolerance``: seconds a row's declared duration may differ from its audio file's.
+    ``num_jobs``: processes for fbank extraction; ``fbank_chunk_cuts``: cuts per fbank chunk (the unit of
+    parallel work and of resuming).
+    ``unlabelled``: untranscribed training sets (:class:`UnlabelledSet`), labelled by the teacher.
+    """
+
+    corpora_dir: Optional[str] = None
+    vocab_size: int = Field(64, ge=4)
+    token_type: Literal["unigram", "bpe"] = "unigram"
+    text: TextConfig = TextConfig()
+    max_cut_duration: Optional[float] = Field(None, gt=0, description="seconds; longer training cuts are dropped")
+    on_bad_input: Literal["error", "skip"] = "error"
+    duration_tolerance: float = Field(0.1, ge=0, description="seconds a declared duration may differ from the audio")
+    seed: int = 0
+    num_jobs: int = Field(2, ge=1)
+    fbank_chunk_cuts: int = Field(500, ge=1, description="cuts per fbank chunk (unit of parallel work and resuming)")
+    unlabelled: list[UnlabelledSet] = []
+
+
+class DataConfig(DataBase):
+    """``source: connected_words`` (the default): the connected-word ASR task built from a shared corpus of isolated
+    words (see speechkd.data.sequences).
 
     ``corpus``: ``commands`` (Speech Commands words) or ``digits`` (FSDD digit strings).
     ``num_train/num_dev/num_test``: utterances built per split (from that split's speakers only).
     ``smoke``: build every split from the corpus's tiny ``smoke`` list (for tests; not speaker-disjoint).
     ``min_words/max_words``: words per utterance. ``min_gap/max_gap``: seconds of silence between words.
     ``trim_db``: edge silence of each source recording is trimmed at this many dB below its peak.
-    ``vocab_size``: sentencepiece vocabulary requested (blank and unk included).
-    ``num_jobs``: processes for fbank extraction.
     """
 
+    source: Literal["connected_words"] = "connected_words"
     corpus: Literal["commands", "digits"] = "commands"
-    corpora_dir: Optional[str] = None
     num_train: int = Field(4000, ge=1)
     num_dev: int = Field(400, ge=1)
     num_test: int = Field(400, ge=1)
@@ -40,9 +123,81 @@ class DataConfig(Strict):
     min_gap: float = Field(0.05, ge=0)
     max_gap: float = Field(0.25, ge=0)
     trim_db: Optional[float] = Field(35.0, gt=0, description="trim source recordings' edge silence (dB); null keeps them whole")
-    vocab_size: int = Field(64, ge=4)
-    seed: int = 0
-    num_jobs: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _check_words(self):
+        if self.min_words > self.max_words:
+            raise ValueError(f"data.min_words ({self.min_words}) exceeds data.max_words ({self.max_words})")
+        return self
+
+
+class TsvData(DataBase):
+    """``source: tsv``: corpora in the shared TSV layout (``metadata.tsv`` with columns ``id path speaker text
+    label duration sample_rate`` + ``splits/<split>.txt``; see :mod:`speechkd.data.corpora`), e.g. ``an4_mini``,
+    ``ljspeech_mini`` or a user's own folder.
+
+    ``corpora``: names of the shared corpora (``an4``, ``ljspeech_mini``, ...) or folders; with more than one, cut
+    ids are prefixed with the corpus folder's name. ``train_split/dev_split/test_split``: the split lists used
+    (``smoke: true`` reads every split from ``smoke``, for tests).
+    """
+
+    source: Literal["tsv"]
+    corpora: list[str] = Field(min_length=1)
+    train_split: str = "train"
+    dev_split: str = "dev"
+    test_split: str = "test"
+    smoke: bool = False
+
+
+class ManifestPair(Strict):
+    """A lhotse ``RecordingSet`` and ``SupervisionSet`` manifest pair (joined into one cut per recording)."""
+
+    recordings: str
+    supervisions: str
+
+
+class LhotseData(DataBase):
+    """``source: lhotse``: the user's own lhotse manifests per split: a CutSet path, or a
+    ``{recordings: ..., supervisions: ...}`` pair. Any sampling rate (resampled to 16 kHz); cuts with several
+    channels are downmixed; fbank is computed when a cut has none, reused when its features match the recipe's
+    (80-dim kaldi fbank, 10 ms frame shift, 16 kHz).
+    """
+
+    source: Literal["lhotse"]
+    train: Union[str, ManifestPair]
+    dev: Union[str, ManifestPair]
+    test: Union[str, ManifestPair]
+
+
+class LhotseRecipeData(DataBase):
+    """A local corpus prepared by one of lhotse's own recipes, no download (registered in
+    :data:`speechkd.data.sources.LHOTSE_RECIPES`): ``source: librispeech`` (``lhotse.recipes.prepare_librispeech``)
+    or ``mini_librispeech``. ``corpus_dir``: the corpus folder (e.g. ``.../LibriSpeech``); ``train/dev/test``: the
+    parts of each split (several parts are joined).
+    """
+
+    source: Literal["librispeech", "mini_librispeech"]
+    corpus_dir: str
+    train: list[str] = Field(["train-clean-100"], min_length=1)
+    dev: list[str] = Field(["dev-clean"], min_length=1)
+    test: list[str] = Field(["test-clean"], min_length=1)
+
+
+def _data_source(v) -> str:
+    return v.get("source", "connected_words") if isinstance(v, dict) else getattr(v, "source", "connected_words")
+
+
+#: ``data`` of an ASR recipe: one member per ``data.source`` (default ``connected_words``).
+AnyData = Annotated[
+    Union[
+        Annotated[DataConfig, Tag("connected_words")],
+        Annotated[TsvData, Tag("tsv")],
+        Annotated[LhotseData, Tag("lhotse")],
+        Annotated[LhotseRecipeData, Tag("librispeech")],
+        Annotated[LhotseRecipeData, Tag("mini_librispeech")],
+    ],
+    Discriminator(_data_source),
+]
 
 
 class ModelConfig(Strict):
@@ -254,7 +409,7 @@ class Recipe(Strict):
 
     name: str
     exp_dir: str
-    data: DataConfig = DataConfig()
+    data: AnyData = DataConfig()
     teacher: TeacherConfig = TeacherConfig()
     student_model: ModelConfig = ModelConfig()
     student_train: TrainConfig = TrainConfig()

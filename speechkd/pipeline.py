@@ -154,34 +154,11 @@ class Experiment:
 
 # ---------------------------------------------------------------- prepare
 def prepare(exp: Experiment) -> None:
-    """Build the connected-word cuts for train/dev/test, compute fbank, train the tokenizer."""
-    from speechkd.data.corpora import corpus_dir, read_metadata, read_split
-    from speechkd.data.datamodule import compute_fbank, save_cuts
-    from speechkd.data.sequences import SequenceSpec, build_sequences
-    from speechkd.data.tokenizer import train_tokenizer
+    """Build the data of ``data.source`` (see :mod:`speechkd.data.prepare`): checked cuts for train/dev/test (and
+    unlabelled), fbank in resumable chunks, the skip report, the tokenizer."""
+    from speechkd.data.prepare import prepare_data
 
-    d = exp.recipe.data
-    cdir = corpus_dir(d.corpus, d.corpora_dir)
-    meta = read_metadata(cdir)
-    sizes = {"train": d.num_train, "dev": d.num_dev, "test": d.num_test}
-    for i, split in enumerate(SPLITS):
-        out = exp.cuts_path(split)
-        if out.is_file():
-            log(f"prepare: {out} exists, skipped")
-            continue
-        t0 = time.time()
-        utts = read_split(cdir, "smoke" if d.smoke else split, meta)
-        spec = SequenceSpec(num_utts=sizes[split], min_words=d.min_words, max_words=d.max_words, min_gap=d.min_gap, max_gap=d.max_gap,
-                            trim_db=d.trim_db)
-        cuts = build_sequences(utts, spec, seed=d.seed * 1000 + i, audio_dir=exp.dir / "cuts" / "audio" / split, progress=exp.progress)
-        cuts = compute_fbank(cuts, exp.dir / "cuts" / "feats" / split, num_jobs=d.num_jobs, progress=exp.progress)
-        save_cuts(cuts, out)
-        hours = sum(c.duration for c in cuts) / 3600
-        log(f"prepare: {split}: {len(cuts)} utterances, {hours:.2f} h, {len({c.supervisions[0].speaker for c in cuts})} speakers ({time.time() - t0:.0f} s)")
-    if not exp.tokenizer_path.is_file():
-        texts = [c.supervisions[0].text for c in exp.cuts("train")]
-        train_tokenizer(texts, exp.tokenizer_path, vocab_size=d.vocab_size)
-        log(f"prepare: tokenizer with {exp.tokenizer.vocab_size} tokens -> {exp.tokenizer_path}")
+    prepare_data(exp)
 
 
 # ---------------------------------------------------------------- teacher

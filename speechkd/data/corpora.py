@@ -15,7 +15,7 @@ import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from speechkd.utils import Pathlike, Seconds
 
@@ -105,20 +105,20 @@ def corpus_dir(name: str, corpora_dir: Optional[Pathlike] = None) -> Path:
     return path
 
 
-def read_metadata(cdir: Pathlike) -> dict[str, Utterance]:
-    """Read ``<cdir>/metadata.tsv``.
+def read_metadata_rows(cdir: Pathlike) -> Iterator[tuple[int, Optional[Utterance], Optional[str]]]:
+    """Read ``<cdir>/metadata.tsv`` row by row, reporting damaged rows instead of stopping at them.
 
-    Returns:
-      utterance id -> :class:`Utterance`, in file order.
+    Yields:
+      ``(line number, Utterance, None)`` for a good row; ``(line number, Utterance or None, problem)`` for a short
+      row, an empty id, a bad or non-positive number, or an id already seen (the Utterance where one could be read).
 
     Raises:
-      CorpusError: missing file, missing columns, a short row, a bad number or a duplicate id; the message
-        names the file and line.
+      CorpusError: missing file, empty file or missing columns (the file itself is unusable), naming the file.
     """
     path = Path(cdir) / "metadata.tsv"
     if not path.is_file():
         raise CorpusError(f"{path}: metadata file not found")
-    out: dict[str, Utterance] = {}
+    seen: set[str] = set()
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         try:
@@ -133,23 +133,20 @@ def read_metadata(cdir: Pathlike) -> dict[str, Utterance]:
             if not row or all(not x for x in row):
                 continue
             if len(row) < len(header):
-                raise CorpusError(f"{path}:{lineno}: expected {len(header)} tab-separated fields, got {len(row)}")
+                yield lineno, None, f"expected {len(header)} tab-separated fields, got {len(row)}"
+                continue
             uid = row[col["id"]]
             if not uid:
-                raise CorpusError(f"{path}:{lineno}: empty utterance id")
-            if uid in out:
-                raise CorpusError(f"{path}:{lineno}: duplicate utterance id '{uid}'")
+                yield lineno, None, "empty utterance id"
+                continue
             try:
                 duration = float(row[col["duration"]])
                 sample_rate = int(row[col["sample_rate"]])
             except ValueError:
-                raise CorpusError(
-                    f"{path}:{lineno}: bad duration/sample_rate "
-                    f"'{row[col['duration']]}'/'{row[col['sample_rate']]}' for '{uid}'"
-                ) from None
-            if duration <= 0 or sample_rate <= 0:
-                raise CorpusError(f"{path}:{lineno}: non-positive duration or sample_rate for '{uid}'")
-            out[uid] = Utterance(
+                yield lineno, None, (f"bad duration/sample_rate '{row[col['duration']]}'/'{row[col['sample_rate']]}' "
+                                     f"for '{uid}'")
+                continue
+            utt = Utterance(
                 id=uid,
                 path=(Path(cdir) / row[col["path"]]).resolve(),
                 speaker=row[col["speaker"]],
@@ -158,6 +155,31 @@ def read_metadata(cdir: Pathlike) -> dict[str, Utterance]:
                 duration=duration,
                 sample_rate=sample_rate,
             )
+            if duration <= 0 or sample_rate <= 0:
+                yield lineno, utt, f"non-positive duration or sample_rate for '{uid}'"
+            elif uid in seen:
+                yield lineno, utt, f"duplicate utterance id '{uid}'"
+            else:
+                seen.add(uid)
+                yield lineno, utt, None
+
+
+def read_metadata(cdir: Pathlike) -> dict[str, Utterance]:
+    """Read ``<cdir>/metadata.tsv``.
+
+    Returns:
+      utterance id -> :class:`Utterance`, in file order.
+
+    Raises:
+      CorpusError: missing file, missing columns, a short row, a bad number or a duplicate id; the message
+        names the file and line.
+    """
+    path = Path(cdir) / "metadata.tsv"
+    out: dict[str, Utterance] = {}
+    for lineno, utt, problem in read_metadata_rows(cdir):
+        if problem is not None:
+            raise CorpusError(f"{path}:{lineno}: {problem}")
+        out[utt.id] = utt
     return out
 
 

@@ -21,38 +21,6 @@ NUM_MEL_BINS = 80
 IGNORE_INDEX = -100
 
 
-def compute_fbank(cuts, storage_path: Pathlike, num_jobs: int = 1, progress: bool = True):
-    """Compute 80-dim log-mel fbank (25 ms window, 10 ms shift) with lhotse's own extractor and store it.
-
-    Args:
-      cuts: lhotse.CutSet with recordings (any sampling rate lhotse can resample to 16 kHz on load).
-      storage_path: directory for lhotse's ``LilcomChunkyWriter`` archives (lossy compression is fine for
-        features, never for codebook indexes).
-      num_jobs: worker processes.
-      progress: show a progress bar.
-
-    Returns:
-      the CutSet with ``features`` attached, eagerly loaded.
-    """
-    from lhotse import Fbank, FbankConfig, LilcomChunkyWriter
-
-    extractor = Fbank(FbankConfig(num_mel_bins=NUM_MEL_BINS, frame_shift=FRAME_SHIFT, sampling_rate=16000))
-    Path(storage_path).mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
-    if num_jobs > 1:
-        torch.set_num_threads(1)  # worker processes each use one thread (lhotse warns of hangs otherwise)
-    try:
-        return cuts.compute_and_store_features(
-            extractor=extractor,
-            storage_path=storage_path,
-            num_jobs=num_jobs,
-            storage_type=LilcomChunkyWriter,
-            progress_bar=progress,
-        ).to_eager()
-    finally:
-        torch.set_num_threads(threads)
-
-
 class AsrDataset(torch.utils.data.Dataset):
     """Turns a CutSet batch (from a lhotse sampler) into tensors.
 
