@@ -138,7 +138,7 @@ class TsvData(DataBase):
 
     ``corpora``: names of the shared corpora (``an4``, ``ljspeech_mini``, ...) or folders; with more than one, cut
     ids are prefixed with the corpus folder's name. ``train_split/dev_split/test_split``: the split lists used
-    (``smoke: true`` reads every split from ``smoke``, for tests).
+    (they must not share recordings: a cut in two splits is bad input).
     """
 
     source: Literal["tsv"]
@@ -146,7 +146,6 @@ class TsvData(DataBase):
     train_split: str = "train"
     dev_split: str = "dev"
     test_split: str = "test"
-    smoke: bool = False
 
 
 class ManifestPair(Strict):

@@ -1,6 +1,6 @@
 """The experiment's stages, each reading the previous stage's files from the experiment directory.
 
-    prepare   -> cuts/{train,dev,test}.jsonl.gz (+ audio, fbank), lang/tokens.model
+    prepare   -> cuts/{train,dev,test}.jsonl.gz (+ unlabelled.jsonl.gz), fbank, cuts/skipped.jsonl, lang/tokens.model
     teacher   -> teacher/model.safetensors (+ metrics.csv, ckpt/ for resuming)
     extract   -> labels/cuts_train_emb.jsonl.gz + labels/teacher_embeddings.h5 (float32 teacher layer)
     quantize  -> labels/quantizer.safetensors, labels/cuts_train_ci.jsonl.gz + labels/codebook_indexes.h5
@@ -12,6 +12,10 @@
 With ``teacher.hf_dir`` (a Hugging Face HuBERT / wav2vec 2.0 / WavLM directory) the teacher stage only checks
 that directory, ``extract`` runs that model over the training waveforms (its hidden states at its own frame
 shift, 20 ms for the standard CNN), and ``evaluate`` / ``report`` have no teacher row (no ASR head, no WER).
+
+The teacher labels (extract, quantize, pseudo-label) cover the training cuts and the untranscribed cuts of
+``data.unlabelled``; students of label-based methods (mvq, l1, l2, seq) train on both, the reference loss only
+on the transcribed ones.
 
 Every stage skips work whose outputs are complete (each output is written atomically, the marker file
 last), so ``speechkd run`` resumes a stopped experiment; a stopped training resumes from its last
@@ -96,6 +100,14 @@ class Experiment:
         from speechkd.data.datamodule import load_cuts
 
         return load_cuts(self.cuts_path(split))
+
+    def label_cuts(self):
+        """The cuts the teacher labels (frame labels, N-best): the training cuts, then the untranscribed cuts of
+        ``data.unlabelled`` (``cuts/unlabelled.jsonl.gz``) when the recipe names any."""
+        cuts = self.cuts("train")
+        if self.recipe.data.unlabelled:
+            cuts = cuts + self.cuts("unlabelled")
+        return cuts
 
     def write_config(self) -> None:
         """Write the resolved recipe to ``config.yaml`` (every default spelled out)."""
@@ -274,7 +286,7 @@ def extract(exp: Experiment) -> None:
         log(f"extract: {exp.emb_cuts_path} exists, skipped")
         return
     t = exp.recipe.teacher
-    cuts = exp.cuts("train")
+    cuts = exp.label_cuts()
     t0 = time.time()
     if exp.hf_teacher_dir is not None:
         outputs = _hf_teacher_layer_outputs(exp, cuts, t.layer)
@@ -382,7 +394,7 @@ def pseudo_label(exp: Experiment, shard: Optional[str] = None) -> None:
                          "head: it cannot write N-best lists (sequence-level KD needs the project's teacher)")
     p = exp.recipe.pseudo_label
     i, n = parse_shard(shard)
-    cuts = exp.cuts("train")
+    cuts = exp.label_cuts()
     meta = _pseudo_label_meta(exp)
     model, _ = load_model(exp.teacher_dir)
     t0 = time.time()
@@ -643,8 +655,10 @@ def _models(exp: Experiment):
             yield f"{run.name}-seed{seed}", run.name, exp.student_dir(run.name, seed), run.kd.method, seed
 
 
-def decode_cuts(model, cuts, tokenizer, decoding: str = "greedy", beam: int = 4, max_duration: float = 200.0, progress=False):
-    """Decode a CutSet; returns ``(ids, refs, hyps)`` (texts)."""
+def decode_cuts(model, cuts, tokenizer, decoding: str = "greedy", beam: int = 4, max_duration: float = 200.0, progress=False,
+                normalizer=None):
+    """Decode a CutSet; returns ``(ids, refs, hyps)`` (texts), both normalised by ``normalizer`` (a
+    :class:`speechkd.data.text.TextNormalizer`, the rule the references and the tokenizer were made with) when given."""
     from tqdm import tqdm
 
     from speechkd.data.datamodule import AsrDataset, make_loader
@@ -660,8 +674,9 @@ def decode_cuts(model, cuts, tokenizer, decoding: str = "greedy", beam: int = 4,
             else:
                 toks = [nb[0][0] for nb in nbest_search(model, enc, lens, beam=beam)]
             ids += batch["cut_ids"]
-            refs += batch["texts"]
-            hyps += tokenizer.decode(toks)
+            texts = tokenizer.decode(toks)
+            refs += batch["texts"] if normalizer is None else [normalizer(t) for t in batch["texts"]]
+            hyps += texts if normalizer is None else [normalizer(t) for t in texts]
     return ids, refs, hyps
 
 
@@ -677,7 +692,10 @@ def evaluate(exp: Experiment) -> None:
     from speechkd.mvq.store import label_storage_bytes
     from speechkd.utils import set_thread_policy
 
+    from speechkd.data.text import TextNormalizer
+
     e = exp.recipe.eval
+    normalizer = TextNormalizer.from_config(exp.recipe.data.text)  # WER scored by the data's text rule
     label_bytes = {}
     if exp.ci_cuts_path.is_file():
         label_bytes["mvq"] = ("ci", label_storage_bytes(load_cuts(exp.ci_cuts_path), CI_KEY))
@@ -705,7 +723,8 @@ def evaluate(exp: Experiment) -> None:
         result = {"name": name, "group": group, "role": meta.get("role", "baseline"), "method": method, "seed": seed,
                   "params": count_parameters(model)}
         for split, cuts in splits.items():
-            ids, refs, hyps = decode_cuts(model, cuts, exp.tokenizer, e.decoding, e.beam, progress=exp.progress)
+            ids, refs, hyps = decode_cuts(model, cuts, exp.tokenizer, e.decoding, e.beam, progress=exp.progress,
+                                          normalizer=normalizer)
             stats = word_error_rate(refs, hyps)
             result[f"{split}_wer"] = stats.wer
             write_wer_details(exp.dir / "eval" / f"{name}-{split}-errs.txt", ids, refs, hyps)

@@ -45,7 +45,9 @@ class KDContext:
 class AsrTask(_lightning().LightningModule):
     """Lightning wrapper for any of our ASR models, teacher or student.
 
-    Loss = ``reference_weight * L(references) + KD term``, where L is the model's own per-utterance loss
+    Loss = ``reference_weight * L(references) + KD term``, the reference term averaged over the batch's transcribed
+    utterances (``batch["has_text"]``: untranscribed ``data.unlabelled`` cuts learn from the KD term only), where L
+    is the model's own per-utterance loss
     (RNN-T for a transducer, label-smoothed CE for an attention encoder-decoder) plus ``ctc_weight`` times the
     CTC loss of the optional CTC head, and ``reference_weight`` is 1 unless the KD method says otherwise
     (sequence-level KD trains on pseudo labels). AdamW with linear warm-up and cosine decay; dev WER by
@@ -95,13 +97,17 @@ class AsrTask(_lightning().LightningModule):
         n = enc.shape[0]
         ref_weight = getattr(self.kd, "reference_weight", 1.0) if self.kd is not None else 1.0
         total = enc.new_zeros(())
-        if ref_weight > 0:
-            y, y_lens = self._targets(batch["tokens"])
-            main, ctc = self._losses(enc, enc_lens, y, y_lens)
-            self.log(self._main_name, main.mean().detach(), prog_bar=True, batch_size=n)
+        has_text = batch.get("has_text")
+        rows = None if has_text is None or bool(has_text.all()) else has_text.nonzero().squeeze(1).tolist()
+        if ref_weight > 0 and rows != []:  # the reference loss over the transcribed rows only
+            tokens = batch["tokens"] if rows is None else [batch["tokens"][i] for i in rows]
+            r_enc, r_lens = (enc, enc_lens) if rows is None else (enc[rows], enc_lens[rows])
+            y, y_lens = self._targets(tokens)
+            main, ctc = self._losses(r_enc, r_lens, y, y_lens)
+            self.log(self._main_name, main.mean().detach(), prog_bar=True, batch_size=len(tokens))
             ref = main.mean()
             if ctc is not None:
-                self.log("train_ctc", ctc.mean().detach(), prog_bar=True, batch_size=n)
+                self.log("train_ctc", ctc.mean().detach(), prog_bar=True, batch_size=len(tokens))
                 ref = ref + self.cfg.ctc_weight * ctc.mean()
             total = total + ref_weight * ref
         if self.kd is not None:

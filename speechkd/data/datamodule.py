@@ -34,7 +34,8 @@ class AsrDataset(torch.utils.data.Dataset):
         per-frame teacher labels stay aligned with the features).
 
     A batch is a dict: ``features (N, T, 80)`` float32, ``feature_lens (N,)`` frames, ``tokens`` a list of
-    N token-id lists, ``texts``, ``cut_ids``, ``durations`` (N,) seconds, and ``labels``.
+    N token-id lists, ``texts`` ('' for an untranscribed cut), ``has_text (N,)`` bool (the cut has a transcript:
+    only those rows carry a reference loss), ``cut_ids``, ``durations`` (N,) seconds, and ``labels``.
     """
 
     def __init__(self, tokenizer=None, label_keys: Sequence[str] = (), spec_augment: bool = False):
@@ -65,6 +66,7 @@ class AsrDataset(torch.utils.data.Dataset):
             "features": features,
             "feature_lens": feature_lens,
             "texts": texts,
+            "has_text": torch.tensor([bool(t) for t in texts], dtype=torch.bool),
             "cut_ids": [c.id for c in cuts],
             "durations": torch.tensor([c.duration for c in cuts], dtype=torch.float32),
             "labels": {},

@@ -66,6 +66,7 @@ def fbank_chunk(cut_dicts: list[dict], out_dir: str, k: int, split: str, mode: s
     """
     from lhotse import CutSet, LilcomChunkyWriter
     from lhotse.cut import Cut
+    from lhotse.cut.set import deserialize_cut
     from lhotse.utils import fastcopy
 
     if worker:
@@ -78,7 +79,7 @@ def fbank_chunk(cut_dicts: list[dict], out_dir: str, k: int, split: str, mode: s
     done = []
     with LilcomChunkyWriter(archive, mode="wb") as writer:
         for d in cut_dicts:
-            cut = Cut.from_dict(d) if not isinstance(d, Cut) else d
+            cut = deserialize_cut(d) if isinstance(d, dict) else d
             origin = (cut.custom or {}).get("origin", "")
             if features_match(cut):
                 done.append(cut)
@@ -149,7 +150,7 @@ def compute_fbank_chunks(raw_manifest: Pathlike, out_dir: Pathlike, split: str, 
     out_dir.mkdir(parents=True, exist_ok=True)
     raw = CutSet.from_file(raw_manifest)  # lazy for .jsonl(.gz)
     total = sum(c.duration for c in raw)
-    bar = tqdm(total=round(total, 1), desc=f"fbank {split}", unit="s audio", disable=not progress,
+    bar = tqdm(total=total, desc=f"fbank {split}", unit="s audio", disable=not progress,
                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s audio [{elapsed}<{remaining}, {rate_fmt}]")
     manifests: list[Path] = []
 

@@ -178,11 +178,9 @@ def tsv_corpus_rows(cdir: Path, split: str, ctx: SourceContext, prefix: str = ""
 
 
 def tsv_rows(cfg, split: str, ctx: SourceContext) -> Iterator[RawRow]:
-    """``source: tsv``: every corpus of ``cfg.corpora``, split ``cfg.<split>_split`` (``smoke`` with ``cfg.smoke``);
-    ids prefixed ``<corpus folder>-`` when there are several corpora."""
-    from speechkd.data.corpora import corpus_dir
-
-    name = "smoke" if cfg.smoke else getattr(cfg, f"{split}_split")
+    """``source: tsv``: every corpus of ``cfg.corpora``, split ``cfg.<split>_split``; ids prefixed
+    ``<corpus folder>-`` when there are several corpora."""
+    name = getattr(cfg, f"{split}_split")
     dirs = [_corpus_path(c, cfg.corpora_dir) for c in cfg.corpora]
     for cdir in dirs:
         prefix = f"{cdir.name}-" if len(dirs) > 1 else ""

@@ -162,7 +162,8 @@ class SequenceKD(KDMethod):
 
 def filter_nbest(cuts, max_wer: Optional[float], tokenizer=None):
     """Drop hypotheses whose WER against the cut's reference exceeds ``max_wer`` percent, and the cuts left
-    with none (distil-whisper's pseudo-label filter, Gandhi et al. 2023, sec. 4.1).
+    with none (distil-whisper's pseudo-label filter, Gandhi et al. 2023, sec. 4.1). A cut without a reference
+    (untranscribed, ``data.unlabelled``) keeps all its hypotheses.
 
     Args:
       cuts: CutSet whose cuts carry ``custom["nbest"]`` (each hypothesis has ``text``).
@@ -182,6 +183,10 @@ def filter_nbest(cuts, max_wer: Optional[float], tokenizer=None):
     kept, hyps_out = [], 0
     for c in cuts:
         ref = " ".join(s.text for s in c.supervisions if s.text)
+        if not ref:  # an untranscribed cut (data.unlabelled): nothing to filter against, every hypothesis kept
+            kept.append(c)
+            hyps_out += len(c.custom[NBEST_KEY])
+            continue
         good = [h for h in c.custom[NBEST_KEY] if word_error_rate([ref], [h["text"]]).wer <= max_wer]
         if good:
             kept.append(fastcopy(c, custom={**c.custom, NBEST_KEY: good}))
