@@ -127,11 +127,12 @@ def _build_raw(exp, split: str, rows, policy: BadInputPolicy, seen: _Seen, norma
     return n
 
 
-def _source_rows(exp, split: str, policy: BadInputPolicy):
+def _source_rows(exp, split: str, policy: BadInputPolicy, shared: dict):
     from speechkd.data.sources import SOURCES, SourceContext, unlabelled_rows
 
     d = exp.recipe.data
-    ctx = SourceContext(exp.dir, d.corpora_dir, policy, num_jobs=d.num_jobs, progress=exp.progress, seed=d.seed)
+    ctx = SourceContext(exp.dir, d.corpora_dir, policy, num_jobs=d.num_jobs, progress=exp.progress, seed=d.seed,
+                        extra=shared)
     if split == UNLABELLED:
         for i, entry in enumerate(d.unlabelled):
             yield from unlabelled_rows(entry, i, ctx, tolerance=d.duration_tolerance)
@@ -158,6 +159,7 @@ def prepare_data(exp) -> None:
     normalizer = TextNormalizer.from_config(d.text)
     splits = list(LABELLED_SPLITS) + ([UNLABELLED] if d.unlabelled else [])
     seen = _Seen()
+    shared: dict = {}
     skips: list[Skip] = []
     for split in splits:
         from lhotse import CutSet
@@ -171,7 +173,7 @@ def prepare_data(exp) -> None:
         else:
             policy = BadInputPolicy(d.on_bad_input, split)
             max_dur = d.max_cut_duration if split in ("train", UNLABELLED) else None
-            _build_raw(exp, split, _source_rows(exp, split, policy), policy, seen, normalizer, labelled, max_dur)
+            _build_raw(exp, split, _source_rows(exp, split, policy, shared), policy, seen, normalizer, labelled, max_dur)
         skips += read_skips(_raw_skips_path(exp.dir, split))
         out = exp.cuts_path(split)
         if out.is_file():

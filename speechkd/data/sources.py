@@ -46,7 +46,8 @@ class RawRow:
 @dataclass
 class SourceContext:
     """What a source may use: the experiment directory (for files a source writes, e.g. lhotse recipe manifests),
-    the shared corpora directory, the bad-input policy of the split, worker processes, progress bars."""
+    the shared corpora directory, the bad-input policy of the split, worker processes, progress bars, and ``extra``,
+    a dict shared by the splits of one data stage (e.g. metadata rows already reported)."""
 
     exp_dir: Path
     corpora_dir: Optional[str]
@@ -161,8 +162,12 @@ def tsv_corpus_rows(cdir: Path, split: str, ctx: SourceContext, prefix: str = ""
     from speechkd.data.corpora import read_metadata_rows, read_split
 
     rows = {}
+    reported = ctx.extra.setdefault("reported_metadata_rows", set())  # a damaged row is reported once, not per split
     for lineno, utt, problem in read_metadata_rows(cdir):
         if problem is not None:
+            if (str(cdir), lineno) in reported:
+                continue
+            reported.add((str(cdir), lineno))
             ctx.policy.bad(utt.id if utt else f"line {lineno}", str(cdir / "metadata.tsv"), problem,
                            f"{cdir / 'metadata.tsv'}:{lineno}")
             continue
