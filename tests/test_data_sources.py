@@ -231,3 +231,152 @@ def test_fbank_chunks_resume_and_match_lhotse(tmp_path, corpora_dir):
         want = fb.extract(ref.resample(16000).load_audio(), 16000)
         assert c.load_features().shape == want.shape
         assert np.abs(c.load_features() - want).max() < 0.05
+
+
+# ------------------------------------------------------------------------------------------------ whole runs
+def build_librispeech_layout(root: Path, corpora_dir: Path) -> Path:
+    """A tiny LibriSpeech-layout folder from the shared corpora's transcribed sentences (an4_mini, ljspeech_mini):
+    ``<part>/<spk>/<chapter>/<spk>-<chapter>-<nnnn>.flac`` + ``<spk>-<chapter>.trans.txt`` with upper-case text, as
+    LibriSpeech ships it. Parts: train-clean-100 / dev-clean / test-clean from each corpus's train / dev / test."""
+    import shutil
+
+    from speechkd.data.corpora import corpus_dir, read_metadata, read_split
+
+    speakers: dict[str, int] = {}
+    for part, split in (("train-clean-100", "train"), ("dev-clean", "dev"), ("test-clean", "test")):
+        lines: dict[Path, list[str]] = {}
+        for name in ("an4", "ljspeech"):
+            cdir = corpus_dir(name, corpora_dir)
+            for u in read_split(cdir, split, read_metadata(cdir)):
+                spk = speakers.setdefault(u.speaker, 100 + len(speakers))
+                chapter_dir = root / part / str(spk) / "1"
+                chapter_dir.mkdir(parents=True, exist_ok=True)
+                trans = chapter_dir / f"{spk}-1.trans.txt"
+                uid = f"{spk}-1-{len(lines.get(trans, [])):04d}"
+                shutil.copy(u.path, chapter_dir / f"{uid}.flac")
+                lines.setdefault(trans, []).append(f"{uid} {u.text.upper()}")
+        for trans, rows in lines.items():
+            trans.write_text("\n".join(rows) + "\n")
+    return root
+
+
+TINY = {  # tiny models and one epoch: a whole recipe in seconds (plumbing, not accuracy)
+    "teacher": {"model": {"dim": 32, "num_layers": 2, "num_heads": 2, "ff_dim": 64, "decoder_dim": 32, "joiner_dim": 32},
+                "train": {"epochs": 1, "warmup_steps": 2, "max_duration": 60, "num_threads": 1}, "layer": 1},
+    "student_model": {"dim": 16, "num_layers": 2, "num_heads": 2, "ff_dim": 32, "decoder_dim": 16, "joiner_dim": 16},
+    "student_train": {"epochs": 1, "warmup_steps": 2, "max_duration": 60, "num_threads": 1},
+    "quantizer": {"num_codebooks": 4, "train_frames": 2000},
+    "eval": {"rtf_utts": 2, "rtf_threads": 1},
+}
+
+
+def _tiny_recipe(path: Path, exp_dir: Path, data: dict, students=None, replace_data=False) -> Recipe:
+    import yaml
+
+    raw = yaml.safe_load(path.read_text())
+    raw.update(TINY, exp_dir=str(exp_dir))
+    raw["data"] = data if replace_data else {**raw["data"], **data}
+    if students is not None:
+        raw["students"] = students
+    for s in raw["students"]:
+        s.get("kd", {}).pop("student_layer", None)
+        if s.get("kd", {}).get("method") in ("mvq", "l1", "l2"):
+            s["kd"]["student_layer"] = 1
+    return Recipe.model_validate(raw)
+
+
+def _results(exp) -> dict:
+    return {p.stem: json.loads(p.read_text()) for p in (exp.dir / "eval").glob("*.json")}
+
+
+def test_librispeech_recipe_runs_on_a_librispeech_layout_folder(tmp_path, corpora_dir):
+    from speechkd.pipeline import run_all
+
+    corpus = build_librispeech_layout(tmp_path / "LibriSpeech", corpora_dir)
+    recipe = _tiny_recipe(Path("recipes/librispeech_100_mvq.yaml"), tmp_path / "exp",
+                          {"corpus_dir": str(corpus), "vocab_size": 64, "num_jobs": 1, "fbank_chunk_cuts": 16})
+    exp = Experiment(recipe, progress=False)
+    run_all(exp)
+    train = exp.cuts("train")
+    assert len(train) == 23 + 24 and all(c.supervisions[0].text == c.supervisions[0].text.lower() for c in train)
+    # lhotse's recipe read the upper-case transcripts; the data rule lower-cased them, keeping the raw text
+    raw_texts = {c.id: c.supervisions[0].custom["orig_text"] for c in train}
+    assert all(t.isupper() for t in raw_texts.values())
+    assert {c.id.split("-")[0] for c in exp.cuts("test")} <= {str(i) for i in range(100, 110)}
+    assert set(_results(exp)) == {"teacher", "baseline-seed0", "l1-seed0", "mvq-seed0"}
+    assert (exp.dir / "report.md").is_file()
+
+
+def test_lhotse_manifests_with_unlabelled_audio_run_end_to_end(tmp_path, corpora_dir):
+    """``source: lhotse``: train as a CutSet (half of it with fbank already stored, reused), dev/test as
+    recordings + supervisions pairs at 22.05 kHz; untranscribed audio from a folder and from a CutSet."""
+    import shutil
+
+    from lhotse import CutSet
+
+    from speechkd.data.corpora import corpus_dir, read_metadata, read_split, utterances_to_cuts
+    from speechkd.data.features import compute_fbank_chunks, merge_manifests
+    from speechkd.pipeline import run_all
+
+    an4, lj = corpus_dir("an4", corpora_dir), corpus_dir("ljspeech", corpora_dir)
+    train = utterances_to_cuts(read_split(an4, "train", read_metadata(an4)))
+    pre = tmp_path / "pre"
+    pre.mkdir()
+    train.subset(first=10).to_file(pre / "raw.jsonl.gz")
+    merge_manifests(compute_fbank_chunks(pre / "raw.jsonl.gz", pre / "feats", "train", progress=False)[0],
+                    pre / "with_feats.jsonl.gz")
+    with_feats = CutSet.from_file(pre / "with_feats.jsonl.gz").to_eager()
+    (CutSet.from_cuts(list(with_feats) + list(train)[10:])).to_file(tmp_path / "train.jsonl.gz")
+    pairs = {}
+    for split in ("dev", "test"):
+        cuts = utterances_to_cuts(read_split(lj, split, read_metadata(lj)), sampling_rate=22050)
+        cuts.decompose()[0].to_file(tmp_path / f"{split}_rec.jsonl.gz")
+        cuts.decompose()[1].to_file(tmp_path / f"{split}_sup.jsonl.gz")
+        pairs[split] = {"recordings": str(tmp_path / f"{split}_rec.jsonl.gz"),
+                        "supervisions": str(tmp_path / f"{split}_sup.jsonl.gz")}
+    ls = corpus_dir("librispeech_spk", corpora_dir)
+    spk_utts = read_split(ls, "smoke", read_metadata(ls))
+    audio_dir = tmp_path / "untranscribed" / "a"
+    audio_dir.mkdir(parents=True)
+    for u in spk_utts[:2]:
+        shutil.copy(u.path, audio_dir / u.path.name)
+    utterances_to_cuts(spk_utts[2:4]).to_file(tmp_path / "untranscribed.jsonl.gz")
+
+    data = {"source": "lhotse", "train": str(tmp_path / "train.jsonl.gz"), **pairs, "vocab_size": 64, "num_jobs": 1,
+            "unlabelled": [{"audio_dir": str(tmp_path / "untranscribed")},
+                           {"cuts": str(tmp_path / "untranscribed.jsonl.gz")}]}
+    recipe = _tiny_recipe(Path("recipes/smoke_sentences.yaml"), tmp_path / "exp", data, replace_data=True,
+                          students=[{"name": "baseline", "kd": {"method": "none"}}, {"name": "mvq", "kd": {"method": "mvq"}}])
+    exp = Experiment(recipe, progress=False)
+    run_all(exp)
+    got = exp.cuts("train")
+    assert [c.id for c in got] == [c.id for c in train]
+    reused = [c for c in got if c.features.storage_path.startswith(str(pre))]
+    assert len(reused) == 10  # stored fbank that matches the recipe's is kept, the rest computed
+    unl = exp.cuts("unlabelled")
+    assert sorted(c.id for c in unl) == sorted([f"a-{u.id}" for u in spk_utts[:2]] + [u.id for u in spk_utts[2:4]])
+    assert all(s.text is None for c in unl for s in c.supervisions)
+    ci_ids = {c.id for c in CutSet.from_file(exp.ci_cuts_path)}
+    assert ci_ids == {c.id for c in got} | {c.id for c in unl}  # the teacher labelled the untranscribed audio too
+    assert all(c.sampling_rate == 16000 and c.num_features == 80 for c in exp.cuts("dev"))
+    assert set(_results(exp)) == {"teacher", "baseline-seed0", "mvq-seed0"}
+
+
+def test_every_method_runs_on_tsv_sentences_through_the_cli(tmp_path, corpora_dir):
+    from typer.testing import CliRunner
+
+    from speechkd.cli import app
+
+    exp_dir = tmp_path / "exp"
+    res = CliRunner().invoke(app, ["run", "recipes/smoke_sentences.yaml", "--exp-dir", str(exp_dir), "--corpora-dir",
+                                   str(corpora_dir), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    results = {p.stem: json.loads(p.read_text()) for p in (exp_dir / "eval").glob("*.json")}
+    assert set(results) == {"teacher"} | {f"{n}-seed0" for n in ("baseline", "mvq", "l1", "seq", "codert")}
+    skipped = [json.loads(line) for line in (exp_dir / "cuts" / "skipped.jsonl").read_text().splitlines()]
+    assert skipped and all(s["split"] == "unlabelled" and "max_cut_duration" in s["reason"] for s in skipped)
+    from lhotse import CutSet
+
+    nbest = CutSet.from_file(exp_dir / "labels" / "cuts_train_nbest.jsonl.gz").to_eager()
+    unl = CutSet.from_file(exp_dir / "cuts" / "unlabelled.jsonl.gz").to_eager()
+    assert len(unl) == 20 - len(skipped) and {c.id for c in unl} <= {c.id for c in nbest}
