@@ -380,3 +380,31 @@ def test_every_method_runs_on_tsv_sentences_through_the_cli(tmp_path, corpora_di
     nbest = CutSet.from_file(exp_dir / "labels" / "cuts_train_nbest.jsonl.gz").to_eager()
     unl = CutSet.from_file(exp_dir / "cuts" / "unlabelled.jsonl.gz").to_eager()
     assert len(unl) == 20 - len(skipped) and {c.id for c in unl} <= {c.id for c in nbest}
+
+
+def test_reference_loss_covers_only_transcribed_rows():
+    """An untranscribed row (``has_text`` False, from ``data.unlabelled``) adds nothing to the reference loss: the
+    loss of a mixed batch equals that of the batch without the row."""
+    import torch
+
+    from speechkd.config import ModelConfig, TrainConfig
+    from speechkd.models.build import build_model
+    from speechkd.training import AsrTask
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(dim=16, num_layers=1, num_heads=2, ff_dim=32, decoder_dim=16, joiner_dim=16,
+                                    dropout=0.0), vocab_size=10).eval()
+    task = AsrTask(model, None, TrainConfig(spec_augment=False), steps_per_epoch=1)
+    feats = torch.randn(3, 80, 80)
+
+    def batch(rows, has_text):
+        return {"features": feats[rows], "feature_lens": torch.tensor([80, 60, 50])[rows],
+                "tokens": [[[3, 4], [], [5]][i] for i in rows], "texts": [["a b", "", "c"][i] for i in rows],
+                "has_text": torch.tensor(has_text), "labels": {}}
+
+    with torch.no_grad():
+        mixed = task.training_step(batch([0, 1, 2], [True, False, True]), 0)
+        only = task.training_step(batch([0, 2], [True, True]), 0)
+        with_empty = task.training_step(batch([0, 1, 2], [True, True, True]), 0)
+    assert torch.allclose(mixed, only, atol=1e-5)
+    assert not torch.allclose(mixed, with_empty, atol=1e-3)  # the row would count if it were called transcribed

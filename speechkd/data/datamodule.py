@@ -103,7 +103,7 @@ def make_loader(cuts, dataset: AsrDataset, max_duration: Seconds, shuffle: bool,
     from lhotse.dataset import DynamicBucketingSampler, SimpleCutSampler
 
     if shuffle:
-        with warnings.catch_warnings():  # our CutSets are small and eager on purpose
+        with warnings.catch_warnings():  # some CutSets (e.g. filtered N-best labels) are small and eager on purpose
             warnings.filterwarnings("ignore", message=".*eagerly read CutSet.*")
             sampler = DynamicBucketingSampler(cuts, max_duration=max_duration, shuffle=True, num_buckets=5, seed=seed)
     else:
@@ -113,8 +113,9 @@ def make_loader(cuts, dataset: AsrDataset, max_duration: Seconds, shuffle: bool,
     )
 
 
-def load_cuts(path: Pathlike):
-    """Read a CutSet manifest (``.jsonl.gz``) eagerly.
+def load_cuts(path: Pathlike, lazy: bool = True):
+    """Open a CutSet manifest (``.jsonl.gz``): lazily by default (cuts are read from the file on each pass, never
+    the whole corpus in memory), or eagerly.
 
     Raises:
       FileNotFoundError: with the path, when the manifest is missing.
@@ -124,7 +125,8 @@ def load_cuts(path: Pathlike):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"cuts manifest not found: {path}")
-    return CutSet.from_file(path).to_eager()
+    cuts = CutSet.from_file(path)
+    return cuts if lazy else cuts.to_eager()
 
 
 def save_cuts(cuts, path: Pathlike) -> None:
