@@ -111,7 +111,9 @@ def _stage(name: str, recipe, exp_dir, corpora_dir, progress, **kw):
 @app.command()
 def prepare(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpora_dir: Optional[Path] = CorporaOpt,
             progress: bool = ProgressOpt):
-    """Build the data. ASR: connected-word cuts (train/dev/test, speaker-disjoint), 80-dim fbank, the tokenizer.
+    """Build the data. ASR: cuts of data.source (connected_words, tsv, lhotse, librispeech) for train/dev/test and
+    data.unlabelled, checked (bad rows stop the stage or, with data.on_bad_input: skip, go to cuts/skipped.jsonl),
+    80-dim fbank in resumable chunks, the tokenizer on the normalised training text.
     SSL: waveform cuts for pre-training, KWS and SV (train, test) and the trial lists kept."""
     _stage("prepare", recipe, exp_dir, corpora_dir, progress)
 

@@ -8,6 +8,7 @@ from typing import Annotated, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
+from speechkd.data.sources import LHOTSE_RECIPES
 from speechkd.utils import Pathlike
 
 
@@ -169,13 +170,13 @@ class LhotseData(DataBase):
 
 
 class LhotseRecipeData(DataBase):
-    """A local corpus prepared by one of lhotse's own recipes, no download (registered in
-    :data:`speechkd.data.sources.LHOTSE_RECIPES`): ``source: librispeech`` (``lhotse.recipes.prepare_librispeech``)
-    or ``mini_librispeech``. ``corpus_dir``: the corpus folder (e.g. ``.../LibriSpeech``); ``train/dev/test``: the
+    """A local corpus prepared by one of lhotse's own recipes, no download (``source``: a name registered in
+    :data:`speechkd.data.sources.LHOTSE_RECIPES`, e.g. ``librispeech`` with ``lhotse.recipes.prepare_librispeech``,
+    or ``mini_librispeech``). ``corpus_dir``: the corpus folder (e.g. ``.../LibriSpeech``); ``train/dev/test``: the
     parts of each split (several parts are joined).
     """
 
-    source: Literal["librispeech", "mini_librispeech"]
+    source: Literal[tuple(LHOTSE_RECIPES)]  # type: ignore[valid-type]
     corpus_dir: str
     train: list[str] = Field(["train-clean-100"], min_length=1)
     dev: list[str] = Field(["dev-clean"], min_length=1)
@@ -192,8 +193,7 @@ AnyData = Annotated[
         Annotated[DataConfig, Tag("connected_words")],
         Annotated[TsvData, Tag("tsv")],
         Annotated[LhotseData, Tag("lhotse")],
-        Annotated[LhotseRecipeData, Tag("librispeech")],
-        Annotated[LhotseRecipeData, Tag("mini_librispeech")],
+        *[Annotated[LhotseRecipeData, Tag(name)] for name in LHOTSE_RECIPES],
     ],
     Discriminator(_data_source),
 ]

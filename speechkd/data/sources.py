@@ -13,7 +13,7 @@ Sources:
   ``tsv``: corpora in the shared TSV layout (:mod:`speechkd.data.corpora`);
   ``lhotse``: the user's CutSet (or recordings + supervisions) manifests;
   ``librispeech`` / ``mini_librispeech``: a local corpus folder prepared by lhotse's own recipe
-  (:data:`LHOTSE_RECIPES`: adding another lhotse recipe is one line there and one name in the config).
+  (:data:`LHOTSE_RECIPES`: adding another lhotse recipe is one line there).
 """
 
 from __future__ import annotations
@@ -214,8 +214,8 @@ def lhotse_rows(cfg, split: str, ctx: SourceContext) -> Iterator[RawRow]:
 
 #: lhotse recipes usable as ``data.source``: name -> (module, function). The function is called as
 #: ``f(corpus_dir, dataset_parts=[...], output_dir=DIR, num_jobs=N)`` and returns ``{part: {"recordings": ...,
-#: "supervisions": ...}}`` (lhotse's recipe convention). One line per recipe (plus its name in
-#: :class:`speechkd.config.LhotseRecipeData`).
+#: "supervisions": ...}}`` (lhotse's recipe convention). One line per recipe: its name becomes a ``data.source`` of
+#: :class:`speechkd.config.LhotseRecipeData`.
 LHOTSE_RECIPES: dict[str, tuple[str, str]] = {
     "librispeech": ("lhotse.recipes.librispeech", "prepare_librispeech"),
     "mini_librispeech": ("lhotse.recipes.librispeech", "prepare_librispeech"),
