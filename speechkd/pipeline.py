@@ -319,10 +319,7 @@ def quantize(exp: Experiment) -> None:
         log(f"quantize: reusing {exp.quantizer_path} (id {quantizer.id})")
     else:
         t0 = time.time()
-        rng = np.random.default_rng(exp.recipe.data.seed)
-        frames = np.concatenate([load_frame_labels(c, EMB_KEY) for c in cuts])  # (total, D)
-        if len(frames) > q.train_frames:
-            frames = frames[rng.choice(len(frames), q.train_frames, replace=False)]
+        frames = _sample_frames(cuts, EMB_KEY, q.train_frames, np.random.default_rng(exp.recipe.data.seed))
         kwargs = {}
         if q.beam is not None:
             kwargs["beam"] = q.beam
@@ -352,6 +349,42 @@ def quantize(exp: Experiment) -> None:
                                   frame_shift=label_frame_shift(cuts, EMB_KEY), extra={"quantizer_id": quantizer.id})
     save_cuts(labelled, exp.ci_cuts_path)
     log(f"quantize: codebook indexes for {len(labelled)} cuts -> {exp.ci_cuts_path}")
+
+
+def _sample_frames(cuts, key: str, num: int, rng) -> np.ndarray:
+    """``num`` frames drawn uniformly without replacement from the stored labels ``key`` of all cuts, ``(num, D)``
+    (every frame, in cut order, when there are no more than ``num``).
+
+    Only the sampled frames are held: a first pass reads each cut's labels to count its frames (as lhotse loads
+    them for the cut's span) and keeps the counts, a second reads the cuts holding a drawn frame. The draw is
+    ``rng.choice(total, num, replace=False)`` over the frames concatenated in cut order, in the draw's order.
+
+    Raises:
+      ValueError: a cut's labels changed between the passes (naming the cut).
+    """
+    from speechkd.mvq.store import load_frame_labels
+
+    lens = [(c.id, len(load_frame_labels(c, key))) for c in cuts]
+    total = sum(n for _, n in lens)
+    if total <= num:
+        return np.concatenate([load_frame_labels(c, key) for c in cuts])  # (total, D)
+    idx = rng.choice(total, num, replace=False)  # (num,) positions in the concatenation
+    order = np.argsort(idx, kind="stable")
+    wanted = idx[order]  # ascending
+    starts = np.cumsum([0] + [n for _, n in lens])  # (num_cuts + 1,)
+    picked, pos = [], 0
+    for i, c in enumerate(cuts):
+        lo, hi = starts[i], starts[i + 1]
+        end = pos + int(np.searchsorted(wanted[pos:], hi))
+        if end > pos:
+            emb = load_frame_labels(c, key)  # (T_i, D)
+            if len(emb) != hi - lo:
+                raise ValueError(f"cut '{c.id}': {len(emb)} '{key}' frames now, {hi - lo} in the first pass")
+            picked.append(emb[wanted[pos:end] - lo])
+            pos = end
+    frames = np.empty((num, picked[0].shape[1]), dtype=picked[0].dtype)  # (num, D) in the draw's order
+    frames[order] = np.concatenate(picked)
+    return frames
 
 
 def _encode_group(quantizer, group: list):

@@ -408,3 +408,27 @@ def test_reference_loss_covers_only_transcribed_rows():
         with_empty = task.training_step(batch([0, 1, 2], [True, True, True]), 0)
     assert torch.allclose(mixed, only, atol=1e-5)
     assert not torch.allclose(mixed, with_empty, atol=1e-3)  # the row would count if it were called transcribed
+
+
+def test_quantizer_frames_are_sampled_without_loading_the_corpus(tmp_path):
+    """The quantizer's training frames: the same draw as indexing all frames concatenated (the old way)."""
+    import numpy as np
+    from lhotse import CutSet
+    from lhotse.testing.dummies import dummy_cut
+
+    from speechkd.mvq.store import write_frame_labels
+    from speechkd.pipeline import _sample_frames
+
+    rng = np.random.default_rng(3)
+    cuts = CutSet.from_cuts([dummy_cut(i, duration=1.0) for i in range(6)])
+    arrays = {c.id: rng.standard_normal((int(rng.integers(22, 29)), 4)).astype(np.float32) for c in cuts}
+    labelled = write_frame_labels(cuts, ((cid, a) for cid, a in arrays.items()), tmp_path, key="teacher_embeddings",
+                                  frame_shift=0.04)
+    from speechkd.mvq.store import load_frame_labels
+
+    every = np.concatenate([load_frame_labels(c, "teacher_embeddings") for c in labelled])  # how quantize read them
+    assert len(every) < sum(len(a) for a in arrays.values())  # lhotse trims labels to each cut's span
+    want = every[np.random.default_rng(7).choice(len(every), 25, replace=False)]
+    got = _sample_frames(labelled, "teacher_embeddings", 25, np.random.default_rng(7))
+    assert np.array_equal(got, want)
+    assert np.array_equal(_sample_frames(labelled, "teacher_embeddings", 10_000, np.random.default_rng(7)), every)
