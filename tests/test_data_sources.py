@@ -127,6 +127,9 @@ def _bad_corpus(tmp_path, corpora_dir, cases) -> Path:
     if "duplicate" in cases:
         shutil.copy(utts[9].path, root / "audio" / "dup.flac")
         add("good0", utts[9], None, path="audio/dup.flac")
+    if "short_row" in cases:
+        rows.append("short_row\taudio/x.flac\tspk")
+        splits["train"].append("short_row")
     if "two_splits" in cases:
         splits["dev"].append("good0")
     (root / "metadata.tsv").write_text("\n".join(rows) + "\n")
@@ -146,6 +149,7 @@ BAD_CASES = {  # case -> words the reason must hold
     "alphabet": "outside the alphabet",
     "duplicate": "duplicate",
     "two_splits": "same audio",
+    "short_row": "tab-separated fields",
 }
 
 
@@ -164,8 +168,8 @@ def test_bad_row_stops_with_a_message_naming_it(tmp_path, corpora_dir, case):
         prepare(exp)
     msg = str(err.value)
     assert "metadata.tsv:" in msg and BAD_CASES[case] in msg and "on_bad_input: skip" in msg
-    bad_id = "good0" if case in ("duplicate", "two_splits") else case
-    assert f"'{bad_id}'" in msg
+    bad_id = {"duplicate": "good0", "two_splits": "good0", "short_row": "line "}.get(case, case)
+    assert f"'{bad_id}" in msg  # a row too short to hold an id is named by its line
 
 
 def test_skip_mode_reports_every_bad_row_and_keeps_the_good_ones(tmp_path, corpora_dir):
@@ -177,9 +181,12 @@ def test_skip_mode_reports_every_bad_row_and_keeps_the_good_ones(tmp_path, corpo
     for s in skipped:
         by_id.setdefault(s["id"], []).append(s)
     for case, words in BAD_CASES.items():
-        cid = "good0" if case in ("duplicate", "two_splits") else case
+        cid = {"duplicate": "good0", "two_splits": "good0"}.get(case, case)
+        if case == "short_row":
+            cid = next(k for k in by_id if k.startswith("line "))
         assert any(words in s["reason"] and s["file"] for s in by_id[cid]), (case, by_id.get(cid))
-    assert len(skipped) == len(BAD_CASES)
+    assert len(skipped) == len(BAD_CASES) + 1  # the short row's id is also reported where the split lists it
+    assert any(s["id"] == "short_row" and "not a (good) row" in s["reason"] for s in skipped)
     ids = {s: [c.id for c in exp.cuts(s)] for s in ("train", "dev", "test")}
     # good0 stays in the split listed first in the checking order (dev before train)
     assert ids == {"train": ["good1", "good2", "good3"], "dev": ["good4", "good5", "good0"], "test": ["good6", "good7"]}

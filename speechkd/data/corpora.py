@@ -15,7 +15,7 @@ import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from speechkd.utils import Pathlike, Seconds
 
@@ -183,11 +183,16 @@ def read_metadata(cdir: Pathlike) -> dict[str, Utterance]:
     return out
 
 
-def read_split(cdir: Pathlike, split: str, metadata: dict[str, Utterance]) -> list[Utterance]:
+def read_split(cdir: Pathlike, split: str, metadata: dict[str, Utterance],
+               on_missing: Optional[Callable[[str, str], None]] = None) -> list[Utterance]:
     """The utterances listed in ``<cdir>/splits/<split>.txt``, in file order.
 
+    Args:
+      on_missing: called as ``on_missing(utterance_id, "<file>:<line>")`` for an id not in ``metadata`` (e.g. its
+        row was damaged and skipped), which is then left out; None raises instead.
+
     Raises:
-      CorpusError: missing split file, or an id not in the metadata (names file and line).
+      CorpusError: missing split file, or an id not in the metadata (names file and line) without ``on_missing``.
     """
     path = Path(cdir) / "splits" / f"{split}.txt"
     if not path.is_file():
@@ -199,6 +204,9 @@ def read_split(cdir: Pathlike, split: str, metadata: dict[str, Utterance]) -> li
         if not uid:
             continue
         if uid not in metadata:
+            if on_missing is not None:
+                on_missing(uid, f"{path}:{lineno}")
+                continue
             raise CorpusError(f"{path}:{lineno}: utterance id '{uid}' is not in metadata.tsv")
         out.append(metadata[uid])
     return out

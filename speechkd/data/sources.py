@@ -173,7 +173,12 @@ def tsv_corpus_rows(cdir: Path, split: str, ctx: SourceContext, prefix: str = ""
             continue
         rows[utt.id] = (lineno, utt)
     meta = {uid: u for uid, (_, u) in rows.items()}
-    for u in read_split(cdir, split, meta):
+
+    def missing(uid: str, where: str) -> None:
+        ctx.policy.bad(prefix + uid, str(cdir / "metadata.tsv"), "listed in the split but not a (good) row of "
+                                                                 "metadata.tsv", where)
+
+    for u in read_split(cdir, split, meta, on_missing=missing):
         lineno = rows[u.id][0]
         row = recording_cut(u.path, prefix + u.id, u.text if with_text else None, u.speaker,
                             f"{cdir / 'metadata.tsv'}:{lineno}", ctx.policy, declared=u.duration,
