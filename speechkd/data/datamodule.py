@@ -1,4 +1,5 @@
-"""Features, batches and loaders: lhotse fbank storage, samplers and a small ASR dataset.
+"""Batches and loaders: lhotse samplers over (lazily read) cut manifests and a small ASR dataset (the fbank itself
+is computed by :mod:`speechkd.data.features`).
 
 Every model and KD method in speechkd reads its batches from :class:`AsrDataset`; a KD method only names the
 per-frame teacher labels (cut custom fields) it needs, which are collated beside the features.

@@ -35,8 +35,10 @@ def fbank_extractor():
 
 def features_match(cut) -> bool:
     """Whether a cut's stored features are the recipe's fbank (type, 80 bins, 10 ms shift, 16 kHz)."""
+    from lhotse import Fbank
+
     f = cut.features if cut.has_features else None
-    return (f is not None and f.type == fbank_extractor().name and f.num_features == NUM_MEL_BINS
+    return (f is not None and f.type == Fbank.name and f.num_features == NUM_MEL_BINS
             and abs(f.frame_shift - FRAME_SHIFT) < 1e-9 and f.sampling_rate == SAMPLE_RATE)
 
 
