@@ -386,6 +386,32 @@ class EvalConfig(Strict):
     rtf_threads: int = Field(1, ge=1)
 
 
+class RuntimeConfig(Strict):
+    """Where the ASR pipeline's fits run, handed to every Lightning ``Trainer`` (teacher and students).
+
+    ``accelerator``: ``auto`` (a GPU when one is present, else the CPU), ``cpu`` or ``gpu``.
+    ``devices`` / ``num_nodes``: processes per node and nodes; more than one process per fit is refused for now
+    (the samplers are not yet rank-aware, so each process would see every cut).
+    ``strategy``: Lightning's strategy (``auto``; ``ddp`` for several processes).
+    ``precision``: ``32-true``, ``bf16-mixed`` (CPU or recent GPUs) or ``16-mixed`` (GPU only).
+    The CPU thread count stays ``train.num_threads``.
+    """
+
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    devices: int = Field(1, ge=1)
+    num_nodes: int = Field(1, ge=1)
+    strategy: Literal["auto", "ddp"] = "auto"
+    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
+
+    @model_validator(mode="after")
+    def _one_process(self):
+        if self.devices * self.num_nodes > 1:
+            raise ValueError(f"runtime: devices={self.devices} x num_nodes={self.num_nodes}: a fit in several "
+                             "processes is not supported yet (the samplers are not rank-aware, every process would "
+                             "train on every cut); use devices: 1")
+        return self
+
+
 def needs_project_teacher(kd: KDConfig) -> Optional[str]:
     """What in ``kd`` needs the project's own (transducer / AED) teacher rather than an SSL one
     (``teacher.hf_dir``), in words for an error message; None when nothing does (mvq, l1, l2, none)."""
@@ -404,6 +430,7 @@ class Recipe(Strict):
     """A whole experiment: data, teacher, student architecture, quantizer, the student runs, evaluation.
 
     ``parallel_runs``: how many student runs ``distill`` trains at once (worker processes, one thread each).
+    ``runtime``: accelerator, devices and precision of every fit (:class:`RuntimeConfig`).
     """
 
     name: str
@@ -417,6 +444,7 @@ class Recipe(Strict):
     pseudo_label: PseudoLabelConfig = PseudoLabelConfig()
     eval: EvalConfig = EvalConfig()
     parallel_runs: int = Field(1, ge=1, description="student runs trained at once (one thread each) by `distill`")
+    runtime: RuntimeConfig = RuntimeConfig()
 
     @model_validator(mode="after")
     def _unique_students(self):

@@ -198,7 +198,7 @@ def train_teacher(exp: Experiment) -> None:
         return
     t = exp.recipe.teacher
     fit_model(exp.teacher_dir, t.model, t.train, exp.tokenizer, exp.cuts("train"), exp.cuts("dev"), seed=t.seed,
-                   extra_meta={"role": "teacher", "method": "none"}, progress=exp.progress)
+              extra_meta={"role": "teacher", "method": "none"}, progress=exp.progress, runtime=exp.recipe.runtime)
     log(f"teacher: trained -> {exp.teacher_dir}")
 
 
@@ -572,7 +572,8 @@ def _train_student(exp: Experiment, name: str, seed: int, num_threads: Optional[
     t0 = time.time()
     fit_model(out, exp.recipe.student_model_of(run), train_cfg, exp.tokenizer, cuts, exp.cuts("dev"), seed=seed, kd=kd,
               extra_meta={"role": "baseline" if run.kd.method == "none" else "distilled",
-                          "method": run.kd.method, "group": name}, progress=exp.progress, init_fn=init_fn)
+                          "method": run.kd.method, "group": name}, progress=exp.progress, init_fn=init_fn,
+              runtime=exp.recipe.runtime)
     log(f"distill: {name} seed {seed} trained in {time.time() - t0:.0f} s -> {out}")
 
 

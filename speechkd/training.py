@@ -10,14 +10,13 @@ safetensors.
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
-from speechkd.config import ModelConfig, TrainConfig
+from speechkd.config import ModelConfig, RuntimeConfig, TrainConfig
 from speechkd.utils import Pathlike, warmup_cosine, write_json_atomic
 
 
@@ -169,6 +168,7 @@ def fit_model(
     extra_meta: Optional[dict] = None,
     progress: bool = True,
     init_fn: Optional[Callable] = None,
+    runtime: Optional[RuntimeConfig] = None,
 ) -> Path:
     """Train a transducer or attention encoder-decoder in ``run_dir`` (resuming from ``run_dir/ckpt/last.ckpt`` when present) and export it.
 
@@ -186,6 +186,11 @@ def fit_model(
       extra_meta: stored in ``model.json`` (e.g. the KD method, the teacher).
       init_fn: called with the freshly built model before training (e.g. initialisation from teacher
         layers); a resumed fit then restores the checkpoint over it.
+      runtime: accelerator, devices, strategy and precision for Lightning (default :class:`RuntimeConfig`:
+        ``auto``, one device, fp32).
+
+    The learning-rate schedule spans ``epochs x`` the batches the training sampler yields in its first epoch
+    (counted on a copy of it), so the cosine reaches its floor at the end of the last epoch.
 
     Returns:
       the path of ``model.safetensors``.
@@ -198,6 +203,7 @@ def fit_model(
     from speechkd.models.build import build_model, save_model
     from speechkd.utils import seed_everything, set_thread_policy
 
+    runtime = runtime or RuntimeConfig()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     set_thread_policy(train_cfg.num_threads)
@@ -211,16 +217,18 @@ def fit_model(
         shuffle=True, seed=seed, num_workers=1,  # one process loads and augments while the model trains
     )
     dev_dl = make_loader(dev_cuts, AsrDataset(tokenizer), train_cfg.max_duration, shuffle=False)
-    total_dur = sum(c.duration for c in train_cuts)
-    steps_per_epoch = max(1, math.ceil(total_dur / train_cfg.max_duration))
+    steps_per_epoch = max(1, count_batches(train_dl.sampler))
     task = AsrTask(model, tokenizer, train_cfg, steps_per_epoch, kd=kd)
     ckpt_dir = run_dir / "ckpt"
     last = ckpt_dir / "last.ckpt"
     n_fits = len(list(run_dir.glob("csv[0-9]*")))  # a resumed fit logs beside the earlier ones
     trainer = L.Trainer(
         max_epochs=train_cfg.epochs,
-        accelerator="cpu",
-        devices=1,
+        accelerator=runtime.accelerator,
+        devices=runtime.devices,
+        num_nodes=runtime.num_nodes,
+        strategy=runtime.strategy,
+        precision=runtime.precision,
         default_root_dir=run_dir,
         logger=[CSVLogger(run_dir, name="", version=f"csv{n_fits}"), TensorBoardLogger(run_dir, name="", version="tb")],
         # ckpt/last.ckpt rewritten after every epoch (Lightning 2.6 writes save_last only beside a top-k save, so
@@ -246,6 +254,17 @@ def fit_model(
             "global_step": trainer.global_step, **(extra_meta or {})}
     write_json_atomic(summary, meta)
     return save_model(model, run_dir, model_cfg, tokenizer.vocab_size, extra=meta)
+
+
+def count_batches(sampler) -> int:
+    """Batches a lhotse sampler yields in one epoch, counted on a deep copy (the sampler itself is untouched).
+
+    For a bucketing sampler this is the exact count of its current epoch; later epochs reshuffle and may differ by
+    a batch or two (a fraction of a percent of the schedule).
+    """
+    import copy
+
+    return sum(1 for _ in copy.deepcopy(sampler))
 
 
 def _merge_csv_logs(run_dir: Path) -> None:

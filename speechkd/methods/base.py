@@ -24,6 +24,18 @@ class KDMethod(nn.Module):
     label_keys: tuple[str, ...] = ()
     reference_weight: float = 1.0
 
+    def frozen_modules(self) -> list[nn.Module]:
+        """Frozen teachers this method holds outside its registered modules (so they are neither trained,
+        checkpointed nor counted); default none. :meth:`_apply` moves them with the method, so ``kd.to(device)``
+        (Lightning moving the model to a GPU) takes them along."""
+        return []
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        for m in self.frozen_modules():
+            m._apply(fn, *args, **kwargs)
+        return self
+
     def extra_param_groups(self) -> list[dict]:
         """Parameter groups of this module that train as separate models, each ``{"params": [...], "lr": peak
         lr}``; the trainer gives each its own optimiser group (same warm-up/decay schedule, scaled to its own

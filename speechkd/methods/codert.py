@@ -186,6 +186,9 @@ class CodertKD(KDMethod):
         """The static teacher (frozen, unregistered), or None in tandem/shared mode."""
         return self._frozen[0] if self._frozen else None
 
+    def frozen_modules(self) -> list[nn.Module]:
+        return list(self._frozen)
+
     def teacher_frames(self, x: torch.Tensor, x_lens: torch.Tensor, student: nn.Module):
         """The teacher's encoder output and the transducer whose heads read it.
 

@@ -131,6 +131,9 @@ class SequenceKD(KDMethod):
         """The frozen KL teacher, or None."""
         return self._teacher[0] if self._teacher else None
 
+    def frozen_modules(self) -> list[nn.Module]:
+        return list(self._teacher)
+
     def forward(self, batch, encoder_out, encoder_out_lens, layer_outputs, ctx=None):
         if ctx is None:
             raise ValueError("SequenceKD needs the trainer's KDContext (the student's per-utterance loss)")
