@@ -9,7 +9,8 @@ import pytest
 from speechkd.config import Recipe
 from speechkd.pipeline import Experiment, prepare
 
-REFERENCE = Path(__file__).parent / "data" / "connected_words_reference.json"
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = REPO / "tests" / "data" / "connected_words_reference.json"
 
 
 def _exp(tmp_path, corpora_dir, data: dict, name="x") -> Experiment:
@@ -300,7 +301,7 @@ def test_librispeech_recipe_runs_on_a_librispeech_layout_folder(tmp_path, corpor
     from speechkd.pipeline import run_all
 
     corpus = build_librispeech_layout(tmp_path / "LibriSpeech", corpora_dir)
-    recipe = _tiny_recipe(Path("recipes/librispeech_100_mvq.yaml"), tmp_path / "exp",
+    recipe = _tiny_recipe(REPO / "recipes" / "librispeech_100_mvq.yaml", tmp_path / "exp",
                           {"corpus_dir": str(corpus), "vocab_size": 64, "num_jobs": 1, "fbank_chunk_cuts": 16})
     exp = Experiment(recipe, progress=False)
     run_all(exp)
@@ -352,7 +353,7 @@ def test_lhotse_manifests_with_unlabelled_audio_run_end_to_end(tmp_path, corpora
     data = {"source": "lhotse", "train": str(tmp_path / "train.jsonl.gz"), **pairs, "vocab_size": 64, "num_jobs": 1,
             "unlabelled": [{"audio_dir": str(tmp_path / "untranscribed")},
                            {"cuts": str(tmp_path / "untranscribed.jsonl.gz")}]}
-    recipe = _tiny_recipe(Path("recipes/smoke_sentences.yaml"), tmp_path / "exp", data, replace_data=True,
+    recipe = _tiny_recipe(REPO / "recipes" / "smoke_sentences.yaml", tmp_path / "exp", data, replace_data=True,
                           students=[{"name": "baseline", "kd": {"method": "none"}}, {"name": "mvq", "kd": {"method": "mvq"}}])
     exp = Experiment(recipe, progress=False)
     run_all(exp)
@@ -375,7 +376,7 @@ def test_every_method_runs_on_tsv_sentences_through_the_cli(tmp_path, corpora_di
     from speechkd.cli import app
 
     exp_dir = tmp_path / "exp"
-    res = CliRunner().invoke(app, ["run", "recipes/smoke_sentences.yaml", "--exp-dir", str(exp_dir), "--corpora-dir",
+    res = CliRunner().invoke(app, ["run", str(REPO / "recipes" / "smoke_sentences.yaml"), "--exp-dir", str(exp_dir), "--corpora-dir",
                                    str(corpora_dir), "--no-progress"])
     assert res.exit_code == 0, res.output
     results = {p.stem: json.loads(p.read_text()) for p in (exp_dir / "eval").glob("*.json")}
