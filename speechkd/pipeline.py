@@ -217,7 +217,7 @@ def _teacher_layer_outputs(exp: Experiment, cuts, layer: int, batch_seconds: flo
             _, lens, layers = model.encode(batch["features"], batch["feature_lens"])
             x = pick_layer(layers, layer)
             for i, cid in enumerate(batch["cut_ids"]):
-                yield cid, x[i, : int(lens[i])].float().numpy()
+                yield cid, x[i, : int(lens[i])].float().cpu().numpy()
 
 
 def load_audio_16k(cut) -> np.ndarray:
@@ -264,7 +264,7 @@ def _hf_teacher_layer_outputs(exp: Experiment, cuts, layer: int, batch_seconds: 
             out = teacher(batch["wavs"], batch["lens"])
             h = out.hidden_states[0]  # (N, T, C)
             for i, cid in enumerate(batch["cut_ids"]):
-                yield cid, h[i, : int(out.lens[i])].float().numpy()
+                yield cid, h[i, : int(out.lens[i])].float().cpu().numpy()
             bar.update(len(batch["cut_ids"]))
     bar.close()
 
@@ -391,7 +391,7 @@ def _encode_group(quantizer, group: list):
     """``(cut_id, CI (T_i, num_codebooks) uint8)`` for ``(cut_id, embeddings (T_i, D))`` pairs, encoded in one call."""
     if not group:
         return
-    ci = quantizer.encode(torch.from_numpy(np.concatenate([e for _, e in group]))).numpy()  # (sum T_i, B)
+    ci = quantizer.encode(torch.from_numpy(np.concatenate([e for _, e in group]))).cpu().numpy()  # (sum T_i, B)
     start = 0
     for cid, emb in group:
         yield cid, ci[start:start + len(emb)]

@@ -758,7 +758,7 @@ def sv_scores(model: DownstreamModel, cuts, trials, batch_seconds: float, progre
         raise ValueError(f"no trial utterance '{missing[0]}' among the trial cuts ({len(missing)} missing)")
     a = torch.stack([emb[u] for u in trials.enroll_ids])
     b = torch.stack([emb[u] for u in trials.test_ids])
-    return cosine_scores(a, b).double().numpy()
+    return cosine_scores(a, b).double().cpu().numpy()
 
 
 def _params(modules: Sequence[nn.Module]) -> int:

@@ -705,7 +705,7 @@ def _data_fingerprint(ids: list[str], lengths: list[int], labels: list[torch.Ten
     h = hashlib.sha256()
     for uid, n, lab in zip(ids, lengths, labels):
         h.update(f"{uid}\t{n}\n".encode())
-        h.update(lab.to(torch.int16).numpy().tobytes())
+        h.update(lab.to("cpu", torch.int16).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
