@@ -35,8 +35,6 @@ import torch
 from speechkd.config import Recipe, dump_recipe, needs_project_teacher
 from speechkd.utils import log, write_json_atomic, write_text_atomic
 
-SPLITS = ("train", "dev", "test")
-
 
 class Experiment:
     """Paths and shared objects of one experiment directory.
@@ -364,14 +362,14 @@ def _sample_frames(cuts, key: str, num: int, rng) -> np.ndarray:
     """
     from speechkd.mvq.store import load_frame_labels
 
-    lens = [(c.id, len(load_frame_labels(c, key))) for c in cuts]
-    total = sum(n for _, n in lens)
+    lens = [len(load_frame_labels(c, key)) for c in cuts]  # frames per cut
+    total = sum(lens)
     if total <= num:
         return np.concatenate([load_frame_labels(c, key) for c in cuts])  # (total, D)
     idx = rng.choice(total, num, replace=False)  # (num,) positions in the concatenation
     order = np.argsort(idx, kind="stable")
     wanted = idx[order]  # ascending
-    starts = np.cumsum([0] + [n for _, n in lens])  # (num_cuts + 1,)
+    starts = np.cumsum([0] + lens)  # (num_cuts + 1,)
     picked, pos = [], 0
     for i, c in enumerate(cuts):
         lo, hi = starts[i], starts[i + 1]

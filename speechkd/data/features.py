@@ -13,9 +13,8 @@ The progress bar counts seconds of audio done.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 from speechkd.data.validation import BadInputPolicy, Skip, audio_file_of, check_audio_samples, read_skips, write_skips
 from speechkd.utils import Pathlike, Seconds, atomic_path
@@ -67,7 +66,6 @@ def fbank_chunk(cut_dicts: list[dict], out_dir: str, k: int, split: str, mode: s
       BadInputError: a bad cut in ``error`` mode (the chunk's files are then not written).
     """
     from lhotse import CutSet, LilcomChunkyWriter
-    from lhotse.cut import Cut
     from lhotse.cut.set import deserialize_cut
     from lhotse.utils import fastcopy
 
@@ -154,12 +152,12 @@ def compute_fbank_chunks(raw_manifest: Pathlike, out_dir: Pathlike, split: str, 
     total = sum(c.duration for c in raw)
     bar = tqdm(total=total, desc=f"fbank {split}", unit="s audio", disable=not progress,
                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s audio [{elapsed}<{remaining}, {rate_fmt}]")
-    manifests: list[Path] = []
+    chunks: list[tuple[Path, Path, Path]] = []  # (manifest, archive, skip file) of every chunk, in order
 
     def todo() -> Iterator[tuple[int, list, float]]:  # chunks not yet done, read lazily
         for k, group in enumerate(_chunks(raw, chunk_cuts)):
-            manifest = _chunk_paths(out_dir, k)[0]
-            manifests.append(manifest)
+            chunks.append(_chunk_paths(out_dir, k))
+            manifest = chunks[-1][0]
             seconds = sum(c.duration for c in group)
             if manifest.is_file():
                 bar.update(seconds)
@@ -194,8 +192,8 @@ def compute_fbank_chunks(raw_manifest: Pathlike, out_dir: Pathlike, split: str, 
                     raise
     finally:
         bar.close()
-    skips = [s for m in manifests for s in read_skips(_chunk_paths(out_dir, int(m.name[6:11]))[2])]
-    return manifests, skips
+    skips = [s for _, _, skip_file in chunks for s in read_skips(skip_file)]
+    return [manifest for manifest, _, _ in chunks], skips
 
 
 def merge_manifests(manifests: list[Path], out: Pathlike) -> int:

@@ -131,8 +131,7 @@ def _source_rows(exp, split: str, policy: BadInputPolicy, shared: dict):
     from speechkd.data.sources import SOURCES, SourceContext, unlabelled_rows
 
     d = exp.recipe.data
-    ctx = SourceContext(exp.dir, d.corpora_dir, policy, num_jobs=d.num_jobs, progress=exp.progress, seed=d.seed,
-                        extra=shared)
+    ctx = SourceContext(exp.dir, d.corpora_dir, policy, num_jobs=d.num_jobs, progress=exp.progress, extra=shared)
     if split == UNLABELLED:
         for i, entry in enumerate(d.unlabelled):
             yield from unlabelled_rows(entry, i, ctx, tolerance=d.duration_tolerance)
@@ -151,6 +150,8 @@ def prepare_data(exp) -> None:
       speechkd.data.corpora.CorpusError / FileNotFoundError: a source that cannot be read at all (naming it).
       ValueError: a split left without any cut, or a vocabulary too small for the transcripts' characters.
     """
+    from lhotse import CutSet
+
     from speechkd.data.features import compute_fbank_chunks, merge_manifests
     from speechkd.data.text import TextNormalizer
     from speechkd.data.tokenizer import train_tokenizer
@@ -162,8 +163,6 @@ def prepare_data(exp) -> None:
     shared: dict = {}
     skips: list[Skip] = []
     for split in splits:
-        from lhotse import CutSet
-
         t0 = time.time()
         labelled = split != UNLABELLED
         raw = _raw_path(exp.dir, split)

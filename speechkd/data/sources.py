@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from speechkd.data.validation import BadInputPolicy
-from speechkd.utils import Pathlike, Seconds
+from speechkd.data.validation import BadInputPolicy, audio_file_of
+from speechkd.utils import Seconds
 
 AUDIO_SUFFIXES = (".flac", ".wav", ".mp3", ".ogg", ".opus", ".sph")
 
@@ -54,7 +54,6 @@ class SourceContext:
     policy: BadInputPolicy
     num_jobs: int = 1
     progress: bool = True
-    seed: int = 0
     extra: dict = field(default_factory=dict)
 
 
@@ -101,19 +100,11 @@ def manifest_rows(cuts, origin: str, policy: BadInputPolicy) -> Iterator[RawRow]
     for i, cut in enumerate(cuts):
         pieces = [cut] if len(cut.supervisions) <= 1 else cut.trim_to_supervisions(keep_overlapping=False)
         for piece in pieces:
-            file = _file_of(piece)
-            if file and not Path(file).is_file():
+            file = audio_file_of(piece)
+            if file and piece.recording.sources[0].type == "file" and not Path(file).is_file():
                 policy.bad(piece.id, file, "audio file not found", f"{origin}#{i + 1}")
                 continue
             yield RawRow(piece, f"{origin}#{i + 1}")
-
-
-def _file_of(cut) -> str:
-    rec = getattr(cut, "recording", None)
-    if rec is None:
-        return ""
-    src = rec.sources[0]
-    return str(src.source) if src.type == "file" else ""
 
 
 def read_manifest(spec, what: str):
