@@ -72,9 +72,22 @@ def _experiment(recipe: Path, exp_dir: Optional[Path], corpora_dir: Optional[Pat
         raise typer.Exit(2)
     if corpora_dir is not None:
         r.data.corpora_dir = str(corpora_dir)
+    from speechkd.distributed import is_main, relaunch_if_needed
+
+    runtime = getattr(r, "runtime", None)
+    if runtime is not None:
+        try:
+            relaunch_if_needed(runtime)  # several processes on this node: torchrun re-runs this command in each
+        except RuntimeError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
     exp = make_experiment(r, progress=progress)
+    from speechkd.pipeline import start_processes
+
+    start_processes(exp)
     exp.dir.mkdir(parents=True, exist_ok=True)
-    exp.write_config()
+    if is_main():
+        exp.write_config()
     return exp
 
 
@@ -82,7 +95,7 @@ SSL_ONLY_OPTIONS = ("runs",)
 
 
 def _stage(name: str, recipe, exp_dir, corpora_dir, progress, **kw):
-    from speechkd.pipeline import stages_of
+    from speechkd.pipeline import run_stage, stages_of
 
     exp = _experiment(recipe, exp_dir, corpora_dir, progress)
     stages = stages_of(exp)
@@ -102,7 +115,7 @@ def _stage(name: str, recipe, exp_dir, corpora_dir, progress, **kw):
                    err=True)
         raise typer.Exit(2)
     try:
-        stages[name](exp, **kw)
+        run_stage(exp, name, **kw)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         typer.echo(f"error in stage '{name}': {e}", err=True)
         raise typer.Exit(1)

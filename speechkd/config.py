@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from speechkd.data.sources import LHOTSE_RECIPES
 from speechkd.utils import Pathlike
@@ -227,7 +227,11 @@ class ModelConfig(Strict):
 
 
 class TrainConfig(Strict):
-    """Optimisation: AdamW, linear warm-up then cosine decay to ``final_lr_ratio * lr``, by epochs."""
+    """Optimisation: AdamW, linear warm-up then cosine decay to ``final_lr_ratio * lr``, by epochs.
+
+    ``max_duration`` is per process: with W data-parallel processes and ``accumulate_grad_batches`` A, one optimiser
+    step sees about ``W x A x max_duration`` seconds of audio.
+    """
 
     epochs: int = Field(10, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -241,6 +245,7 @@ class TrainConfig(Strict):
     val_every_epochs: int = Field(1, ge=1)
     ctc_weight: float = Field(1.0, ge=0, description="weight of the auxiliary CTC loss (needs model.ctc_head)")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the attention decoder's CE (aed only)")
+    accumulate_grad_batches: int = Field(1, ge=1, description="batches whose gradients make one optimiser step")
 
 
 class QuantizerConfig(Strict):
@@ -387,29 +392,64 @@ class EvalConfig(Strict):
 
 
 class RuntimeConfig(Strict):
-    """Where the ASR pipeline's fits run, handed to every Lightning ``Trainer`` (teacher and students).
+    """Where the fits run, handed to every Lightning ``Trainer`` (teacher and students).
 
     ``accelerator``: ``auto`` (a GPU when one is present, else the CPU), ``cpu`` or ``gpu``.
-    ``devices`` / ``num_nodes``: processes per node and nodes; more than one process per fit is refused for now
-    (the samplers are not yet rank-aware, so each process would see every cut).
-    ``strategy``: Lightning's strategy (``auto``; ``ddp`` for several processes).
+    ``devices``: processes per node, one per device (``auto``: every GPU of the node, or one CPU process);
+    ``num_nodes``: nodes. With more than one process in all, ``speechkd run`` / ``train`` / ``distill`` start the
+    processes on one node with ``torch.distributed.run`` (torchrun); on several nodes launch them yourself with
+    torchrun or SLURM (docs/scale_out.md). Every process runs the pipeline: fits train data-parallel (DDP, each rank
+    on its own batches), labelling stages split the cuts by rank, the other stages run on rank 0 while the rest wait.
+    ``strategy``: Lightning's strategy (``auto``: DDP when there are several processes).
     ``precision``: ``32-true``, ``bf16-mixed`` (CPU or recent GPUs) or ``16-mixed`` (GPU only).
-    The CPU thread count stays ``train.num_threads``.
+    The CPU thread count of a process stays ``train.num_threads``.
     """
 
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
-    devices: int = Field(1, ge=1)
+    devices: Union[int, Literal["auto"]] = 1
     num_nodes: int = Field(1, ge=1)
     strategy: Literal["auto", "ddp"] = "auto"
     precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
 
-    @model_validator(mode="after")
-    def _one_process(self):
-        if self.devices * self.num_nodes > 1:
-            raise ValueError(f"runtime: devices={self.devices} x num_nodes={self.num_nodes}: a fit in several "
-                             "processes is not supported yet (the samplers are not rank-aware, every process would "
-                             "train on every cut); use devices: 1")
-        return self
+    @field_validator("devices")
+    @classmethod
+    def _positive_devices(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"devices must be >= 1 or 'auto', got {v}")
+        return v
+
+    def uses_gpu(self) -> bool:
+        """The fits run on GPUs: ``accelerator: gpu``, or ``auto`` with a CUDA device present."""
+        if self.accelerator == "gpu":
+            return True
+        if self.accelerator == "cpu":
+            return False
+        import torch
+
+        return torch.cuda.is_available()
+
+    def processes_per_node(self) -> int:
+        """Processes (one per device) on each node: ``devices``, or for ``auto`` the node's GPUs (1 on a CPU)."""
+        if self.devices != "auto":
+            return int(self.devices)
+        if self.uses_gpu():
+            import torch
+
+            return max(1, torch.cuda.device_count())
+        return 1
+
+    def world_size(self) -> int:
+        """Processes in all: :meth:`processes_per_node` x ``num_nodes``."""
+        return self.processes_per_node() * self.num_nodes
+
+    def trainer_kwargs(self) -> dict:
+        """Keyword arguments of ``lightning.Trainer``: accelerator, devices, num_nodes, strategy, precision (DDP
+        when the fit has several processes and the strategy is ``auto``)."""
+        strategy = self.strategy
+        if strategy == "auto" and self.world_size() > 1:
+            strategy = "ddp"
+        return {"accelerator": self.accelerator, "devices": self.processes_per_node(), "num_nodes": self.num_nodes,
+                "strategy": strategy, "precision": self.precision}
 
 
 def needs_project_teacher(kd: KDConfig) -> Optional[str]:

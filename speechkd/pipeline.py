@@ -628,7 +628,11 @@ def distill(exp: Experiment, only: Optional[str] = None, seeds: Optional[list[in
                 log(f"distill: {out}/model.safetensors exists, skipped")
             else:
                 pending.append((run.name, seed))
+    from speechkd.distributed import world_size
+
     jobs = min(exp.recipe.parallel_runs, len(pending))
+    if world_size() > 1:
+        jobs = 1  # the processes of a multi-process run train each run together (DDP), one run after the other
     if jobs <= 1:
         for name, seed in pending:
             _train_student(exp, name, seed)
@@ -848,19 +852,57 @@ def stages_of(exp) -> dict[str, Callable]:
     return STAGES
 
 
+#: Stages every process of a multi-process run executes together (fits train with DDP; labelling splits the cuts
+#: by rank); any other stage runs on global rank 0 while the others wait (:func:`run_stage`).
+ALL_RANK_STAGES = frozenset({"teacher", "distill"})
+
+
+def start_processes(exp) -> bool:
+    """Join this process to the others of a launched multi-process run (:func:`speechkd.distributed.init_distributed`)
+    and turn off progress bars except on rank 0. Returns True in a multi-process run."""
+    from speechkd.config import RuntimeConfig
+    from speechkd.distributed import init_distributed, is_main
+
+    runtime = getattr(exp.recipe, "runtime", None) or RuntimeConfig()
+    several = init_distributed(runtime.uses_gpu())
+    if several and not is_main():
+        exp.progress = False
+    return several
+
+
+def run_stage(exp, name: str, **kwargs) -> None:
+    """Run one stage of the experiment's kind. In a multi-process run, a stage of :data:`ALL_RANK_STAGES` runs on
+    every rank, any other on rank 0 only; every rank then waits for the others, so no rank starts a stage before
+    the previous one's outputs exist.
+
+    Raises:
+      KeyError: no stage of that name for this kind of experiment.
+    """
+    from speechkd.distributed import barrier, is_main, world_size
+
+    fn = stages_of(exp)[name]
+    if world_size() == 1 or name in ALL_RANK_STAGES or is_main():
+        fn(exp, **kwargs)
+    barrier()
+
+
 def run_all(exp: Experiment, stages: Optional[list[str]] = None) -> None:
     """Run the recipe's stages in order (:func:`needed_stages`, or for an SSL experiment
-    :func:`speechkd.methods.ssl_kd.needed_stages`); each skips what is already complete."""
+    :func:`speechkd.methods.ssl_kd.needed_stages`); each skips what is already complete. In a multi-process run
+    (see :mod:`speechkd.distributed`) every rank calls this; stages run as :func:`run_stage` says."""
+    from speechkd.distributed import is_main
+
+    start_processes(exp)
     exp.dir.mkdir(parents=True, exist_ok=True)
-    exp.write_config()
+    if is_main():
+        exp.write_config()
     if getattr(exp, "kind", "asr") == "ssl":
         from speechkd.methods.ssl_kd import needed_stages as needed_ssl_stages
 
         needed = needed_ssl_stages(exp.recipe)
     else:
         needed = needed_stages(exp.recipe)
-    functions = stages_of(exp)
     for name in stages or needed:
         t0 = time.time()
-        functions[name](exp)
+        run_stage(exp, name)
         log(f"stage {name} done ({time.time() - t0:.0f} s)")

@@ -10,6 +10,7 @@ safetensors.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -56,17 +57,21 @@ class AsrTask(_lightning().LightningModule):
       model: a :class:`speechkd.models.transducer.Transducer` or :class:`speechkd.models.aed.AttentionEncoderDecoder`.
       tokenizer: :class:`speechkd.data.tokenizer.Tokenizer` (decodes hypotheses for the dev WER).
       train_cfg: optimisation settings.
-      steps_per_epoch: for the learning-rate schedule.
+      steps_per_epoch: batches per epoch and process for the learning-rate schedule when the fit has no
+        :class:`speechkd.data.datamodule.AsrDataModule` (which counts them on the rank's own sampler).
       kd: an optional :class:`speechkd.methods.base.KDMethod` whose head (if any) trains with the model.
+
+    Under DDP every rank validates its own shard of the dev cuts; the word-error counts are summed over the ranks
+    before the WER is taken (an average of per-rank WERs would weight the shards wrongly).
     """
 
-    def __init__(self, model, tokenizer, train_cfg: TrainConfig, steps_per_epoch: int, kd=None):
+    def __init__(self, model, tokenizer, train_cfg: TrainConfig, steps_per_epoch: Optional[int] = None, kd=None):
         super().__init__()
         self.model = model
         self.kd = kd
         self.tokenizer = tokenizer
         self.cfg = train_cfg
-        self.total_steps = max(1, steps_per_epoch * train_cfg.epochs)
+        self.steps_per_epoch = steps_per_epoch
         self._val = []
         self._main_name = "train_rnnt" if hasattr(model, "joiner") else "train_att"
 
@@ -127,12 +132,27 @@ class AsrTask(_lightning().LightningModule):
         self._val.append(word_error_rate(batch["texts"], hyps))
 
     def on_validation_epoch_end(self):
-        if self._val:
-            stats = self._val[0]
-            for s in self._val[1:]:
-                stats = stats + s
-            self.log("val_wer", stats.wer, prog_bar=True)
+        counts = torch.tensor([float(sum(s.errors for s in self._val)), float(sum(s.ref_words for s in self._val))],
+                              dtype=torch.float64, device=self.device)  # (errors, reference words) of this rank
         self._val = []
+        if self._trainer is not None and self.trainer.world_size > 1:
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")  # summed over the ranks' dev shards
+        if counts[1] > 0:
+            self.log("val_wer", float(100.0 * counts[0] / counts[1]), prog_bar=True)
+
+    def optimizer_steps(self) -> int:
+        """Optimiser steps of the whole fit: ``epochs x ceil(batches per epoch / accumulate_grad_batches)``, the
+        batches counted on this rank's sampler by the fit's :class:`~speechkd.data.datamodule.AsrDataModule` (every
+        rank yields the same number), else ``steps_per_epoch``.
+
+        Raises:
+          ValueError: neither a data module with a counted sampler nor ``steps_per_epoch``.
+        """
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        batches = getattr(dm, "batches_per_epoch", None) or self.steps_per_epoch
+        if not batches:
+            raise ValueError("AsrTask: the schedule needs the batches per epoch (an AsrDataModule or steps_per_epoch)")
+        return max(1, math.ceil(batches / self.cfg.accumulate_grad_batches) * self.cfg.epochs)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         """Clip each optimiser group's gradient norm on its own (a co-learned teacher's large gradients must not
@@ -151,8 +171,9 @@ class AsrTask(_lightning().LightningModule):
         params = [p for p in params if p.requires_grad and id(p) not in taken]
         groups = [{"params": params, "lr": self.cfg.lr}] + [{"params": list(g["params"]), "lr": g["lr"]} for g in extra]
         opt = torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        total = self.optimizer_steps()
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: warmup_cosine(step, self.cfg.warmup_steps, self.total_steps, self.cfg.final_lr_ratio))
+            opt, lambda step: warmup_cosine(step, self.cfg.warmup_steps, total, self.cfg.final_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -189,8 +210,14 @@ def fit_model(
       runtime: accelerator, devices, strategy and precision for Lightning (default :class:`RuntimeConfig`:
         ``auto``, one device, fp32).
 
-    The learning-rate schedule spans ``epochs x`` the batches the training sampler yields in its first epoch
-    (counted on a copy of it), so the cosine reaches its floor at the end of the last epoch.
+    The learning-rate schedule spans ``epochs x`` the optimiser steps of the rank's training sampler in its first
+    epoch (counted on a copy of it, divided by ``accumulate_grad_batches``), so the cosine reaches its floor at the
+    end of the last epoch.
+
+    With several processes (``runtime.devices`` x ``runtime.num_nodes``, launched by ``speechkd``, torchrun or
+    SLURM; see docs/scale_out.md) every rank calls this function: each trains on its own share of the batches
+    (:class:`~speechkd.data.datamodule.AsrDataModule`), DDP averages the gradients, rank 0 alone writes the logs,
+    the summary and the export, and every rank returns once the export exists.
 
     Returns:
       the path of ``model.safetensors``.
@@ -199,61 +226,63 @@ def fit_model(
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    from speechkd.data.datamodule import AsrDataset, make_loader
+    from speechkd.data.datamodule import AsrDataModule, AsrDataset
     from speechkd.models.build import build_model, save_model
-    from speechkd.utils import seed_everything, set_thread_policy
+    from speechkd.utils import set_thread_policy
 
     runtime = runtime or RuntimeConfig()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     set_thread_policy(train_cfg.num_threads)
-    seed_everything(seed)
+    L.seed_everything(seed, workers=True, verbose=False)  # DataLoader workers seeded per rank and worker
     model = build_model(model_cfg, tokenizer.vocab_size)
     if init_fn is not None:
         init_fn(model)
     label_keys = kd.label_keys if kd is not None else ()
-    train_dl = make_loader(
-        train_cuts, AsrDataset(tokenizer, label_keys, spec_augment=train_cfg.spec_augment), train_cfg.max_duration,
-        shuffle=True, seed=seed, num_workers=1,  # one process loads and augments while the model trains
+    data = AsrDataModule(
+        train_cuts, dev_cuts, AsrDataset(tokenizer, label_keys, spec_augment=train_cfg.spec_augment),
+        AsrDataset(tokenizer), train_cfg.max_duration, seed=seed,
+        num_workers=1,  # one process loads and augments while the model trains
     )
-    dev_dl = make_loader(dev_cuts, AsrDataset(tokenizer), train_cfg.max_duration, shuffle=False)
-    steps_per_epoch = max(1, count_batches(train_dl.sampler))
-    task = AsrTask(model, tokenizer, train_cfg, steps_per_epoch, kd=kd)
+    task = AsrTask(model, tokenizer, train_cfg, kd=kd)
     ckpt_dir = run_dir / "ckpt"
     last = ckpt_dir / "last.ckpt"
     n_fits = len(list(run_dir.glob("csv[0-9]*")))  # a resumed fit logs beside the earlier ones
     trainer = L.Trainer(
         max_epochs=train_cfg.epochs,
-        accelerator=runtime.accelerator,
-        devices=runtime.devices,
-        num_nodes=runtime.num_nodes,
-        strategy=runtime.strategy,
-        precision=runtime.precision,
+        **runtime.trainer_kwargs(),
         default_root_dir=run_dir,
         logger=[CSVLogger(run_dir, name="", version=f"csv{n_fits}"), TensorBoardLogger(run_dir, name="", version="tb")],
         # ckpt/last.ckpt rewritten after every epoch (Lightning 2.6 writes save_last only beside a top-k save, so
         # `save_last=True, save_top_k=0` left nothing to resume from until the fit had finished)
-        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, every_n_epochs=1,
+        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, every_n_epochs=1, save_on_train_epoch_end=True,
                                    enable_version_counter=False)],
         gradient_clip_val=train_cfg.grad_clip,
+        accumulate_grad_batches=train_cfg.accumulate_grad_batches,
         check_val_every_n_epoch=train_cfg.val_every_epochs,
         num_sanity_val_steps=0,
         log_every_n_steps=10,
-        use_distributed_sampler=False,
+        use_distributed_sampler=False,  # the lhotse samplers are built per rank by AsrDataModule
         enable_progress_bar=progress,
         enable_model_summary=False,
         deterministic=False,
     )
     t0 = time.time()
-    trainer.fit(task, train_dl, dev_dl, ckpt_path=str(last) if last.is_file() else None, weights_only=True)
+    trainer.fit(task, datamodule=data, ckpt_path=str(last) if last.is_file() else None, weights_only=True)
     seconds = time.time() - t0
-    _merge_csv_logs(run_dir)
-    summary = run_dir / "train_summary.json"
-    previous = json.loads(summary.read_text()).get("train_seconds", 0.0) if summary.is_file() else 0.0
-    meta = {"seed": seed, "train_seconds": previous + seconds, "epochs": train_cfg.epochs,
-            "global_step": trainer.global_step, **(extra_meta or {})}
-    write_json_atomic(summary, meta)
-    return save_model(model, run_dir, model_cfg, tokenizer.vocab_size, extra=meta)
+    out = run_dir / "model.safetensors"
+    meta = {"seed": seed, "epochs": train_cfg.epochs, "global_step": trainer.global_step,
+            "schedule_steps": task.optimizer_steps(), "world_size": trainer.world_size,
+            "batches_per_epoch_per_process": data.batches_per_epoch, **(extra_meta or {})}
+    if trainer.is_global_zero:  # one writer of logs, summary and export
+        _merge_csv_logs(run_dir)
+        summary = run_dir / "train_summary.json"
+        previous = json.loads(summary.read_text()).get("train_seconds", 0.0) if summary.is_file() else 0.0
+        meta = {"train_seconds": previous + seconds, **meta}
+        write_json_atomic(summary, meta)
+        out = save_model(model, run_dir, model_cfg, tokenizer.vocab_size, extra=meta)
+    trainer.strategy.barrier("speechkd-export")  # no rank goes on before the export exists
+    return out
 
 
 def count_batches(sampler) -> int:

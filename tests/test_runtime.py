@@ -30,15 +30,18 @@ def test_schedule_spans_the_batches_the_sampler_yields(corpora_dir, tmp_path):
     assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["global_step"] == n
 
 
-def test_runtime_refuses_several_processes_until_samplers_are_rank_aware():
+def test_runtime_defaults_and_ddp_for_several_processes():
     from pydantic import ValidationError
 
     from speechkd.config import Recipe
 
     r = Recipe.model_validate({"name": "x", "exp_dir": "e"})
     assert r.runtime.accelerator == "auto" and r.runtime.devices == 1
-    with pytest.raises(ValidationError, match="not rank-aware"):
-        Recipe.model_validate({"name": "x", "exp_dir": "e", "runtime": {"devices": 2}})
+    assert r.runtime.trainer_kwargs()["strategy"] == "auto"
+    two = Recipe.model_validate({"name": "x", "exp_dir": "e", "runtime": {"devices": 2, "accelerator": "cpu"}})
+    assert two.runtime.world_size() == 2 and two.runtime.trainer_kwargs()["strategy"] == "ddp"
+    with pytest.raises(ValidationError, match="devices"):
+        Recipe.model_validate({"name": "x", "exp_dir": "e", "runtime": {"devices": 0}})
 
 
 def test_frozen_teachers_move_with_their_kd_method():

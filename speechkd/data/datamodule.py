@@ -90,28 +90,121 @@ class AsrDataset(torch.utils.data.Dataset):
         return batch
 
 
-def make_loader(cuts, dataset: AsrDataset, max_duration: Seconds, shuffle: bool, seed: int = 0, num_workers: int = 0):
-    """A DataLoader over ``cuts`` with lhotse's bucketing sampler (training) or a simple one (evaluation).
+def make_sampler(cuts, max_duration: Seconds, shuffle: bool, seed: int = 0, world_size: int = 1, rank: int = 0):
+    """A lhotse sampler over ``cuts``: ``DynamicBucketingSampler`` (5 duration buckets, shuffled) for training, a
+    ``SimpleCutSampler`` in manifest order otherwise.
 
     Args:
-      cuts: lhotse.CutSet with features.
-      dataset: the :class:`AsrDataset` that collates each batch.
-      max_duration: seconds of audio per batch.
+      cuts: lhotse.CutSet.
+      max_duration: seconds of audio per batch (per process).
       shuffle: bucket and shuffle (training); otherwise keep order.
       seed: sampler seed (the epoch is added by the sampler's ``set_epoch``).
-      num_workers: DataLoader workers.
+      world_size, rank: the data-parallel processes and this one's global rank. Always given explicitly (from the
+        Lightning trainer): lhotse would otherwise read ``RANK`` / ``WORLD_SIZE`` from the environment, which
+        Lightning's own launcher does not set. With ``world_size = W`` the sampler draws W batches at a time and
+        keeps the ``rank``-th, so the processes see disjoint cuts and the same number of batches (the last round's
+        cuts are redistributed, duplicating a few only when fewer cuts than processes remain).
     """
     from lhotse.dataset import DynamicBucketingSampler, SimpleCutSampler
 
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..{world_size - 1} (world_size {world_size})")
     if shuffle:
         with warnings.catch_warnings():  # some CutSets (e.g. filtered N-best labels) are small and eager on purpose
             warnings.filterwarnings("ignore", message=".*eagerly read CutSet.*")
-            sampler = DynamicBucketingSampler(cuts, max_duration=max_duration, shuffle=True, num_buckets=5, seed=seed)
-    else:
-        sampler = SimpleCutSampler(cuts, max_duration=max_duration, shuffle=False)
+            return DynamicBucketingSampler(cuts, max_duration=max_duration, shuffle=True, num_buckets=5, seed=seed,
+                                           world_size=world_size, rank=rank)
+    return SimpleCutSampler(cuts, max_duration=max_duration, shuffle=False, world_size=world_size, rank=rank)
+
+
+def make_loader(cuts, dataset: AsrDataset, max_duration: Seconds, shuffle: bool, seed: int = 0, num_workers: int = 0,
+                world_size: int = 1, rank: int = 0):
+    """A DataLoader over ``cuts`` with :func:`make_sampler`'s sampler (``batch_size=None``: the sampler yields
+    CutSets, ``dataset`` collates them).
+
+    Args:
+      cuts, max_duration, shuffle, seed, world_size, rank: as :func:`make_sampler`.
+      dataset: the :class:`AsrDataset` that collates each batch.
+      num_workers: DataLoader workers.
+    """
+    sampler = make_sampler(cuts, max_duration, shuffle, seed=seed, world_size=world_size, rank=rank)
     return torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0
     )
+
+
+def shard_cuts(cuts, index: int, count: int):
+    """Cuts ``index, index + count, index + 2 * count, ...`` of ``cuts`` (in manifest order) as an eager CutSet:
+    shard ``index`` of ``count`` disjoint shards whose union is ``cuts``.
+
+    Raises:
+      ValueError: ``index`` not in ``0..count-1``.
+    """
+    from lhotse import CutSet
+
+    if not (count >= 1 and 0 <= index < count):
+        raise ValueError(f"shard {index}/{count}: the index must be in 0..{count - 1}")
+    return CutSet.from_cuts(c for k, c in enumerate(cuts) if k % count == index)
+
+
+def _lightning_data_module():
+    import lightning as L
+
+    return L.LightningDataModule
+
+
+class AsrDataModule(_lightning_data_module()):
+    """Training and dev loaders of one fit, built per process once the trainer knows its rank.
+
+    In :meth:`setup` (called by Lightning after the processes have joined and before the optimisers are made) the
+    training sampler is built with the trainer's ``world_size`` and ``global_rank`` (:func:`make_sampler`) and its
+    batches in one epoch are counted (:attr:`batches_per_epoch`, the same on every rank), so the learning-rate
+    schedule spans the steps really taken. The dev cuts are split into disjoint shards, one per rank
+    (:func:`shard_cuts`); the WER is summed over the ranks as error counts.
+
+    Args:
+      train_cuts, dev_cuts: lhotse CutSets with features.
+      train_dataset, dev_dataset: :class:`AsrDataset` collating the batches.
+      max_duration: seconds of audio per batch and process.
+      seed: the training sampler's seed.
+      num_workers: DataLoader workers of the training loader (the dev loader uses none).
+    """
+
+    def __init__(self, train_cuts, dev_cuts, train_dataset: AsrDataset, dev_dataset: AsrDataset,
+                 max_duration: Seconds, seed: int, num_workers: int = 1):
+        super().__init__()
+        self.train_cuts, self.dev_cuts = train_cuts, dev_cuts
+        self.train_dataset, self.dev_dataset = train_dataset, dev_dataset
+        self.max_duration, self.seed, self.num_workers = max_duration, seed, num_workers
+        self.train_sampler = None
+        self.batches_per_epoch = None
+
+    def _world(self) -> tuple[int, int]:
+        t = self.trainer
+        return (1, 0) if t is None else (t.world_size, t.global_rank)
+
+    def setup(self, stage: str) -> None:
+        if self.train_sampler is not None:
+            return
+        from speechkd.training import count_batches
+
+        world, rank = self._world()
+        self.train_sampler = make_sampler(self.train_cuts, self.max_duration, shuffle=True, seed=self.seed,
+                                          world_size=world, rank=rank)
+        self.batches_per_epoch = max(1, count_batches(self.train_sampler))
+
+    def train_dataloader(self):
+        # Lightning creates the loader's iterator before it calls set_epoch, so a resumed fit would replay epoch 0's
+        # shuffle in its first epoch. Set the epoch Lightning will set (its processed epochs, already restored from
+        # the checkpoint here; `current_epoch` lags by one when the checkpoint was written at an epoch's end).
+        self.train_sampler.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed if self.trainer else 0)
+        return torch.utils.data.DataLoader(self.train_dataset, sampler=self.train_sampler, batch_size=None,
+                                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self):
+        world, rank = self._world()
+        cuts = self.dev_cuts if world == 1 else shard_cuts(self.dev_cuts, rank, world)
+        return make_loader(cuts, self.dev_dataset, self.max_duration, shuffle=False)
 
 
 def load_cuts(path: Pathlike, lazy: bool = True):

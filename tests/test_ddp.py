@@ -1,0 +1,117 @@
+"""Data-parallel fits on CPU (gloo): the samplers split the cuts by rank, and a 2-process DDP fit equals a 1-process
+fit with the same global batch (2 batches accumulated per step), also after a rank is killed mid-epoch and the fit
+resumed."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO
+
+SCRIPT = REPO / "tests" / "ddp_fit.py"
+MAX_DURATION = 4.0  # seconds per batch and process: 15 batches per epoch on these 30 cuts
+
+
+@pytest.fixture(scope="module")
+def digits_exp(corpora_dir, tmp_path_factory):
+    from speechkd.config import Recipe
+    from speechkd.pipeline import Experiment, prepare
+
+    d = tmp_path_factory.mktemp("ddp") / "exp"
+    r = Recipe.model_validate({
+        "name": "ddp", "exp_dir": str(d),
+        "data": {"corpus": "digits", "smoke": True, "num_train": 30, "num_dev": 6, "num_test": 4, "vocab_size": 32,
+                 "num_jobs": 1, "corpora_dir": str(corpora_dir)},
+        "student_model": {"dim": 16, "num_layers": 1, "num_heads": 2, "ff_dim": 32, "subsampling": 4,
+                          "decoder_dim": 16, "joiner_dim": 16},
+    })
+    exp = Experiment(r, progress=False)
+    prepare(exp)
+    (d / "recipe.json").write_text(r.model_dump_json())
+    return exp
+
+
+def _batches(exp, max_duration, epoch, world_size=1, rank=0):
+    from speechkd.data.datamodule import make_sampler
+
+    s = make_sampler(exp.cuts("train"), max_duration, shuffle=True, seed=0, world_size=world_size, rank=rank)
+    s.set_epoch(epoch)
+    return [[c.id for c in b] for b in s]
+
+
+def test_ranks_get_disjoint_cuts_covering_the_epoch(digits_exp):
+    one = _batches(digits_exp, 4.0, epoch=1)
+    r0, r1 = (_batches(digits_exp, 4.0, epoch=1, world_size=2, rank=r) for r in (0, 1))
+    assert len(r0) == len(r1)  # equal step counts: no rank waits forever in the all-reduce
+    ids0, ids1 = ({i for b in r for i in b if "_dup" not in i} for r in (r0, r1))  # lhotse marks copies "_dup"
+    assert ids0 and ids1 and not ids0 & ids1
+    assert ids0 | ids1 == {i for b in one for i in b} == {c.id for c in digits_exp.cuts("train")}
+
+
+def _fit(exp, run_dir, devices, accumulate, max_duration=MAX_DURATION, epochs=2, kill_at=None, interleave=None):
+    cfg = {"exp_dir": str(exp.dir), "run_dir": str(run_dir), "devices": devices, "accumulate": accumulate,
+           "epochs": epochs, "max_duration": max_duration, "kill_at": kill_at, "interleave": interleave}
+    path = run_dir.parent / f"{run_dir.name}.json"
+    path.write_text(json.dumps(cfg))
+    launcher = [] if devices == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={devices}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
+    return subprocess.run([sys.executable, *launcher, str(SCRIPT), str(path)], env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def _params(run_dir):
+    """The exported weights, without the key part of each attention's input-projection bias: softmax is invariant
+    to it, so its true gradient is 0 and AdamW turns the rounding noise there (~1e-12, which differs with the
+    summation order of DDP's all-reduce) into full-size steps; every other weight is compared."""
+    params = load_file(str(run_dir / "model.safetensors"))
+    for k, v in params.items():
+        if k.endswith("attn.in_proj_bias"):
+            third = v.shape[0] // 3
+            params[k] = torch.cat([v[:third], v[2 * third:]])  # query and value biases
+    return params
+
+
+def _max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def test_two_process_fit_equals_one_process_with_the_same_global_batch(digits_exp, tmp_path):
+    """The reference: one process reading both ranks' batch streams in turn and accumulating 2 batches per step
+    (DDP averages the 2 ranks' gradients; Lightning divides each accumulated loss by 2: the same step)."""
+    one, ddp, plain = tmp_path / "one", tmp_path / "ddp", tmp_path / "plain"
+    for run, devices, acc, inter in ((one, 1, 2, 2), (ddp, 2, 1, None), (plain, 1, 1, None)):
+        res = _fit(digits_exp, run, devices, acc, interleave=inter)
+        assert res.returncode == 0, res.stderr[-3000:]
+    s1 = json.loads((one / "train_summary.json").read_text())
+    s2 = json.loads((ddp / "train_summary.json").read_text())
+    assert s2["world_size"] == 2 and s1["world_size"] == 1
+    assert s2["global_step"] == s1["global_step"] == s1["schedule_steps"] == s2["schedule_steps"]
+    # each rank trained on its own half of every epoch's batches, the same cuts as the single process
+    for epoch in (0, 1):
+        ids = [set((ddp / f"ids-rank{r}-epoch{epoch}.txt").read_text().split()) for r in (0, 1)]
+        assert ids[0] and ids[1] and not ids[0] & ids[1]
+        assert ids[0] | ids[1] == set((one / f"ids-rank0-epoch{epoch}.txt").read_text().split())
+        assert {i for i in ids[0] | ids[1] if "_dup" not in i} == {c.id for c in digits_exp.cuts("train")}
+    diff = _max_diff(_params(one), _params(ddp))
+    assert diff < 1e-6, diff  # float summation order only
+    assert _max_diff(_params(plain), _params(ddp)) > 100 * max(diff, 1e-7)  # a different batch gives other weights
+    assert not (tmp_path / "ddp" / "ckpt" / "last.ckpt.tmp").exists()
+
+
+def test_ddp_fit_killed_mid_epoch_resumes_to_the_same_weights(digits_exp, tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert _fit(digits_exp, full, 2, 1).returncode == 0
+    res = _fit(digits_exp, killed, 2, 1, kill_at=[1, 1])  # rank 0 dies at batch 1 of epoch 2
+    assert res.returncode != 0 and not (killed / "model.safetensors").exists()
+    assert (killed / "ckpt" / "last.ckpt").is_file()  # epoch 1's checkpoint
+    res = _fit(digits_exp, killed, 2, 1)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((killed / "train_summary.json").read_text())
+    assert summary["global_step"] == json.loads((full / "train_summary.json").read_text())["global_step"]
+    assert _max_diff(_params(full), _params(killed)) < 1e-6
