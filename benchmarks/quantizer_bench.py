@@ -132,7 +132,7 @@ def load_frames(args) -> tuple[np.ndarray, str]:
     elif name.endswith((".jsonl", ".jsonl.gz")):
         from lhotse import CutSet
 
-        from speechkd.mvq.store import load_frame_labels
+        from speechkd.labels.store import load_frame_labels
 
         cuts = CutSet.from_file(path)
         x = np.concatenate([load_frame_labels(c, args.key) for c in cuts])

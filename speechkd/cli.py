@@ -140,18 +140,24 @@ def train(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpora_di
     _stage("teacher", recipe, exp_dir, corpora_dir, progress)
 
 
+ShardOpt = typer.Option(
+    None, help="label only shard i of n (batches i, i+n, ...), e.g. 0/4; run every shard (in parallel, on any machines "
+               "sharing the experiment directory): the last one to finish merges them. A multi-process run (runtime."
+               "devices > 1) shards by rank by itself.")
+
+
 @app.command()
 def extract(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpora_dir: Optional[Path] = CorporaOpt,
-            progress: bool = ProgressOpt):
-    """Run the teacher over the training cuts and store its chosen layer as float32 labels."""
-    _stage("extract", recipe, exp_dir, corpora_dir, progress)
+            progress: bool = ProgressOpt, shard: Optional[str] = ShardOpt):
+    """Run the teacher over the training (and unlabelled) cuts and store its chosen layer as float32 labels."""
+    _stage("extract", recipe, exp_dir, corpora_dir, progress, shard=shard)
 
 
 @app.command()
 def quantize(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpora_dir: Optional[Path] = CorporaOpt,
-             progress: bool = ProgressOpt):
-    """Train the multi-codebook quantizer and store uint8 codebook indexes (CI) beside the cuts."""
-    _stage("quantize", recipe, exp_dir, corpora_dir, progress)
+             progress: bool = ProgressOpt, shard: Optional[str] = ShardOpt):
+    """Train the multi-codebook quantizer (once) and store uint8 codebook indexes (CI) beside the cuts."""
+    _stage("quantize", recipe, exp_dir, corpora_dir, progress, shard=shard)
 
 
 @app.command("pseudo-label")

@@ -2,9 +2,12 @@
 
     prepare   -> cuts/{train,dev,test}.jsonl.gz (+ unlabelled.jsonl.gz), fbank, cuts/skipped.jsonl, lang/tokens.model
     teacher   -> teacher/model.safetensors (+ metrics.csv, ckpt/ for resuming)
-    extract   -> labels/cuts_train_emb.jsonl.gz + labels/teacher_embeddings.h5 (float32 teacher layer)
-    quantize  -> labels/quantizer.safetensors, labels/cuts_train_ci.jsonl.gz + labels/codebook_indexes.h5
+    extract   -> labels/cuts_train_emb.jsonl.gz + labels/teacher_embeddings*.h5 (float32 teacher layer)
+    quantize  -> labels/quantizer.safetensors, labels/cuts_train_ci.jsonl.gz + labels/codebook_indexes*.h5
     pseudo-label -> labels/nbest/part-*.jsonl.gz, then labels/cuts_train_nbest.jsonl.gz (teacher N-best)
+
+The labelling stages (extract, quantize, pseudo-label) live in :mod:`speechkd.labels.stages`: sharded by
+``--shard i/n`` or by rank in a multi-process run, merged deterministically.
     distill   -> students/<name>-seed<k>/model.safetensors for every student run of the recipe
     evaluate  -> eval/<model>.json (+ eval/<model>-<split>-errs.txt)
     report    -> report.md, plots/*.png
@@ -33,6 +36,7 @@ import numpy as np
 import torch
 
 from speechkd.config import Recipe, dump_recipe, needs_project_teacher
+from speechkd.labels.stages import check_label_meta_nbest, extract, pseudo_label, quantize
 from speechkd.utils import log, write_json_atomic, write_text_atomic
 
 
@@ -200,24 +204,6 @@ def train_teacher(exp: Experiment) -> None:
     log(f"teacher: trained -> {exp.teacher_dir}")
 
 
-def _teacher_layer_outputs(exp: Experiment, cuts, layer: int, batch_seconds: float = 200.0):
-    """Yield ``(cut_id, embeddings (T', C) float32 numpy)`` of teacher block ``layer`` for every cut."""
-    from tqdm import tqdm
-
-    from speechkd.data.datamodule import AsrDataset, make_loader
-    from speechkd.methods.base import pick_layer
-    from speechkd.models.build import load_model
-
-    model, _ = load_model(exp.teacher_dir)
-    dl = make_loader(cuts, AsrDataset(None), batch_seconds, shuffle=False)
-    with torch.inference_mode():
-        for batch in tqdm(dl, desc="teacher forward", disable=not exp.progress):
-            _, lens, layers = model.encode(batch["features"], batch["feature_lens"])
-            x = pick_layer(layers, layer)
-            for i, cid in enumerate(batch["cut_ids"]):
-                yield cid, x[i, : int(lens[i])].float().cpu().numpy()
-
-
 def load_audio_16k(cut) -> np.ndarray:
     """A cut's mono waveform at 16 kHz, ``(S,)`` float32 samples (lhotse resamples a cut at another rate).
 
@@ -230,214 +216,6 @@ def load_audio_16k(cut) -> np.ndarray:
     batch = next(waveform_batches([cut], cut.duration, sampling_rate=SAMPLE_RATE))
     return batch["wavs"][0].numpy()
 
-
-def _hf_teacher_layer_outputs(exp: Experiment, cuts, layer: int, batch_seconds: float = 100.0):
-    """Yield ``(cut_id, hidden states (T', C) float32 numpy)`` of the HF teacher's hidden state ``layer`` (-1 =
-    last) for every cut, ``T'`` its valid frames at the teacher's frame shift (20 ms for HuBERT's CNN).
-
-    Cuts are run in order of duration, in batches of at most ``batch_seconds`` of audio (a longer cut alone;
-    :func:`speechkd.data.classification.waveform_batches`), in inference mode, at 16 kHz, normalised as the
-    checkpoint's ``preprocessor_config.json`` says (see :func:`speechkd.teachers.hf.load_ssl_teacher`).
-
-    Raises:
-      ValueError: a cut shorter than the teacher's receptive field (no frame), or audio that cannot be read or is
-        not mono (naming the cut); ``layer`` out of range (naming ``teacher.layer``).
-    """
-    from tqdm import tqdm
-
-    from speechkd.data.classification import waveform_batches
-    from speechkd.teachers.hf import SAMPLE_RATE, load_ssl_teacher, resolve_layer
-
-    info = exp.hf_teacher_info()
-    index = resolve_layer(layer, info.num_layers, "teacher.layer")
-    teacher = load_ssl_teacher(exp.hf_teacher_dir, layers=[index])
-    ordered = sorted(cuts, key=lambda c: c.duration)
-    bar = tqdm(total=len(ordered), desc="HF teacher forward", unit="cut", disable=not exp.progress)
-    with torch.inference_mode():
-        for batch in waveform_batches(ordered, batch_seconds, sampling_rate=SAMPLE_RATE):
-            for cid, n in zip(batch["cut_ids"], batch["lens"].tolist()):
-                if n < teacher.min_samples:
-                    raise ValueError(f"cut '{cid}' has {n} samples ({n / SAMPLE_RATE:.3f} s), fewer than "
-                                     f"the teacher's receptive field of {teacher.min_samples}: it has no frame")
-            out = teacher(batch["wavs"], batch["lens"])
-            h = out.hidden_states[0]  # (N, T, C)
-            for i, cid in enumerate(batch["cut_ids"]):
-                yield cid, h[i, : int(out.lens[i])].float().cpu().numpy()
-            bar.update(len(batch["cut_ids"]))
-    bar.close()
-
-
-# ---------------------------------------------------------------- extract
-def extract(exp: Experiment) -> None:
-    """Store the teacher's chosen layer for every training cut as float32 (the L1/L2 labels), at the teacher's
-    frame shift (:meth:`Experiment.teacher_frame_shift`): the transducer's encoder block ``teacher.layer`` over
-    the fbank, or with ``teacher.hf_dir`` the HF model's hidden state ``teacher.layer`` over the 16 kHz waveform.
-
-    Raises:
-      ValueError: as :func:`_hf_teacher_layer_outputs` and :func:`speechkd.mvq.store.write_frame_labels`.
-    """
-    from speechkd.data.datamodule import save_cuts
-    from speechkd.methods.mvq_kd import EMB_KEY
-    from speechkd.mvq.store import write_frame_labels
-
-    if exp.emb_cuts_path.is_file():
-        log(f"extract: {exp.emb_cuts_path} exists, skipped")
-        return
-    t = exp.recipe.teacher
-    cuts = exp.label_cuts()
-    t0 = time.time()
-    if exp.hf_teacher_dir is not None:
-        outputs = _hf_teacher_layer_outputs(exp, cuts, t.layer)
-        extra = {"teacher_layer": str(t.layer), "teacher_hf_dir": str(exp.hf_teacher_dir.resolve())}
-    else:
-        outputs = _teacher_layer_outputs(exp, cuts, t.layer)
-        extra = {"teacher_layer": str(t.layer)}
-    labelled = write_frame_labels(
-        cuts, outputs, exp.dir / "labels", key=EMB_KEY, frame_shift=exp.teacher_frame_shift(), extra=extra,
-    )
-    save_cuts(labelled, exp.emb_cuts_path)
-    log(f"extract: teacher layer {t.layer} for {len(labelled)} cuts ({time.time() - t0:.0f} s) -> {exp.emb_cuts_path}")
-
-
-# ---------------------------------------------------------------- quantize
-def quantize(exp: Experiment) -> None:
-    """Train the multi-codebook quantizer on sampled teacher frames and write CI for every training cut."""
-    from speechkd.data.datamodule import load_cuts, save_cuts
-    from speechkd.methods.mvq_kd import CI_KEY, EMB_KEY
-    from speechkd.mvq.quantizer import Quantizer, train_quantizer
-    from speechkd.mvq.store import label_frame_shift, load_frame_labels, write_frame_labels
-
-    if exp.ci_cuts_path.is_file():
-        log(f"quantize: {exp.ci_cuts_path} exists, skipped")
-        return
-    q = exp.recipe.quantizer
-    cuts = load_cuts(exp.emb_cuts_path)
-    if exp.quantizer_path.is_file():
-        quantizer = Quantizer.load(exp.quantizer_path)
-        log(f"quantize: reusing {exp.quantizer_path} (id {quantizer.id})")
-    else:
-        t0 = time.time()
-        frames = _sample_frames(cuts, EMB_KEY, q.train_frames, np.random.default_rng(exp.recipe.data.seed))
-        kwargs = {}
-        if q.beam is not None:
-            kwargs["beam"] = q.beam
-        if q.refine_iters is not None:
-            kwargs["refine_iters"] = q.refine_iters  # encoder refinement passes (not training rounds)
-        quantizer = train_quantizer(torch.from_numpy(frames), num_codebooks=q.num_codebooks, seed=exp.recipe.data.seed,
-                                    progress=exp.progress, **kwargs)
-        quantizer.save(exp.quantizer_path)
-        err = quantizer.relative_error(torch.from_numpy(frames[:5000]))
-        log(f"quantize: trained on {len(frames)} frames, dim {quantizer.dim}, {q.num_codebooks} bytes/frame, "
-            f"relative error {err:.3f} ({time.time() - t0:.0f} s), id {quantizer.id}")
-
-    def indexes(batch_frames: int = 20000):
-        # encode many cuts' frames per call: per-cut calls (~50 frames each) ran 3x slower than batched ones
-        group, frames = [], 0
-        for c in cuts:
-            emb = load_frame_labels(c, EMB_KEY)
-            group.append((c.id, emb))
-            frames += len(emb)
-            if frames >= batch_frames:
-                yield from _encode_group(quantizer, group)
-                group, frames = [], 0
-        yield from _encode_group(quantizer, group)
-
-    # the CI frames are the embeddings' frames: same frame shift (20 ms for an HF teacher, 10 ms x subsampling else)
-    labelled = write_frame_labels(cuts, indexes(), exp.dir / "labels", key=CI_KEY,
-                                  frame_shift=label_frame_shift(cuts, EMB_KEY), extra={"quantizer_id": quantizer.id})
-    save_cuts(labelled, exp.ci_cuts_path)
-    log(f"quantize: codebook indexes for {len(labelled)} cuts -> {exp.ci_cuts_path}")
-
-
-def _sample_frames(cuts, key: str, num: int, rng) -> np.ndarray:
-    """``num`` frames drawn uniformly without replacement from the stored labels ``key`` of all cuts, ``(num, D)``
-    (every frame, in cut order, when there are no more than ``num``).
-
-    Only the sampled frames are held: a first pass reads each cut's labels to count its frames (as lhotse loads
-    them for the cut's span) and keeps the counts, a second reads the cuts holding a drawn frame. The draw is
-    ``rng.choice(total, num, replace=False)`` over the frames concatenated in cut order, in the draw's order.
-
-    Raises:
-      ValueError: a cut's labels changed between the passes (naming the cut).
-    """
-    from speechkd.mvq.store import load_frame_labels
-
-    lens = [len(load_frame_labels(c, key)) for c in cuts]  # frames per cut
-    total = sum(lens)
-    if total <= num:
-        return np.concatenate([load_frame_labels(c, key) for c in cuts])  # (total, D)
-    idx = rng.choice(total, num, replace=False)  # (num,) positions in the concatenation
-    order = np.argsort(idx, kind="stable")
-    wanted = idx[order]  # ascending
-    starts = np.cumsum([0] + lens)  # (num_cuts + 1,)
-    picked, pos = [], 0
-    for i, c in enumerate(cuts):
-        lo, hi = starts[i], starts[i + 1]
-        end = pos + int(np.searchsorted(wanted[pos:], hi))
-        if end > pos:
-            emb = load_frame_labels(c, key)  # (T_i, D)
-            if len(emb) != hi - lo:
-                raise ValueError(f"cut '{c.id}': {len(emb)} '{key}' frames now, {hi - lo} in the first pass")
-            picked.append(emb[wanted[pos:end] - lo])
-            pos = end
-    frames = np.empty((num, picked[0].shape[1]), dtype=picked[0].dtype)  # (num, D) in the draw's order
-    frames[order] = np.concatenate(picked)
-    return frames
-
-
-def _encode_group(quantizer, group: list):
-    """``(cut_id, CI (T_i, num_codebooks) uint8)`` for ``(cut_id, embeddings (T_i, D))`` pairs, encoded in one call."""
-    if not group:
-        return
-    ci = quantizer.encode(torch.from_numpy(np.concatenate([e for _, e in group]))).cpu().numpy()  # (sum T_i, B)
-    start = 0
-    for cid, emb in group:
-        yield cid, ci[start:start + len(emb)]
-        start += len(emb)
-
-
-# ---------------------------------------------------------------- pseudo-label
-def _pseudo_label_meta(exp: Experiment) -> dict:
-    from speechkd.data.pseudo_labels import model_id
-
-    p = exp.recipe.pseudo_label
-    return {"teacher_id": model_id(exp.teacher_dir), "beam": p.beam, "nbest": p.nbest}
-
-
-def pseudo_label(exp: Experiment, shard: Optional[str] = None) -> None:
-    """The teacher's beam search writes an N-best list for every training cut (sequence-level KD labels).
-
-    With ``shard="i/n"`` only cuts i, i+n, ... are decoded (run the n shards in parallel, on any machines
-    sharing the directory); the labels are merged onto the cuts once every cut has its list.
-
-    Raises:
-      ValueError: the recipe's teacher is a Hugging Face SSL model (``teacher.hf_dir``), which cannot decode.
-    """
-    from speechkd.data.datamodule import save_cuts
-    from speechkd.data.pseudo_labels import merge_pseudo_labels, parse_shard, write_pseudo_labels
-    from speechkd.models.build import load_model
-
-    if exp.nbest_cuts_path.is_file():
-        log(f"pseudo-label: {exp.nbest_cuts_path} exists, skipped")
-        return
-    if exp.hf_teacher_dir is not None:
-        raise ValueError(f"pseudo-label: teacher.hf_dir ({exp.hf_teacher_dir}) is an SSL encoder without an ASR "
-                         "head: it cannot write N-best lists (sequence-level KD needs the project's teacher)")
-    p = exp.recipe.pseudo_label
-    i, n = parse_shard(shard)
-    cuts = exp.label_cuts()
-    meta = _pseudo_label_meta(exp)
-    model, _ = load_model(exp.teacher_dir)
-    t0 = time.time()
-    done = write_pseudo_labels(model, cuts, exp.tokenizer, exp.nbest_dir, meta, beam=p.beam, nbest=p.nbest, shard=(i, n),
-                               chunk_cuts=p.chunk_cuts, max_duration=p.max_duration, progress=exp.progress)
-    log(f"pseudo-label: shard {i}/{n}: {done} cuts decoded (beam {p.beam}, {p.nbest}-best) in {time.time() - t0:.0f} s")
-    labelled, missing = merge_pseudo_labels(cuts, exp.nbest_dir, meta)
-    if missing:
-        log(f"pseudo-label: {len(missing)} of {len(cuts)} cuts still need labels (run the other shards); not merged")
-        return
-    save_cuts(labelled, exp.nbest_cuts_path)
-    log(f"pseudo-label: N-best lists for {len(labelled)} cuts -> {exp.nbest_cuts_path}")
 
 
 # ---------------------------------------------------------------- distill
@@ -467,7 +245,7 @@ def make_kd(exp: Experiment, run, seed: int = 0):
     from speechkd.data.datamodule import load_cuts
     from speechkd.methods.mvq_kd import CI_KEY, EMB_KEY, MvqKD, RegressionKD
     from speechkd.mvq.quantizer import Quantizer
-    from speechkd.mvq.store import check_label_meta, label_frame_shift
+    from speechkd.labels.store import check_label_meta, label_frame_shift
 
     kd_cfg = run.kd
     s = exp.recipe.student_model_of(run)
@@ -541,20 +319,6 @@ def make_kd(exp: Experiment, run, seed: int = 0):
     kd = RegressionKD(s.dim, teacher_dim, kind=kd_cfg.method, layer=kd_cfg.student_layer, frame_ratio=ratio,
                       mode=kd_cfg.frame_ratio_mode, scale=kd_cfg.scale)
     return kd, cuts, init_fn
-
-
-def check_label_meta_nbest(exp: Experiment) -> None:
-    """Refuse N-best labels written by another teacher or with other settings than the recipe's.
-
-    Raises:
-      ValueError: naming the label directory.
-    """
-    meta_path = exp.nbest_dir / "meta.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} not found: run `speechkd pseudo-label` first")
-    if json.loads(meta_path.read_text()) != _pseudo_label_meta(exp):
-        raise ValueError(f"{exp.nbest_dir}: pseudo labels were written by another teacher or with other settings "
-                         "than this recipe's: delete labels/nbest and labels/cuts_train_nbest.jsonl.gz and re-run")
 
 
 def _train_student(exp: Experiment, name: str, seed: int, num_threads: Optional[int] = None) -> None:
@@ -725,7 +489,7 @@ def evaluate(exp: Experiment) -> None:
     from speechkd.eval.speed import count_parameters, real_time_factor
     from speechkd.methods.mvq_kd import CI_KEY, EMB_KEY
     from speechkd.models.build import load_model
-    from speechkd.mvq.store import label_storage_bytes
+    from speechkd.labels.store import label_storage_bytes
     from speechkd.utils import set_thread_policy
 
     from speechkd.data.text import TextNormalizer
@@ -739,7 +503,7 @@ def evaluate(exp: Experiment) -> None:
         emb = ("float32", label_storage_bytes(load_cuts(exp.emb_cuts_path), EMB_KEY))
         label_bytes["l1"] = label_bytes["l2"] = emb
     if exp.nbest_cuts_path.is_file():
-        from speechkd.data.pseudo_labels import label_bytes as nbest_bytes
+        from speechkd.labels.nbest import label_bytes as nbest_bytes
 
         label_bytes["seq"] = ("nbest", nbest_bytes(exp.nbest_dir))
     if exp.hf_teacher_dir is not None:
@@ -854,7 +618,7 @@ def stages_of(exp) -> dict[str, Callable]:
 
 #: Stages every process of a multi-process run executes together (fits train with DDP; labelling splits the cuts
 #: by rank); any other stage runs on global rank 0 while the others wait (:func:`run_stage`).
-ALL_RANK_STAGES = frozenset({"teacher", "distill"})
+ALL_RANK_STAGES = frozenset({"teacher", "extract", "quantize", "pseudo-label", "distill"})
 
 
 def start_processes(exp) -> bool:

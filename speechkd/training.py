@@ -138,7 +138,8 @@ class AsrTask(_lightning().LightningModule):
         if self._trainer is not None and self.trainer.world_size > 1:
             counts = self.trainer.strategy.reduce(counts, reduce_op="sum")  # summed over the ranks' dev shards
         if counts[1] > 0:
-            self.log("val_wer", float(100.0 * counts[0] / counts[1]), prog_bar=True)
+            # the same value on every rank already; sync_dist only keeps Lightning from warning (a mean of equals)
+            self.log("val_wer", float(100.0 * counts[0] / counts[1]), prog_bar=True, sync_dist=True)
 
     def optimizer_steps(self) -> int:
         """Optimiser steps of the whole fit: ``epochs x ceil(batches per epoch / accumulate_grad_batches)``, the

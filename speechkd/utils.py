@@ -17,8 +17,12 @@ Bytes = int
 
 
 def log(msg: str) -> None:
-    """One-line stage summary on stdout (``[speechkd] ...``)."""
-    print(f"[speechkd] {msg}", flush=True)
+    """One-line stage summary on stdout (``[speechkd] ...``), from global rank 0 only in a multi-process run (the
+    other ranks' errors still reach stderr)."""
+    from speechkd.distributed import rank
+
+    if rank() == 0:
+        print(f"[speechkd] {msg}", flush=True)
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, final_ratio: float) -> float:

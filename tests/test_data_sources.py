@@ -424,15 +424,15 @@ def test_quantizer_frames_are_sampled_without_loading_the_corpus(tmp_path):
     from lhotse import CutSet
     from lhotse.testing.dummies import dummy_cut
 
-    from speechkd.mvq.store import write_frame_labels
-    from speechkd.pipeline import _sample_frames
+    from speechkd.labels.store import write_frame_labels
+    from speechkd.labels.stages import _sample_frames
 
     rng = np.random.default_rng(3)
     cuts = CutSet.from_cuts([dummy_cut(i, duration=1.0) for i in range(6)])
     arrays = {c.id: rng.standard_normal((int(rng.integers(22, 29)), 4)).astype(np.float32) for c in cuts}
     labelled = write_frame_labels(cuts, ((cid, a) for cid, a in arrays.items()), tmp_path, key="teacher_embeddings",
                                   frame_shift=0.04)
-    from speechkd.mvq.store import load_frame_labels
+    from speechkd.labels.store import load_frame_labels
 
     every = np.concatenate([load_frame_labels(c, "teacher_embeddings") for c in labelled])  # how quantize read them
     assert len(every) < sum(len(a) for a in arrays.values())  # lhotse trims labels to each cut's span

@@ -58,7 +58,7 @@ def hf_exp(tmp_path_factory, corpora_dir, hf_dir):
 def test_stored_embeddings_equal_transformers_hidden_states(hf_exp, hf_dir):
     from speechkd.data.datamodule import load_cuts
     from speechkd.methods.mvq_kd import EMB_KEY
-    from speechkd.mvq.store import load_frame_labels
+    from speechkd.labels.store import load_frame_labels
 
     assert not (hf_exp.teacher_dir / "model.safetensors").exists()  # no transducer was trained
     cuts = load_cuts(hf_exp.emb_cuts_path)
@@ -78,7 +78,7 @@ def test_labels_at_20ms_and_ci_cuts_train_a_finite_student(hf_exp):
     from speechkd.data.datamodule import AsrDataset, load_cuts, make_loader
     from speechkd.methods.mvq_kd import CI_KEY, EMB_KEY, MvqKD
     from speechkd.models.build import load_model
-    from speechkd.mvq.store import label_frame_shift
+    from speechkd.labels.store import label_frame_shift
 
     emb_cuts, ci_cuts = load_cuts(hf_exp.emb_cuts_path), load_cuts(hf_exp.ci_cuts_path)
     assert label_frame_shift(emb_cuts, EMB_KEY) == pytest.approx(0.02)

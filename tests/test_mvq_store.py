@@ -1,4 +1,4 @@
-"""Tests of speechkd.mvq.store: per-frame labels beside lhotse cuts (bit-exact, metadata-checked, sliceable)."""
+"""Tests of speechkd.labels.store: per-frame labels beside lhotse cuts (bit-exact, metadata-checked, sliceable)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from lhotse import CutSet
 from lhotse.testing.dummies import dummy_cut
 
-from speechkd.mvq.store import (
+from speechkd.labels.store import (
     check_label_meta,
     label_file_bytes,
     label_storage_bytes,

@@ -9,7 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from speechkd.config import load_recipe
-from speechkd.pipeline import Experiment, _pseudo_label_meta, run_all
+from speechkd.labels.stages import pseudo_label_meta as _pseudo_label_meta
+from speechkd.pipeline import Experiment, run_all
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,7 +55,7 @@ def test_nbest_labels_on_every_cut_sorted_and_bounded(seq_exp):
 
 
 def _records(path):
-    from speechkd.data.pseudo_labels import read_parts
+    from speechkd.labels.nbest import read_parts
 
     return read_parts(path)
 
@@ -67,7 +68,7 @@ def _same(a, b):
 
 
 def test_shards_merge_to_the_single_run_and_resume_after_a_stop(seq_exp, tmp_path):
-    from speechkd.data.pseudo_labels import merge_pseudo_labels, write_pseudo_labels
+    from speechkd.labels.nbest import merge_pseudo_labels, write_pseudo_labels
     from speechkd.models.build import load_model
 
     model, _ = load_model(seq_exp.teacher_dir)
@@ -107,7 +108,7 @@ def _records_of(part):
 def test_malformed_part_names_file_and_line(tmp_path):
     import gzip
 
-    from speechkd.data.pseudo_labels import read_parts
+    from speechkd.labels.nbest import read_parts
 
     with gzip.open(tmp_path / "part-00000000.jsonl.gz", "wt") as f:
         f.write('{"id": "a", "hyps": []}\n{"oops": 1}\n')

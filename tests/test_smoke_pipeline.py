@@ -51,7 +51,7 @@ def test_codebook_indexes_are_uint8_and_match_quantizer(smoke_exp):
     from speechkd.data.datamodule import load_cuts
     from speechkd.methods.mvq_kd import CI_KEY, EMB_KEY
     from speechkd.mvq.quantizer import Quantizer
-    from speechkd.mvq.store import load_frame_labels
+    from speechkd.labels.store import load_frame_labels
 
     q = Quantizer.load(smoke_exp.quantizer_path)
     cuts = load_cuts(smoke_exp.ci_cuts_path)

@@ -220,6 +220,8 @@ def load_cuts(path: Pathlike, lazy: bool = True):
     if not path.is_file():
         raise FileNotFoundError(f"cuts manifest not found: {path}")
     cuts = CutSet.from_file(path)
+    if cuts is None:  # lhotse reads an empty manifest (e.g. a shard with no cuts) as None
+        return CutSet.from_cuts([])
     return cuts if lazy else cuts.to_eager()
 
 

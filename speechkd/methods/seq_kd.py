@@ -3,7 +3,7 @@
 Sequence-level KD (Mun'im, Inoue, Shinoda, "Sequence-level knowledge distillation for model compression of
 attention-based sequence-to-sequence speech recognition", ICASSP 2019, arXiv 1811.04531, after Kim & Rush,
 EMNLP 2016, sec. 3.2): a teacher's beam search writes an N-best list per training utterance (``speechkd
-pseudo-label``, :mod:`speechkd.data.pseudo_labels`), and the student is trained on those hypotheses in place
+pseudo-label``, :mod:`speechkd.labels.nbest`), and the student is trained on those hypotheses in place
 of, or beside, the references:
 
     L = lambda * L(reference) + (1 - lambda) * sum_k w_k * L(hyp_k)
@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from speechkd.data.pseudo_labels import NBEST_KEY
+from speechkd.labels.nbest import NBEST_KEY
 from speechkd.losses.distill import masked_kl
 from speechkd.methods.base import KDMethod
 

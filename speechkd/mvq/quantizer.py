@@ -335,7 +335,7 @@ class Quantizer(nn.Module):
         """16 hex digits: the first 64 bits of the sha256 of the buffers (mean, scale, codebooks).
 
         Stable across save/load and machines; it identifies what decoding means, so it is stored with every CI
-        file (see :mod:`speechkd.mvq.store`). The encoder's search defaults are not part of it.
+        file (see :mod:`speechkd.labels.store`). The encoder's search defaults are not part of it.
         """
         return _content_id(self.mean, self.scale, self.codebooks)
 

@@ -17,7 +17,6 @@ import gzip
 import hashlib
 import json
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -33,23 +32,6 @@ def model_id(model_dir: Pathlike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:16]
-
-
-def parse_shard(spec: Optional[str]) -> tuple[int, int]:
-    """``"i/n"`` -> ``(i, n)`` with 0 <= i < n; None -> ``(0, 1)``.
-
-    Raises:
-      ValueError: a malformed spec (named).
-    """
-    if spec is None:
-        return 0, 1
-    try:
-        i, n = (int(v) for v in spec.split("/"))
-    except ValueError:
-        raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {spec!r}") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise ValueError(f"--shard {spec}: need 0 <= i < n")
-    return i, n
 
 
 def _check_meta(out_dir: Path, meta: dict) -> None:
@@ -85,7 +67,11 @@ def read_parts(out_dir: Pathlike) -> dict:
 def write_pseudo_labels(model, cuts, tokenizer, out_dir: Pathlike, meta: dict, beam: int = 8, nbest: int = 8,
                         shard: tuple[int, int] = (0, 1), chunk_cuts: int = 500, max_duration: float = 200.0,
                         progress: bool = True) -> int:
-    """Decode this shard's cuts that have no pseudo labels yet and write their N-best lists in parts.
+    """Decode this shard's chunks of cuts that have no part file yet and write their N-best lists, one part per chunk.
+
+    The cuts are cut into fixed chunks of ``chunk_cuts`` in manifest order (chunk j: cuts ``j * chunk_cuts ...``,
+    written to ``part-{j * chunk_cuts:08d}.jsonl.gz``); shard ``(i, n)`` decodes chunks i, i+n, ... Each chunk is
+    batched the same way whatever the sharding, so sharded and unsharded runs write the same hypotheses and scores.
 
     Args:
       model: the teacher (transducer or attention encoder-decoder), in eval mode.
@@ -95,7 +81,7 @@ def write_pseudo_labels(model, cuts, tokenizer, out_dir: Pathlike, meta: dict, b
       meta: identifies the teacher and settings (``{"teacher_id", "beam", "nbest"}``); must equal the
         directory's ``meta.json`` when it exists.
       beam, nbest: beam width and hypotheses kept per cut (nbest <= beam).
-      shard: ``(i, n)``: this run labels cuts i, i+n, ...
+      shard: ``(i, n)``: this run decodes chunks i, i+n, ...
       chunk_cuts: cuts per part file.
       max_duration: seconds of audio per decoding batch.
 
@@ -110,20 +96,23 @@ def write_pseudo_labels(model, cuts, tokenizer, out_dir: Pathlike, meta: dict, b
 
     from speechkd.data.datamodule import AsrDataset, make_loader
     from speechkd.decoding import nbest_search
+    from speechkd.labels.shards import every_nth
 
     out_dir = Path(out_dir)
     i, n = shard
     if not (n >= 1 and 0 <= i < n):
         raise ValueError(f"bad shard {i}/{n}")
     _check_meta(out_dir, meta)
-    done = set(read_parts(out_dir))
-    todo = [(k, c) for k, c in enumerate(cuts) if k % n == i and c.id not in done]
-    bar = tqdm(total=len(todo), desc=f"pseudo-label {i}/{n}", unit="cut", disable=not progress)
-    for start in range(0, len(todo), chunk_cuts):
-        chunk = todo[start:start + chunk_cuts]
-        chunk_set = CutSet.from_cuts(c for _, c in chunk)
+    cut_list = list(cuts)
+    starts = range(0, len(cut_list), chunk_cuts)  # chunk j starts at cut j * chunk_cuts
+    todo = [k for k in every_nth(starts, i, n) if not (out_dir / f"part-{k:08d}.jsonl.gz").is_file()]
+    bar = tqdm(total=sum(len(cut_list[k:k + chunk_cuts]) for k in todo), desc=f"pseudo-label {i}/{n}", unit="cut",
+               disable=not progress)
+    labelled = 0
+    for start in todo:
+        chunk = cut_list[start:start + chunk_cuts]
         found = {}
-        dl = make_loader(chunk_set, AsrDataset(None), max_duration, shuffle=False)
+        dl = make_loader(CutSet.from_cuts(chunk), AsrDataset(None), max_duration, shuffle=False)
         with torch.inference_mode():
             for batch in dl:
                 enc, lens, _ = model.encode(batch["features"], batch["feature_lens"])
@@ -131,11 +120,12 @@ def write_pseudo_labels(model, cuts, tokenizer, out_dir: Pathlike, meta: dict, b
                     found[cid] = [{"tokens": list(map(int, toks)), "text": tokenizer.decode([toks])[0], "score": float(s)}
                                   for toks, s in hyps]
                 bar.update(len(batch["cut_ids"]))
-        with atomic_path(out_dir / f"part-{chunk[0][0]:08d}.jsonl.gz") as tmp, gzip.open(tmp, "wt", encoding="utf-8") as f:
-            for _, c in chunk:
+        with atomic_path(out_dir / f"part-{start:08d}.jsonl.gz") as tmp, gzip.open(tmp, "wt", encoding="utf-8") as f:
+            for c in chunk:
                 f.write(json.dumps({"id": c.id, "hyps": found[c.id]}) + "\n")
+        labelled += len(chunk)
     bar.close()
-    return len(todo)
+    return labelled
 
 
 def merge_pseudo_labels(cuts, out_dir: Pathlike, meta: dict):

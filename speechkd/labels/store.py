@@ -48,8 +48,10 @@ def write_frame_labels(
     frame_shift: float,
     extra: Optional[Mapping[str, str]] = None,
     max_frame_mismatch: Optional[int] = 4,
+    file_name: Optional[str] = None,
 ):
-    """Store per-frame labels of every cut in ``storage_dir/{key}.h5`` and attach them to the cuts.
+    """Store per-frame labels of every cut in ``storage_dir/{key}.h5`` (or ``storage_dir/file_name``) and attach
+    them to the cuts.
 
     Arrays are written with lhotse's ``NumpyHdf5Writer`` (uncompressed) as ``TemporalArray`` manifests with
     ``temporal_dim=0``, ``frame_shift`` and ``start = cut.start`` (the array's offset in the recording), under the
@@ -70,6 +72,7 @@ def write_frame_labels(
       max_frame_mismatch: refuse arrays whose ``T`` differs from ``cut.duration / frame_shift`` by more than
         this many frames (a wrong ``frame_shift`` or cut); ``None`` disables the check. Note that lhotse loads
         at most ``round(duration / frame_shift)`` frames of a cut, so extra trailing frames are not returned.
+      file_name: the HDF5 file's name in ``storage_dir`` (default ``f"{key}.h5"``; e.g. one per shard).
 
     Returns:
       a new eager ``CutSet`` with the labels attached, in the order of ``cuts`` (save it, e.g. to jsonl.gz).
@@ -99,7 +102,9 @@ def write_frame_labels(
         by_id[c.id] = c
     storage_dir = Path(storage_dir)
     storage_dir.mkdir(parents=True, exist_ok=True)
-    final = storage_dir / f"{key}.h5"
+    final = storage_dir / (file_name or f"{key}.h5")
+    if final.parent != storage_dir or not final.name.endswith(".h5"):
+        raise ValueError(f"file_name must be a plain name ending in .h5, got {file_name!r}")
     fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp.h5", dir=storage_dir)
     os.close(fd)
     manifests: dict[str, TemporalArray] = {}
