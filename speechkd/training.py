@@ -13,8 +13,9 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
+import numpy as np
 import torch
 
 from speechkd.config import ModelConfig, RuntimeConfig, TrainConfig
@@ -318,3 +319,194 @@ def _merge_csv_logs(run_dir: Path) -> None:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
+
+
+# ---------------------------------------------------------------------------------------------- step-based fits
+class TrainSummary(NamedTuple):
+    """What :func:`fit_steps` returns: total optimiser ``steps``, training ``seconds`` over every resumed fit, the
+    logged ``history`` (one dict per logged step: ``step``, ``lr`` and the loss function's logs) and the step this
+    fit ``resumed_from`` (0 for a fresh one)."""
+
+    steps: int
+    seconds: float
+    history: list[dict]
+    resumed_from: int
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The torch seed of optimiser step ``step`` on ``rank`` (dropout, masking): a function of the three, so a
+    resumed fit draws what an unstopped one would have."""
+    key = [int(seed), int(step), 7] if rank == 0 else [int(seed), int(step), 7, int(rank)]
+    return int(np.random.default_rng(key).integers(2**62))
+
+
+class StepTask(_lightning().LightningModule):
+    """A module trained for a fixed number of optimiser steps on ``loss_fn(batch) -> (loss, logs)``: the SSL stages
+    (DistilHuBERT distillation, KWS/SV fine-tuning).
+
+    AdamW over ``param_groups`` (each ``{"params", "lr"}``: its peak learning rate), linear warm-up then cosine decay
+    to ``final_lr_ratio`` x each peak at ``steps`` (:func:`speechkd.utils.warmup_cosine`); gradient-norm clipping by
+    the Trainer. Before every step torch is seeded with :func:`step_seed` (seed, step, rank). A checkpoint holds
+    ``fingerprint``; resuming from one made with other settings is refused.
+
+    Args:
+      module: everything that trains (registered here, so checkpointed and moved to the device with the task).
+      param_groups: AdamW groups, ``{"params": [...], "lr": peak lr}``.
+      loss_fn: ``batch -> (scalar loss, {name: float})``; the batch of
+        :class:`~speechkd.data.classification.WaveformDataset` (``wavs (N, S)``, ``lens (N,)`` samples, targets).
+      steps, warmup_steps, final_lr_ratio, weight_decay, seed: as named.
+      fingerprint: JSON-serialisable settings stored in the checkpoint.
+      desc: names the fit in errors.
+    """
+
+    def __init__(self, module, param_groups: list[dict], loss_fn: Callable, *, steps: int, warmup_steps: int,
+                 final_lr_ratio: float, weight_decay: float, seed: int, fingerprint: dict, desc: str = "train"):
+        super().__init__()
+        self.module = module
+        self._groups = param_groups
+        self._loss_fn = loss_fn
+        self.steps, self.warmup_steps, self.final_lr_ratio = steps, warmup_steps, final_lr_ratio
+        self.weight_decay, self.seed, self.desc = weight_decay, seed, desc
+        self.fingerprint = json.dumps(fingerprint, sort_keys=True)
+        self.last_logs: dict = {}
+        self.resumed_from = 0
+        self.previous_seconds = 0.0
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.module.train(mode)  # a module's own train() rules (a frozen encoder stays in eval mode)
+        return self
+
+    def on_train_batch_start(self, batch, batch_idx):
+        torch.manual_seed(step_seed(self.seed, self.global_step, self.global_rank))
+
+    def training_step(self, batch, batch_idx):
+        loss, logs = self._loss_fn(batch)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"{self.desc}: loss is {float(loss)} at step {self.global_step} "
+                               f"(batch {batch['cut_ids'][:3]} ...)")
+        n = len(batch["cut_ids"])
+        self.log("lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
+        for k, v in logs.items():
+            self.log(k, float(v), prog_bar=True, batch_size=n)
+        self.last_logs = {k: float(v) for k, v in logs.items()}
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW([{"params": list(g["params"]), "lr": g["lr"]} for g in self._groups],
+                                weight_decay=self.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: warmup_cosine(step, self.warmup_steps, self.steps, self.final_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["speechkd"] = {"fingerprint": self.fingerprint,
+                                  "seconds": self.previous_seconds + time.time() - self._t0}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("speechkd", {})
+        if saved.get("fingerprint") != self.fingerprint:
+            raise ValueError(f"{self.desc}: the checkpoint was made with other settings than this recipe's: delete "
+                             "it to start over")
+        self.previous_seconds = float(saved.get("seconds", 0.0))
+        self.resumed_from = int(checkpoint.get("global_step", 0))
+
+    def on_fit_start(self):
+        self._t0 = time.time()
+
+
+def fit_steps(
+    run_dir: Pathlike,
+    module,
+    param_groups: list[dict],
+    cuts,
+    loss_fn: Callable,
+    *,
+    steps: int,
+    warmup_steps: int,
+    final_lr_ratio: float,
+    weight_decay: float,
+    grad_clip: float,
+    batch_seconds: float,
+    seed: int,
+    ckpt_every: int,
+    fingerprint: dict,
+    target_keys: Sequence[str] = (),
+    progress: bool = True,
+    desc: str = "train",
+    log_every: int = 10,
+    runtime: Optional[RuntimeConfig] = None,
+) -> TrainSummary:
+    """Train ``module`` for ``steps`` optimiser steps with Lightning (:class:`StepTask`) on waveform batches of
+    ``cuts``, resumably, and return its summary. ``module`` holds the trained weights afterwards (on the CPU, in
+    eval mode).
+
+    Batches: lhotse's ``DynamicBucketingSampler`` (5 buckets, ``batch_seconds`` of audio per process, shuffled with
+    ``seed`` and the epoch), built per rank (:class:`speechkd.data.datamodule.WaveformDataModule`), epoch after
+    epoch until ``steps``. Outputs in ``run_dir``: ``ckpt/last.ckpt`` (every ``ckpt_every`` steps; a later call
+    resumes from it, exactly: the interrupted epoch's consumed batches are skipped and every step is seeded by
+    :func:`step_seed`; a larger ``steps`` continues training), ``csv<k>/metrics.csv`` (one per fit, merged into
+    ``metrics.csv``) and ``tb/``.
+
+    Args:
+      run_dir: the fit's directory (checkpoints and logs; the caller exports the model elsewhere).
+      module, param_groups, loss_fn, steps, warmup_steps, final_lr_ratio, weight_decay, seed, fingerprint, desc:
+        as :class:`StepTask`.
+      cuts: training CutSet of waveform cuts (:mod:`speechkd.data.classification`).
+      grad_clip: gradient-norm clipping over all parameters.
+      batch_seconds: seconds of audio per batch and process.
+      ckpt_every: steps between checkpoints.
+      target_keys: integer cut fields collated into the batch (``kws_target``, ``spk_target``).
+      log_every: steps between logged rows.
+      runtime: accelerator, devices (DDP with unused parameters allowed: a batch may train one head only), precision.
+
+    Returns:
+      :class:`TrainSummary`.
+
+    Raises:
+      ValueError: a checkpoint made with other settings, or no training batch.
+      RuntimeError: a non-finite loss (naming the step and batch).
+    """
+    import csv
+
+    L = _lightning()
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from speechkd.data.datamodule import WaveformDataModule
+
+    runtime = runtime or RuntimeConfig()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    task = StepTask(module, param_groups, loss_fn, steps=steps, warmup_steps=warmup_steps,
+                    final_lr_ratio=final_lr_ratio, weight_decay=weight_decay, seed=seed, fingerprint=fingerprint,
+                    desc=desc)
+    data = WaveformDataModule(cuts, target_keys, batch_seconds, seed=seed)
+    last = run_dir / "ckpt" / "last.ckpt"
+    n_fits = len(list(run_dir.glob("csv[0-9]*")))
+    kwargs = runtime.trainer_kwargs()
+    if kwargs["strategy"] == "ddp":
+        kwargs["strategy"] = "ddp_find_unused_parameters_true"  # e.g. a multitask batch without SV labels
+    trainer = L.Trainer(
+        max_steps=steps, max_epochs=-1, **kwargs, default_root_dir=run_dir,
+        logger=[CSVLogger(run_dir, name="", version=f"csv{n_fits}"), TensorBoardLogger(run_dir, name="", version="tb")],
+        callbacks=[ModelCheckpoint(dirpath=run_dir / "ckpt", filename="last", every_n_train_steps=ckpt_every,
+                                   save_top_k=1, enable_version_counter=False)],
+        gradient_clip_val=grad_clip, limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=log_every,
+        use_distributed_sampler=False, enable_progress_bar=progress, enable_model_summary=False,
+    )
+    t0 = time.time()
+    trainer.fit(task, datamodule=data, ckpt_path=str(last) if last.is_file() else None, weights_only=True)
+    seconds = task.previous_seconds + time.time() - t0
+    if trainer.is_global_zero:
+        _merge_csv_logs(run_dir)
+    trainer.strategy.barrier("speechkd-fit-steps")
+    history = []
+    if (run_dir / "metrics.csv").is_file():
+        with open(run_dir / "metrics.csv", newline="") as fh:
+            for row in csv.DictReader(fh):
+                values = {k: float(v) for k, v in row.items() if v not in ("", None) and k not in ("step", "epoch")}
+                if values:
+                    history.append({"step": int(row["step"]) + 1, **values})
+    module.cpu().eval()
+    return TrainSummary(trainer.global_step, seconds, history, task.resumed_from)

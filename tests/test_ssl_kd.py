@@ -130,14 +130,15 @@ def test_frozen_runs_keep_the_encoder_and_finetuned_runs_change_it(ssl_exp):
 
 
 def test_frozen_mode_trains_only_the_heads(ssl_exp, tmp_path):
-    from speechkd.methods.ssl_kd import FinetuneRun, build_downstream, train_steps
+    from speechkd.methods.ssl_kd import FinetuneRun, build_downstream
+    from speechkd.training import fit_steps
 
     c = ssl_exp.recipe.downstream
     model = build_downstream(ssl_exp, FinetuneRun("student", "frozen", ("sv",)))
     enc0 = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     heads0 = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("encoder.")}
     assert not any(p.requires_grad for p in model.encoder.parameters())
-    train_steps(tmp_path / "ckpt.pt", model, [{"params": model.head_parameters(), "lr": 1e-2}], ssl_exp.cuts("sv_train"),
+    fit_steps(tmp_path / "fit", model, [{"params": model.head_parameters(), "lr": 1e-2}], ssl_exp.cuts("sv_train"),
                 lambda b: model.loss(b), steps=2, warmup_steps=0, final_lr_ratio=1.0, weight_decay=0.1, grad_clip=5.0,
                 batch_seconds=8, seed=0, ckpt_every=10, fingerprint={}, target_keys=["spk_target"], progress=False)
     assert not model.encoder.training  # a frozen encoder stays in eval mode (no dropout) while the heads train
@@ -148,7 +149,8 @@ def test_frozen_mode_trains_only_the_heads(ssl_exp, tmp_path):
 
 def test_stopped_finetuning_resumes_exactly(ssl_exp, tmp_path):
     """A run stopped after its step-2 checkpoint and resumed ends with the weights of a run never stopped."""
-    from speechkd.methods.ssl_kd import FinetuneRun, build_downstream, train_steps
+    from speechkd.methods.ssl_kd import FinetuneRun, build_downstream
+    from speechkd.training import fit_steps
 
     run = FinetuneRun("student", "multitask", ("kws", "sv"))
     cuts = ssl_exp.cuts("multitask_train")
@@ -160,26 +162,26 @@ def test_stopped_finetuning_resumes_exactly(ssl_exp, tmp_path):
 
         def step(batch):
             if stop_at is not None and len(calls) == stop_at:
-                raise KeyboardInterrupt("simulated stop")
+                raise RuntimeError("simulated stop")
             calls.append(1)
             return model.loss(batch, c.beta)
 
         groups = [{"params": model.head_parameters(), "lr": 1e-3},
                   {"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": 1e-4}]
-        summary = train_steps(ckpt, model, groups, cuts, step, steps=4, warmup_steps=1, final_lr_ratio=0.1,
+        summary = fit_steps(ckpt, model, groups, cuts, step, steps=4, warmup_steps=1, final_lr_ratio=0.1,
                               weight_decay=0.0, grad_clip=5.0, batch_seconds=8, seed=3, ckpt_every=2,
                               fingerprint={"x": 1}, target_keys=["kws_target", "spk_target"], progress=False)
         return model, summary
 
-    straight, _ = fit(tmp_path / "a.pt")
-    with pytest.raises(KeyboardInterrupt):
-        fit(tmp_path / "b.pt", stop_at=3)  # stopped during step 3, after the checkpoint of step 2
-    resumed, summary = fit(tmp_path / "b.pt")
+    straight, _ = fit(tmp_path / "a")
+    with pytest.raises(RuntimeError, match="simulated stop"):
+        fit(tmp_path / "b", stop_at=3)  # stopped during step 3, after the checkpoint of step 2
+    resumed, summary = fit(tmp_path / "b")
     assert summary.resumed_from == 2 and summary.steps == 4
     a, b = straight.state_dict(), resumed.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="other settings"):
-        train_steps(tmp_path / "b.pt", resumed, [{"params": resumed.head_parameters(), "lr": 1e-3}], cuts,
+        fit_steps(tmp_path / "b", resumed, [{"params": resumed.head_parameters(), "lr": 1e-3}], cuts,
                     lambda b: resumed.loss(b), steps=5, warmup_steps=0, final_lr_ratio=1.0, weight_decay=0.0,
                     grad_clip=1.0, batch_seconds=8, seed=3, ckpt_every=2, fingerprint={"x": 2}, progress=False)
 
@@ -217,7 +219,7 @@ def test_finetune_trains_only_the_runs_asked_for(ssl_exp, tmp_path):
     exp_dir = tmp_path / "exp"
     shutil.copytree(ssl_exp.dir, exp_dir)
     shutil.rmtree(exp_dir / "finetune" / "student-frozen-kws")
-    (exp_dir / "finetune" / "student-frozen-kws.ckpt.pt").unlink()
+    shutil.rmtree(exp_dir / "finetune" / "student-frozen-kws.fit")
     shutil.rmtree(exp_dir / "finetune" / "teacher-multitask")
     others = {p: p.stat().st_mtime_ns for p in (exp_dir / "finetune").rglob("*") if p.is_file()}
     args = ["finetune", str(REPO / "recipes" / "smoke_ssl.yaml"), "--exp-dir", str(exp_dir), "--no-progress",

@@ -207,6 +207,94 @@ class AsrDataModule(_lightning_data_module()):
         return make_loader(cuts, self.dev_dataset, self.max_duration, shuffle=False)
 
 
+class SkipFirst:
+    """A sampler view that drops the first ``skip`` batches of its next pass (a resumed fit's batches already
+    trained in the interrupted epoch), then passes everything; ``set_epoch`` reaches the wrapped sampler."""
+
+    def __init__(self, sampler, skip: int = 0):
+        self.sampler, self.skip = sampler, int(skip)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        skip, self.skip = self.skip, 0
+        for k, batch in enumerate(self.sampler):
+            if k >= skip:
+                yield batch
+
+
+class WaveformDataModule(_lightning_data_module()):
+    """Training batches of waveform cuts (the SSL stages) for a step-based fit, built per rank.
+
+    The sampler is lhotse's ``DynamicBucketingSampler`` over ``cuts`` (5 duration buckets, ``batch_seconds`` of audio
+    per batch and process, shuffled with ``seed`` and the epoch) with the trainer's world size and rank; the batches
+    are collated by :class:`speechkd.data.classification.WaveformDataset` in a DataLoader worker. A fit resumed in
+    the middle of an epoch skips the batches that epoch had already trained (``global step`` minus the batches of the
+    earlier epochs), so it sees what a fit never stopped would have seen.
+
+    Args:
+      cuts: lhotse CutSet of mono recordings (16 kHz after resampling).
+      target_keys: integer cut fields collated as targets (``kws_target``, ``spk_target``).
+      batch_seconds: seconds of audio per batch and process.
+      seed: sampler seed.
+      num_workers: DataLoader workers.
+
+    Raises:
+      ValueError: in :meth:`setup`, when the sampler yields no batch.
+    """
+
+    def __init__(self, cuts, target_keys: Sequence[str], batch_seconds: Seconds, seed: int, num_workers: int = 1):
+        super().__init__()
+        self.cuts, self.target_keys = cuts, list(target_keys)
+        self.batch_seconds, self.seed, self.num_workers = batch_seconds, seed, num_workers
+        self.sampler = None
+
+    def _make(self):
+        from lhotse.dataset import DynamicBucketingSampler
+
+        t = self.trainer
+        world, rank = (1, 0) if t is None else (t.world_size, t.global_rank)
+        with warnings.catch_warnings():  # small eager CutSets are fine here
+            warnings.filterwarnings("ignore", message=".*eagerly read CutSet.*")
+            return DynamicBucketingSampler(self.cuts, max_duration=self.batch_seconds, shuffle=True, num_buckets=5,
+                                           seed=self.seed, world_size=world, rank=rank)
+
+    def setup(self, stage: str) -> None:
+        from speechkd.training import count_batches
+
+        if self.sampler is None:
+            self.sampler = self._make()
+            if count_batches(self.sampler) == 0:
+                raise ValueError(f"no training batch: {len(self.cuts)} cuts with batch_seconds={self.batch_seconds}")
+
+    def _position(self) -> tuple[int, int]:
+        """``(epoch, batches of it already trained)`` where the fit (re)starts."""
+        import copy
+
+        from speechkd.training import count_batches
+
+        t = self.trainer
+        if t is None:
+            return 0, 0
+        epoch = t.fit_loop.epoch_progress.current.processed
+        done = t.global_step * t.accumulate_grad_batches
+        for e in range(epoch):  # batches of the epochs before
+            s = copy.deepcopy(self.sampler)
+            s.set_epoch(e)
+            done -= count_batches(s)
+        return epoch, max(0, done)
+
+    def train_dataloader(self):
+        from speechkd.data.classification import WaveformDataset
+
+        epoch, skip = self._position()
+        self.sampler.set_epoch(epoch)  # Lightning sets it only after making the iterator
+        return torch.utils.data.DataLoader(WaveformDataset(self.target_keys), sampler=SkipFirst(self.sampler, skip),
+                                           batch_size=None, num_workers=self.num_workers,
+                                           persistent_workers=self.num_workers > 0)
+
+
 def load_cuts(path: Pathlike, lazy: bool = True):
     """Open a CutSet manifest (``.jsonl.gz``): lazily by default (cuts are read from the file on each pass, never
     the whole corpus in memory), or eagerly.

@@ -20,10 +20,12 @@ skips outputs that are complete, and a stopped training resumes from its checkpo
                  cuts/trials/<corpus>-<list>.{tsv,jsonl.gz} (the trials kept and the utterances they use)
     teacher   -> teacher/ (Hugging Face HuBERT directory; checkpoint teacher.pretrain_ckpt.pt); nothing with
                  ``teacher.dir``
-    distill   -> student/ (Hugging Face directory + distill_heads.safetensors + metrics.csv; checkpoint
-                 student.ckpt.pt)
+    distill   -> student/ (Hugging Face directory + distill_heads.safetensors + metrics.csv; the Lightning fit's
+                 checkpoint and logs in student.fit/)
     finetune  -> finetune/<encoder>-<mode>[-<task>]/ (encoder/, heads.safetensors, downstream.json, metrics.csv;
-                 checkpoint finetune/<run>.ckpt.pt)
+                 the fit in finetune/<run>.fit/)
+
+Distillation and fine-tuning train through Lightning (:func:`speechkd.training.fit_steps`), step-exact on resume.
     evaluate  -> eval/<encoder>-<mode>.json: one per system (the runs that together serve both tasks)
     report    -> report.md, plots/ssl_tasks.png (:func:`speechkd.report.write_ssl_report`)
 """
@@ -33,9 +35,8 @@ from __future__ import annotations
 import csv
 import json
 import time
-import warnings
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -45,8 +46,8 @@ from torch import nn
 from speechkd.config import DownstreamConfig, SslRecipe, dump_recipe
 from speechkd.data.classification import IGNORE_INDEX, SAMPLE_RATE, waveform_batches
 from speechkd.teachers.hf import write_preprocessor_config
-from speechkd.utils import (atomic_dir, atomic_path, log, set_thread_policy, warmup_cosine, write_json_atomic,
-                            write_text_atomic)
+from speechkd.training import TrainSummary, fit_steps
+from speechkd.utils import atomic_dir, atomic_path, log, set_thread_policy, write_json_atomic, write_text_atomic
 
 __all__ = [
     "SSL_STAGES",
@@ -58,7 +59,6 @@ __all__ = [
     "load_downstream",
     "needed_stages",
     "save_downstream",
-    "train_steps",
 ]
 
 DOWNSTREAM_META = "downstream.json"
@@ -174,154 +174,11 @@ class SslExperiment:
         return out
 
 
-# ---------------------------------------------------------------------------------------------- training loop
-class TrainSummary(NamedTuple):
-    """What :func:`train_steps` returns: total ``steps``, training ``seconds`` over every resumed run, the logged
-    ``history`` (one dict per logged step) and the step this run ``resumed_from`` (0 for a fresh one)."""
-
-    steps: int
-    seconds: float
-    history: list[dict]
-    resumed_from: int
-
-
 def _settings(cfg, *also_drop: str) -> dict:
     """A config section as a resume fingerprint: without the keys that do not change what a run computes
     (``num_threads``, ``ckpt_every``) and ``also_drop`` (which other runs a recipe lists)."""
     drop = {"num_threads", "ckpt_every", *also_drop}
     return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in drop}
-
-
-def _step_seed(seed: int, step: int) -> int:
-    return int(np.random.default_rng([int(seed), int(step), 7]).integers(2**62))
-
-
-def _batches(cuts, batch_seconds: float, seed: int, start: int, target_keys: Sequence[str]) -> Iterator[dict]:
-    """Training batches forever, epoch after epoch (epoch e shuffled by lhotse's bucketing sampler with ``seed``
-    and ``set_epoch(e)``), from batch number ``start`` on: earlier batches are skipped without reading audio, so a
-    resumed run sees exactly the batches a run without a stop would have seen."""
-    from lhotse.dataset import DynamicBucketingSampler
-
-    from speechkd.data.classification import WaveformDataset
-
-    dataset = WaveformDataset(target_keys)
-    step, epoch = 0, 0
-    while True:
-        with warnings.catch_warnings():  # our CutSets are small and eager on purpose
-            warnings.filterwarnings("ignore", message=".*eagerly read CutSet.*")
-            sampler = DynamicBucketingSampler(cuts, max_duration=batch_seconds, shuffle=True, num_buckets=5, seed=seed)
-        sampler.set_epoch(epoch)
-        n = 0
-        for batch_cuts in sampler:
-            n += 1
-            if step >= start:
-                yield dataset[batch_cuts]
-            step += 1
-        if n == 0:
-            raise ValueError(f"no training batch: {len(cuts)} cuts with batch_seconds={batch_seconds}")
-        epoch += 1
-
-
-def train_steps(
-    ckpt_path: Path,
-    module: nn.Module,
-    param_groups: list[dict],
-    cuts,
-    step_fn: Callable[[dict], tuple[torch.Tensor, dict]],
-    *,
-    steps: int,
-    warmup_steps: int,
-    final_lr_ratio: float,
-    weight_decay: float,
-    grad_clip: float,
-    batch_seconds: float,
-    seed: int,
-    ckpt_every: int,
-    fingerprint: dict,
-    target_keys: Sequence[str] = (),
-    progress: bool = True,
-    desc: str = "train",
-    log_every: int = 10,
-) -> TrainSummary:
-    """A plain, step-exact, resumable training loop (AdamW, linear warm-up then cosine decay to
-    ``final_lr_ratio`` times each group's peak learning rate, gradient-norm clipping).
-
-    Every ``ckpt_every`` steps and at the end, ``ckpt_path`` is written atomically (``torch.save`` of state dicts,
-    tensors and JSON strings only, read back with ``weights_only=True``); a later call with the same
-    ``ckpt_path`` and ``fingerprint`` resumes from it (a larger ``steps`` continues training). Step s seeds torch
-    with ``(seed, s)`` (dropout) and reads the s-th batch of :func:`_batches`.
-
-    Args:
-      ckpt_path: the checkpoint file.
-      module: everything that trains (its ``state_dict`` is checkpointed); put in training mode here.
-      param_groups: AdamW parameter groups, each ``{"params": [...], "lr": peak lr}``.
-      cuts: training CutSet (waveform cuts of :mod:`speechkd.data.classification`).
-      step_fn: ``batch -> (loss, logs)``: ``batch`` from :class:`~speechkd.data.classification.WaveformDataset`,
-        ``loss`` a scalar (a step whose loss has no gradient is counted but changes nothing), ``logs`` floats.
-      steps, warmup_steps, final_lr_ratio, weight_decay, grad_clip, batch_seconds, seed, ckpt_every: as named.
-      fingerprint: JSON-serialisable settings; a checkpoint made with others is refused.
-      target_keys: integer cut fields collated into the batch (``kws_target``, ``spk_target``).
-      progress, desc: progress bar.
-      log_every: steps between history entries.
-
-    Returns:
-      :class:`TrainSummary`.
-
-    Raises:
-      ValueError: a checkpoint made with other settings (names the file), or no training batch.
-    """
-    from tqdm.auto import tqdm
-
-    ckpt_path = Path(ckpt_path)
-    optimizer = torch.optim.AdamW(param_groups, weight_decay=weight_decay)
-    peaks = [g["lr"] for g in optimizer.param_groups]
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    fp = json.dumps(fingerprint, sort_keys=True)
-    start, history, seconds = 0, [], 0.0
-    if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ckpt.get("fingerprint") != fp:
-            raise ValueError(f"{ckpt_path} was made with other settings than this recipe's: delete it to start over")
-        module.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start, history, seconds = int(ckpt["step"]), json.loads(ckpt["history"]), float(ckpt["seconds"])
-
-    def save(step: int, secs: float) -> None:
-        state = {"step": step, "model": module.state_dict(), "optimizer": optimizer.state_dict(),
-                 "history": json.dumps(history), "seconds": secs, "fingerprint": fp}
-        with atomic_path(ckpt_path) as tmp:
-            torch.save(state, tmp)
-
-    if start >= steps:
-        return TrainSummary(start, seconds, history, start)
-    bar = tqdm(total=steps, initial=start, desc=desc, unit="step", disable=not progress)
-    t0 = time.time()
-    module.train()
-    stream = _batches(cuts, batch_seconds, seed, start, target_keys)
-    for step in range(start, steps):
-        batch = next(stream)
-        torch.manual_seed(_step_seed(seed, step))
-        for group, peak in zip(optimizer.param_groups, peaks):
-            group["lr"] = peak * warmup_cosine(step, warmup_steps, steps, final_lr_ratio)
-        loss, logs = step_fn(batch)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"{desc}: loss is {float(loss)} at step {step} (batch {batch['cut_ids'][:3]} ...)")
-        if loss.requires_grad:
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            optimizer.step()
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            history.append({"step": step + 1, "lr": optimizer.param_groups[0]["lr"], **logs})
-            bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items()})
-        bar.update(1)
-        if (step + 1) % ckpt_every == 0 and step + 1 < steps:
-            save(step + 1, seconds + time.time() - t0)
-    bar.close()
-    seconds += time.time() - t0
-    save(steps, seconds)
-    module.eval()
-    return TrainSummary(steps, seconds, history, start)
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
@@ -488,9 +345,9 @@ def distill(exp: SslExperiment) -> None:
     cuts = exp.cuts("pretrain")
     fingerprint = {"student": _settings(s), "teacher": [teacher.num_layers, teacher.hidden_size],
                    "targets": student.target_layers, "cuts": len(cuts)}
-    summary = train_steps(
-        out.with_name(out.name + ".ckpt.pt"), student, [{"params": [p for p in student.parameters() if p.requires_grad],
-                                                          "lr": s.lr}],
+    summary = fit_steps(
+        out.with_name(out.name + ".fit"), student, [{"params": [p for p in student.parameters() if p.requires_grad],
+                                                     "lr": s.lr}],
         cuts, step, steps=s.steps, warmup_steps=s.warmup_steps, final_lr_ratio=s.final_lr_ratio,
         weight_decay=s.weight_decay, grad_clip=s.grad_clip, batch_seconds=s.batch_seconds, seed=s.seed,
         ckpt_every=s.ckpt_every, fingerprint=fingerprint, progress=exp.progress, desc="distill",
@@ -687,8 +544,8 @@ def _finetune_run(exp: SslExperiment, run: FinetuneRun) -> None:
     keys = [{"kws": "kws_target", "sv": "spk_target"}[t] for t in run.tasks]
     fingerprint = {"downstream": _settings(c, "encoders", "modes", "tasks"), "run": run.name, "cuts": len(cuts),
                    "encoder": [model.encoder.num_layers, model.encoder.hidden_size]}
-    summary = train_steps(
-        out.with_name(out.name + ".ckpt.pt"), model, groups, cuts, lambda b: model.loss(b, c.beta), steps=c.steps,
+    summary = fit_steps(
+        out.with_name(out.name + ".fit"), model, groups, cuts, lambda b: model.loss(b, c.beta), steps=c.steps,
         warmup_steps=c.warmup_steps, final_lr_ratio=c.final_lr_ratio, weight_decay=c.weight_decay,
         grad_clip=c.grad_clip, batch_seconds=c.batch_seconds, seed=c.seed, ckpt_every=c.ckpt_every,
         fingerprint=fingerprint, target_keys=keys, progress=exp.progress, desc=f"finetune {run.name}",
