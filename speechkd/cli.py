@@ -99,12 +99,12 @@ def _stage(name: str, recipe, exp_dir, corpora_dir, progress, **kw):
 
     exp = _experiment(recipe, exp_dir, corpora_dir, progress)
     stages = stages_of(exp)
-    kind = "an SSL (task: ssl)" if getattr(exp, "kind", "asr") == "ssl" else "an ASR"
+    kind = "an SSL (task: ssl)" if exp.recipe.task == "ssl" else "an ASR"
     if name not in stages:
         typer.echo(f"error: stage '{name}' does not apply to {kind} recipe; its stages: {', '.join(stages)}", err=True)
         raise typer.Exit(2)
     ssl_kw = {k: kw.pop(k) for k in SSL_ONLY_OPTIONS if k in kw}
-    if getattr(exp, "kind", "asr") == "ssl":
+    if exp.recipe.task == "ssl":
         given = [k for k, v in kw.items() if v is not None]
         if given:
             typer.echo(f"error: option(s) {given} apply to ASR recipes only", err=True)

@@ -473,6 +473,7 @@ class Recipe(Strict):
     ``runtime``: accelerator, devices and precision of every fit (:class:`RuntimeConfig`).
     """
 
+    task: Literal["asr"] = "asr"
     name: str
     exp_dir: str
     data: AnyData = DataConfig()
@@ -735,7 +736,9 @@ class SslEvalConfig(Strict):
 class SslRecipe(Strict):
     """An SSL-distillation experiment (arXiv 2210.16611 after DistilHuBERT): a HuBERT teacher (pre-trained here or
     loaded), a DistilHuBERT student distilled from it, both fine-tuned for keyword spotting and speaker verification
-    (frozen / fine-tuned / multi-task), evaluated and reported. Selected by ``task: ssl`` at the top of the YAML."""
+    (frozen / fine-tuned / multi-task), evaluated and reported. Selected by ``task: ssl`` at the top of the YAML.
+    ``runtime``: as for ASR recipes; distillation and fine-tuning train data-parallel with several processes, HuBERT
+    pre-training runs on rank 0."""
 
     task: Literal["ssl"]
     name: str
@@ -745,6 +748,7 @@ class SslRecipe(Strict):
     student: SslStudentConfig = SslStudentConfig()
     downstream: DownstreamConfig = DownstreamConfig()
     eval: SslEvalConfig = SslEvalConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
 
     @model_validator(mode="after")
     def _check_layers(self):
@@ -786,11 +790,12 @@ def load_recipe(path: Pathlike, overrides: Optional[dict] = None) -> AnyRecipe:
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: expected a mapping at the top level")
     raw.update(overrides or {})
-    if "task" in raw and raw["task"] != "ssl":
-        raise RecipeError(f"{path}: task must be 'ssl' (an SSL-distillation recipe) or absent (an ASR recipe), "
-                          f"got {raw['task']!r}")
+    task = raw.get("task", "asr")
+    if task not in ("asr", "ssl"):
+        raise RecipeError(f"{path}: task must be 'ssl' (an SSL-distillation recipe) or 'asr' (an ASR recipe, the "
+                          f"default when absent), got {task!r}")
     try:
-        return (SslRecipe if "task" in raw else Recipe).model_validate(raw)
+        return (SslRecipe if task == "ssl" else Recipe).model_validate(raw)
     except ValidationError as e:
         raise RecipeError(f"{path}: {e}") from e
 

@@ -595,25 +595,34 @@ def needed_stages(recipe: Recipe) -> list[str]:
     return stages + ["distill", "evaluate", "report"]
 
 
+#: The pipeline module of each recipe ``task``. A module gives ``EXPERIMENT`` (``(recipe, progress) -> experiment``),
+#: ``STAGES`` (name -> stage function, in run order), ``needed_stages(recipe)`` and ``ALL_RANK_STAGES``; a new kind of
+#: recipe is one such module and a line here.
+PIPELINES: dict[str, str] = {"asr": "speechkd.pipeline", "ssl": "speechkd.ssl_pipeline"}
+
+
+def pipeline_module(task: str):
+    """The pipeline module of a recipe task (:data:`PIPELINES`).
+
+    Raises:
+      ValueError: an unknown task (naming the known ones).
+    """
+    import importlib
+
+    if task not in PIPELINES:
+        raise ValueError(f"no pipeline for task {task!r}; known: {', '.join(PIPELINES)}")
+    return importlib.import_module(PIPELINES[task])
+
+
 def make_experiment(recipe, progress: bool = True):
-    """The experiment of a recipe: :class:`Experiment` for an ASR :class:`~speechkd.config.Recipe`,
-    :class:`speechkd.methods.ssl_kd.SslExperiment` for an :class:`~speechkd.config.SslRecipe` (``task: ssl``)."""
-    from speechkd.config import SslRecipe
-
-    if isinstance(recipe, SslRecipe):
-        from speechkd.methods.ssl_kd import SslExperiment
-
-        return SslExperiment(recipe, progress=progress)
-    return Experiment(recipe, progress=progress)
+    """The experiment of a recipe, by its ``task``: :class:`Experiment` for ASR,
+    :class:`speechkd.ssl_pipeline.SslExperiment` for ``task: ssl``."""
+    return pipeline_module(recipe.task).EXPERIMENT(recipe, progress=progress)
 
 
 def stages_of(exp) -> dict[str, Callable]:
-    """The stage functions of an experiment's kind (ASR :data:`STAGES`, or the SSL recipe's)."""
-    if getattr(exp, "kind", "asr") == "ssl":
-        from speechkd.methods.ssl_kd import SSL_STAGES
-
-        return SSL_STAGES
-    return STAGES
+    """The stage functions of an experiment's pipeline (in run order)."""
+    return pipeline_module(exp.recipe.task).STAGES
 
 
 #: Stages every process of a multi-process run executes together (fits train with DDP; labelling splits the cuts
@@ -635,8 +644,8 @@ def start_processes(exp) -> bool:
 
 
 def run_stage(exp, name: str, **kwargs) -> None:
-    """Run one stage of the experiment's kind. In a multi-process run, a stage of :data:`ALL_RANK_STAGES` runs on
-    every rank, any other on rank 0 only; every rank then waits for the others, so no rank starts a stage before
+    """Run one stage of the experiment's pipeline. In a multi-process run, a stage of the pipeline's
+    ``ALL_RANK_STAGES`` runs on every rank, any other on rank 0 only; every rank then waits for the others, so no rank starts a stage before
     the previous one's outputs exist.
 
     Raises:
@@ -644,15 +653,16 @@ def run_stage(exp, name: str, **kwargs) -> None:
     """
     from speechkd.distributed import barrier, is_main, world_size
 
-    fn = stages_of(exp)[name]
-    if world_size() == 1 or name in ALL_RANK_STAGES or is_main():
+    module = pipeline_module(exp.recipe.task)
+    fn = module.STAGES[name]
+    if world_size() == 1 or name in module.ALL_RANK_STAGES or is_main():
         fn(exp, **kwargs)
     barrier()
 
 
 def run_all(exp: Experiment, stages: Optional[list[str]] = None) -> None:
-    """Run the recipe's stages in order (:func:`needed_stages`, or for an SSL experiment
-    :func:`speechkd.methods.ssl_kd.needed_stages`); each skips what is already complete. In a multi-process run
+    """Run the recipe's stages in order (its pipeline's ``needed_stages``: :func:`needed_stages` for ASR,
+    :func:`speechkd.ssl_pipeline.needed_stages`); each skips what is already complete. In a multi-process run
     (see :mod:`speechkd.distributed`) every rank calls this; stages run as :func:`run_stage` says."""
     from speechkd.distributed import is_main
 
@@ -660,13 +670,11 @@ def run_all(exp: Experiment, stages: Optional[list[str]] = None) -> None:
     exp.dir.mkdir(parents=True, exist_ok=True)
     if is_main():
         exp.write_config()
-    if getattr(exp, "kind", "asr") == "ssl":
-        from speechkd.methods.ssl_kd import needed_stages as needed_ssl_stages
-
-        needed = needed_ssl_stages(exp.recipe)
-    else:
-        needed = needed_stages(exp.recipe)
+    needed = pipeline_module(exp.recipe.task).needed_stages(exp.recipe)
     for name in stages or needed:
         t0 = time.time()
         run_stage(exp, name)
         log(f"stage {name} done ({time.time() - t0:.0f} s)")
+
+
+EXPERIMENT = Experiment

@@ -707,7 +707,7 @@ SSL_REQUIRED_KEYS: dict[str, tuple[tuple[type, ...], bool]] = {
     "rtf": (_NUM, True),
     "train_seconds": (_NUM, True),
 }
-"""Keys of an SSL experiment's ``eval/<encoder>-<mode>.json`` (written by :func:`speechkd.methods.ssl_kd.evaluate`):
+"""Keys of an SSL experiment's ``eval/<encoder>-<mode>.json`` (written by :func:`speechkd.ssl_pipeline.evaluate`):
 ``kws_accuracy`` in percent (null without the KWS task), ``sv`` maps each trial list ``<corpus>/<list>`` to
 ``{"eer": percent, "min_dcf": float, "trials": int}``, ``params`` counts what serves every task (encoders and
 heads), ``encoder_params`` one encoder."""

@@ -357,12 +357,15 @@ class StepTask(_lightning().LightningModule):
       steps, warmup_steps, final_lr_ratio, weight_decay, seed: as named.
       fingerprint: JSON-serialisable settings stored in the checkpoint.
       desc: names the fit in errors.
+      frozen: modules ``loss_fn`` reads but does not train; moved to the fit's device at its start.
     """
 
     def __init__(self, module, param_groups: list[dict], loss_fn: Callable, *, steps: int, warmup_steps: int,
-                 final_lr_ratio: float, weight_decay: float, seed: int, fingerprint: dict, desc: str = "train"):
+                 final_lr_ratio: float, weight_decay: float, seed: int, fingerprint: dict, desc: str = "train",
+                 frozen: Sequence = ()):
         super().__init__()
         self.module = module
+        self._frozen = list(frozen)  # not registered: not checkpointed, not wrapped by DDP
         self._groups = param_groups
         self._loss_fn = loss_fn
         self.steps, self.warmup_steps, self.final_lr_ratio = steps, warmup_steps, final_lr_ratio
@@ -413,6 +416,12 @@ class StepTask(_lightning().LightningModule):
 
     def on_fit_start(self):
         self._t0 = time.time()
+        for m in self._frozen:
+            m.to(self.device)
+
+    def on_fit_end(self):
+        for m in self._frozen:
+            m.cpu()
 
 
 def fit_steps(
@@ -436,6 +445,8 @@ def fit_steps(
     desc: str = "train",
     log_every: int = 10,
     runtime: Optional[RuntimeConfig] = None,
+    frozen: Sequence = (),
+    accumulate_grad_batches: int = 1,
 ) -> TrainSummary:
     """Train ``module`` for ``steps`` optimiser steps with Lightning (:class:`StepTask`) on waveform batches of
     ``cuts``, resumably, and return its summary. ``module`` holds the trained weights afterwards (on the CPU, in
@@ -459,6 +470,9 @@ def fit_steps(
       target_keys: integer cut fields collated into the batch (``kws_target``, ``spk_target``).
       log_every: steps between logged rows.
       runtime: accelerator, devices (DDP with unused parameters allowed: a batch may train one head only), precision.
+      frozen: modules ``loss_fn`` uses without training them (e.g. the distillation teacher): moved to the fit's
+        device at its start, neither checkpointed nor synchronised.
+      accumulate_grad_batches: batches whose gradients make one step (``steps`` counts optimiser steps).
 
     Returns:
       :class:`TrainSummary`.
@@ -480,7 +494,7 @@ def fit_steps(
     run_dir.mkdir(parents=True, exist_ok=True)
     task = StepTask(module, param_groups, loss_fn, steps=steps, warmup_steps=warmup_steps,
                     final_lr_ratio=final_lr_ratio, weight_decay=weight_decay, seed=seed, fingerprint=fingerprint,
-                    desc=desc)
+                    desc=desc, frozen=frozen)
     data = WaveformDataModule(cuts, target_keys, batch_seconds, seed=seed)
     last = run_dir / "ckpt" / "last.ckpt"
     n_fits = len(list(run_dir.glob("csv[0-9]*")))
@@ -492,7 +506,7 @@ def fit_steps(
         logger=[CSVLogger(run_dir, name="", version=f"csv{n_fits}"), TensorBoardLogger(run_dir, name="", version="tb")],
         callbacks=[ModelCheckpoint(dirpath=run_dir / "ckpt", filename="last", every_n_train_steps=ckpt_every,
                                    save_top_k=1, enable_version_counter=False)],
-        gradient_clip_val=grad_clip, limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=log_every,
+        gradient_clip_val=grad_clip, accumulate_grad_batches=accumulate_grad_batches, limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=log_every,
         use_distributed_sampler=False, enable_progress_bar=progress, enable_model_summary=False,
     )
     t0 = time.time()
@@ -508,5 +522,7 @@ def fit_steps(
                 values = {k: float(v) for k, v in row.items() if v not in ("", None) and k not in ("step", "epoch")}
                 if values:
                     history.append({"step": int(row["step"]) + 1, **values})
+    if task.last_logs and (not history or history[-1]["step"] != trainer.global_step):
+        history.append({"step": trainer.global_step, **task.last_logs})  # the last step, as the logger may skip it
     module.cpu().eval()
     return TrainSummary(trainer.global_step, seconds, history, task.resumed_from)

@@ -140,3 +140,64 @@ def test_speechkd_run_with_two_processes(corpora_dir, tmp_path):
         assert json.loads((exp / "students" / f"{name}-seed0" / "train_summary.json").read_text())["world_size"] == 2
     assert (exp / "report.md").is_file()
     assert res.stdout.count("stage teacher done") == 1  # logged by rank 0 only
+
+
+@pytest.fixture(scope="module")
+def ssl_exp(corpora_dir, tmp_path_factory):
+    from speechkd.config import load_recipe
+    from speechkd.ssl_pipeline import SslExperiment, prepare, train_teacher
+
+    d = tmp_path_factory.mktemp("ddp_ssl") / "exp"
+    r = load_recipe(REPO / "recipes" / "smoke_ssl.yaml", {"exp_dir": str(d)})
+    r.data.corpora_dir = str(corpora_dir)
+    exp = SslExperiment(r, progress=False)
+    prepare(exp)
+    train_teacher(exp)
+    (d / "recipe.json").write_text(r.model_dump_json())
+    return exp
+
+
+def test_two_process_ssl_fit_equals_one_process_with_the_same_global_batch(ssl_exp, tmp_path):
+    """fit_steps (the SSL stages' fit): a KWS head on the frozen teacher trained by 2 DDP processes equals one process
+    reading both ranks' batches in turn with 2 batches accumulated per step."""
+    runs = {}
+    for name, devices, acc, inter in (("one", 1, 2, 2), ("ddp", 2, 1, None), ("plain", 1, 1, None)):
+        run = tmp_path / name
+        cfg = {"exp_dir": str(ssl_exp.dir), "run_dir": str(run), "devices": devices, "accumulate": acc, "steps": 6,
+               "interleave": inter}
+        (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
+        launcher = [] if devices == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={devices}"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
+        res = subprocess.run([sys.executable, *launcher, str(REPO / "tests" / "ddp_ssl_fit.py"),
+                              str(tmp_path / f"{name}.json")], env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[name] = {k: v for k, v in load_file(str(run / "heads.safetensors")).items() if "running_" not in k
+                      and "num_batches" not in k}
+    diff = _max_diff(runs["one"], runs["ddp"])
+    assert diff < 1e-6, diff
+    assert _max_diff(runs["plain"], runs["ddp"]) > 100 * max(diff, 1e-7)
+
+
+def test_speechkd_run_ssl_recipe_with_two_processes(corpora_dir, tmp_path):
+    """`speechkd run recipes/smoke_ssl.yaml` with runtime.devices 2: HuBERT pre-training on rank 0, distillation and
+    every fine-tuning run with DDP, evaluation on rank 0 (its samplers not split by rank)."""
+    import yaml
+
+    recipe = yaml.safe_load((REPO / "recipes" / "smoke_ssl.yaml").read_text())
+    recipe.update(exp_dir=str(tmp_path / "exp"), runtime={"accelerator": "cpu", "devices": 2})
+    path = tmp_path / "ssl2.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SPEECHKD_CORPORA": str(corpora_dir)}
+    res = subprocess.run([sys.executable, "-m", "speechkd.cli", "run", str(path), "--no-progress"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    exp = tmp_path / "exp"
+    assert json.loads((exp / "student" / "train_summary.json").read_text())["world_size"] == 2
+    meta = json.loads((exp / "finetune" / "student-multitask" / "downstream.json").read_text())
+    assert meta["world_size"] == 2 and meta["steps"] == recipe["downstream"]["steps"]
+    results = [json.loads(p.read_text()) for p in (exp / "eval").glob("*.json")]
+    assert len(results) == 6
+    for r in results:  # every test clip and trial scored once (rank 0 alone, on all of them)
+        assert r["kws_test_utts"] == len(list(__import__("lhotse").CutSet.from_file(exp / "cuts" / "kws_test.jsonl.gz")))
+        assert all(v["trials"] == recipe["data"]["max_trials"] for v in r["sv"].values())
+    assert (exp / "report.md").is_file()

@@ -130,7 +130,7 @@ def test_frozen_runs_keep_the_encoder_and_finetuned_runs_change_it(ssl_exp):
 
 
 def test_frozen_mode_trains_only_the_heads(ssl_exp, tmp_path):
-    from speechkd.methods.ssl_kd import FinetuneRun, build_downstream
+    from speechkd.ssl_pipeline import FinetuneRun, build_downstream
     from speechkd.training import fit_steps
 
     c = ssl_exp.recipe.downstream
@@ -149,7 +149,7 @@ def test_frozen_mode_trains_only_the_heads(ssl_exp, tmp_path):
 
 def test_stopped_finetuning_resumes_exactly(ssl_exp, tmp_path):
     """A run stopped after its step-2 checkpoint and resumed ends with the weights of a run never stopped."""
-    from speechkd.methods.ssl_kd import FinetuneRun, build_downstream
+    from speechkd.ssl_pipeline import FinetuneRun, build_downstream
     from speechkd.training import fit_steps
 
     run = FinetuneRun("student", "multitask", ("kws", "sv"))
@@ -190,7 +190,7 @@ def test_frozen_system_runs_its_shared_encoder_once(ssl_exp):
     """The frozen system's runs share one unchanged encoder: deployed (and timed for RTF), it runs once and both
     heads read it, with the outputs each run gives on its own."""
     from speechkd.data.classification import WaveformDataset
-    from speechkd.methods.ssl_kd import load_downstream, system_infer
+    from speechkd.models.downstream import load_downstream, system_infer
 
     models = [load_downstream(ssl_exp.dir / "finetune" / f"teacher-frozen-{t}") for t in ("kws", "sv")]
     batch = WaveformDataset(())[ssl_exp.cuts("kws_test").subset(first=3)]
@@ -232,7 +232,7 @@ def test_finetune_trains_only_the_runs_asked_for(ssl_exp, tmp_path):
     # the retrained run repeats the first one exactly (same seeds, same batches)
     from safetensors.torch import load_file
 
-    from speechkd.methods.ssl_kd import HEADS_WEIGHTS
+    from speechkd.models.downstream import HEADS_WEIGHTS
 
     a = load_file(ssl_exp.dir / "finetune" / "student-frozen-kws" / HEADS_WEIGHTS)
     b = load_file(exp_dir / "finetune" / "student-frozen-kws" / HEADS_WEIGHTS)

@@ -323,5 +323,6 @@ def waveform_batches(cuts, batch_seconds: Seconds, target_keys: Sequence[str] = 
     if not isinstance(cuts, CutSet):
         cuts = CutSet.from_cuts(cuts)
     dataset = WaveformDataset(target_keys, sampling_rate=sampling_rate)
-    for batch_cuts in SimpleCutSampler(cuts, max_duration=batch_seconds, shuffle=False):
+    # world_size/rank explicit: in a multi-process run lhotse would otherwise give this process every other batch
+    for batch_cuts in SimpleCutSampler(cuts, max_duration=batch_seconds, shuffle=False, world_size=1, rank=0):
         yield dataset[batch_cuts]
