@@ -117,19 +117,26 @@ def test_ddp_fit_killed_mid_epoch_resumes_to_the_same_weights(digits_exp, tmp_pa
     assert _max_diff(_params(full), _params(killed)) < 1e-6
 
 
-def test_speechkd_run_with_two_processes(corpora_dir, tmp_path):
-    """`speechkd run` on the smoke recipe with runtime.devices 2 starts 2 processes (torchrun): the fits train with
-    DDP, extract and quantize label one shard per rank, rank 0 prepares, evaluates and reports; one log line each."""
+def _run_with_two_processes(recipe_name, corpora_dir, tmp_path):
+    """`speechkd run` on a recipe of recipes/ with runtime {accelerator: cpu, devices: 2} and exp_dir tmp_path/exp;
+    returns (the recipe as a dict, the finished process)."""
     import yaml
 
-    recipe = yaml.safe_load((REPO / "recipes" / "smoke.yaml").read_text())
+    recipe = yaml.safe_load((REPO / "recipes" / recipe_name).read_text())
     recipe.update(exp_dir=str(tmp_path / "exp"), runtime={"accelerator": "cpu", "devices": 2})
-    path = tmp_path / "smoke2.yaml"
+    path = tmp_path / "two.yaml"
     path.write_text(yaml.safe_dump(recipe))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SPEECHKD_CORPORA": str(corpora_dir)}
     res = subprocess.run([sys.executable, "-m", "speechkd.cli", "run", str(path), "--no-progress"], env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return recipe, res
+
+
+def test_speechkd_run_with_two_processes(corpora_dir, tmp_path):
+    """`speechkd run` on the smoke recipe with runtime.devices 2 starts 2 processes (torchrun): the fits train with
+    DDP, extract and quantize label one shard per rank, rank 0 prepares, evaluates and reports; one log line each."""
+    recipe, res = _run_with_two_processes("smoke.yaml", corpora_dir, tmp_path)
     assert "starting 2 processes" in res.stderr
     exp = tmp_path / "exp"
     summary = json.loads((exp / "teacher" / "train_summary.json").read_text())
@@ -181,16 +188,7 @@ def test_two_process_ssl_fit_equals_one_process_with_the_same_global_batch(ssl_e
 def test_speechkd_run_ssl_recipe_with_two_processes(corpora_dir, tmp_path):
     """`speechkd run recipes/smoke_ssl.yaml` with runtime.devices 2: HuBERT pre-training on rank 0, distillation and
     every fine-tuning run with DDP, evaluation on rank 0 (its samplers not split by rank)."""
-    import yaml
-
-    recipe = yaml.safe_load((REPO / "recipes" / "smoke_ssl.yaml").read_text())
-    recipe.update(exp_dir=str(tmp_path / "exp"), runtime={"accelerator": "cpu", "devices": 2})
-    path = tmp_path / "ssl2.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SPEECHKD_CORPORA": str(corpora_dir)}
-    res = subprocess.run([sys.executable, "-m", "speechkd.cli", "run", str(path), "--no-progress"], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    recipe, _ = _run_with_two_processes("smoke_ssl.yaml", corpora_dir, tmp_path)
     exp = tmp_path / "exp"
     assert json.loads((exp / "student" / "train_summary.json").read_text())["world_size"] == 2
     meta = json.loads((exp / "finetune" / "student-multitask" / "downstream.json").read_text())
