@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic file writes, thread policy, seeding, type aliases for units."""
+"""Small shared helpers: atomic file writes, thread policy, logging, type aliases for units."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import contextlib
 import json
 import math
 import os
-import random
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Union
@@ -115,11 +114,3 @@ def set_thread_policy(num_threads: int | None = None) -> None:
         torch.set_num_threads(num_threads)
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python's ``random``, numpy and torch for a reproducible run."""
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)

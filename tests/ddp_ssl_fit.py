@@ -36,10 +36,9 @@ def main(config_path: str) -> None:
 
         def interleaved(self):
             base = make(self)  # world size 1 here: rebuild it as each of `world` ranks
-            from lhotse.dataset import DynamicBucketingSampler
+            from speechkd.data.datamodule import make_sampler
 
-            return Interleaved([DynamicBucketingSampler(self.cuts, max_duration=self.batch_seconds, shuffle=True,
-                                                        num_buckets=5, seed=self.seed, world_size=world, rank=r)
+            return Interleaved([make_sampler(self.cuts, self.batch_seconds, True, self.seed, world, r)
                                 for r in range(world)]) if base.world_size == 1 else base
 
         WaveformDataModule._make = interleaved

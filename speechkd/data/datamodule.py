@@ -142,9 +142,9 @@ def shard_cuts(cuts, index: int, count: int):
     """
     from lhotse import CutSet
 
-    if not (count >= 1 and 0 <= index < count):
-        raise ValueError(f"shard {index}/{count}: the index must be in 0..{count - 1}")
-    return CutSet.from_cuts(c for k, c in enumerate(cuts) if k % count == index)
+    from speechkd.labels.shards import every_nth
+
+    return CutSet.from_cuts(every_nth(cuts, index, count))
 
 
 def _lightning_data_module():
@@ -251,14 +251,9 @@ class WaveformDataModule(_lightning_data_module()):
         self.sampler = None
 
     def _make(self):
-        from lhotse.dataset import DynamicBucketingSampler
-
         t = self.trainer
         world, rank = (1, 0) if t is None else (t.world_size, t.global_rank)
-        with warnings.catch_warnings():  # small eager CutSets are fine here
-            warnings.filterwarnings("ignore", message=".*eagerly read CutSet.*")
-            return DynamicBucketingSampler(self.cuts, max_duration=self.batch_seconds, shuffle=True, num_buckets=5,
-                                           seed=self.seed, world_size=world, rank=rank)
+        return make_sampler(self.cuts, self.batch_seconds, shuffle=True, seed=self.seed, world_size=world, rank=rank)
 
     def setup(self, stage: str) -> None:
         from speechkd.training import count_batches
