@@ -737,8 +737,8 @@ class SslRecipe(Strict):
     """An SSL-distillation experiment (arXiv 2210.16611 after DistilHuBERT): a HuBERT teacher (pre-trained here or
     loaded), a DistilHuBERT student distilled from it, both fine-tuned for keyword spotting and speaker verification
     (frozen / fine-tuned / multi-task), evaluated and reported. Selected by ``task: ssl`` at the top of the YAML.
-    ``runtime``: as for ASR recipes; distillation and fine-tuning train data-parallel with several processes, HuBERT
-    pre-training runs on rank 0."""
+    ``runtime``: as for ASR recipes; HuBERT pre-training, distillation and fine-tuning train data-parallel with
+    several processes."""
 
     task: Literal["ssl"]
     name: str

@@ -19,8 +19,8 @@ skips outputs that are complete, and a stopped training resumes from its checkpo
 
     prepare   -> cuts/{pretrain,kws_train,sv_train,multitask_train,kws_test}.jsonl.gz, cuts/speakers.json,
                  cuts/trials/<corpus>-<list>.{tsv,jsonl.gz} (the trials kept and the utterances they use)
-    teacher   -> teacher/ (Hugging Face HuBERT directory; checkpoint teacher.pretrain_ckpt.pt); nothing with
-                 ``teacher.dir``
+    teacher   -> teacher/ (Hugging Face HuBERT directory; the fit, k-means centroids and checkpoint in
+                 teacher.fit/); nothing with ``teacher.dir``
     distill   -> student/ (Hugging Face directory + distill_heads.safetensors + metrics.csv; the Lightning fit's
                  checkpoint and logs in student.fit/)
     finetune  -> finetune/<encoder>-<mode>[-<task>]/ (encoder/, heads.safetensors, downstream.json, metrics.csv;
@@ -28,9 +28,9 @@ skips outputs that are complete, and a stopped training resumes from its checkpo
     evaluate  -> eval/<encoder>-<mode>.json: one per system (the runs that together serve both tasks)
     report    -> report.md, plots/ssl_tasks.png (:func:`speechkd.report.write_ssl_report`)
 
-Distillation (:mod:`speechkd.methods.ssl_kd`) and fine-tuning (:mod:`speechkd.models.downstream`) train through
-Lightning (:func:`speechkd.training.fit_steps`), step-exact on resume, data-parallel with ``runtime.devices``;
-HuBERT pre-training still runs its own loop (on rank 0 in a multi-process run).
+HuBERT pre-training (:mod:`speechkd.teachers.hubert_pretrain`), distillation (:mod:`speechkd.methods.ssl_kd`) and
+fine-tuning (:mod:`speechkd.models.downstream`) train through Lightning (:func:`speechkd.training.fit_steps`),
+step-exact on resume, data-parallel with ``runtime.devices``.
 """
 
 from __future__ import annotations
@@ -282,7 +282,7 @@ def train_teacher(exp: SslExperiment) -> None:
         final_dim=p.final_dim, mask_prob=p.mask_prob, mask_length=p.mask_length, lr=p.lr, warmup_steps=p.warmup_steps,
         max_samples=int(p.max_seconds * SAMPLE_RATE), max_batch_samples=int(p.batch_seconds * SAMPLE_RATE), seed=p.seed,
         ckpt_every=p.ckpt_every, kmeans_iters=p.kmeans_iters, max_kmeans_frames=p.max_kmeans_frames,
-        num_threads=p.num_threads, progress=exp.progress,
+        num_threads=p.num_threads, progress=exp.progress, runtime=exp.recipe.runtime,
     )
     last = res.history[-1] if res.history else {}
     log(f"teacher: HuBERT pre-trained {res.step} steps (from {res.resumed_from}; masked accuracy "
@@ -553,9 +553,10 @@ def needed_stages(recipe: SslRecipe) -> list[str]:
     return needed
 
 
-ALL_RANK_STAGES = frozenset({"distill", "finetune"})
-"""SSL stages every process of a multi-process run executes together (their fits train with DDP); the others
-(prepare, HuBERT pre-training, which is not on Lightning yet, evaluate, report) run on rank 0 while the rest wait."""
+ALL_RANK_STAGES = frozenset({"teacher", "distill", "finetune"})
+"""SSL stages every process of a multi-process run executes together (their fits train with DDP; the k-means targets
+are computed by every rank, the same, and stored by rank 0); the others (prepare, evaluate, report) run on rank 0
+while the rest wait."""
 
 STAGES = SSL_STAGES
 EXPERIMENT = SslExperiment

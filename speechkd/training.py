@@ -358,14 +358,19 @@ class StepTask(_lightning().LightningModule):
       fingerprint: JSON-serialisable settings stored in the checkpoint.
       desc: names the fit in errors.
       frozen: modules ``loss_fn`` reads but does not train; moved to the fit's device at its start.
+      lr_factor: ``step -> factor`` of each group's peak learning rate (default the warm-up + cosine above).
+      optimizer_kwargs: more AdamW arguments (e.g. ``betas``, ``eps``).
+      callback: ``(step, logs)`` after every optimiser step (e.g. to watch or stop a fit by raising).
     """
 
     def __init__(self, module, param_groups: list[dict], loss_fn: Callable, *, steps: int, warmup_steps: int,
                  final_lr_ratio: float, weight_decay: float, seed: int, fingerprint: dict, desc: str = "train",
-                 frozen: Sequence = ()):
+                 frozen: Sequence = (), lr_factor: Optional[Callable[[int], float]] = None,
+                 optimizer_kwargs: Optional[dict] = None, callback: Optional[Callable[[int, dict], None]] = None):
         super().__init__()
         self.module = module
         self._frozen = list(frozen)  # not registered: not checkpointed, not wrapped by DDP
+        self._lr_factor, self._optimizer_kwargs, self._callback = lr_factor, dict(optimizer_kwargs or {}), callback
         self._groups = param_groups
         self._loss_fn = loss_fn
         self.steps, self.warmup_steps, self.final_lr_ratio = steps, warmup_steps, final_lr_ratio
@@ -397,9 +402,10 @@ class StepTask(_lightning().LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW([{"params": list(g["params"]), "lr": g["lr"]} for g in self._groups],
-                                weight_decay=self.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: warmup_cosine(step, self.warmup_steps, self.steps, self.final_lr_ratio))
+                                weight_decay=self.weight_decay, **self._optimizer_kwargs)
+        factor = self._lr_factor or (lambda step: warmup_cosine(step, self.warmup_steps, self.steps,
+                                                                  self.final_lr_ratio))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -413,6 +419,10 @@ class StepTask(_lightning().LightningModule):
                              "it to start over")
         self.previous_seconds = float(saved.get("seconds", 0.0))
         self.resumed_from = int(checkpoint.get("global_step", 0))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self._callback is not None:
+            self._callback(self.global_step, dict(self.last_logs))
 
     def on_fit_start(self):
         self._t0 = time.time()
@@ -447,6 +457,10 @@ def fit_steps(
     runtime: Optional[RuntimeConfig] = None,
     frozen: Sequence = (),
     accumulate_grad_batches: int = 1,
+    dataset=None,
+    lr_factor: Optional[Callable[[int], float]] = None,
+    optimizer_kwargs: Optional[dict] = None,
+    callback: Optional[Callable[[int, dict], None]] = None,
 ) -> TrainSummary:
     """Train ``module`` for ``steps`` optimiser steps with Lightning (:class:`StepTask`) on waveform batches of
     ``cuts``, resumably, and return its summary. ``module`` holds the trained weights afterwards (on the CPU, in
@@ -454,10 +468,10 @@ def fit_steps(
 
     Batches: lhotse's ``DynamicBucketingSampler`` (5 buckets, ``batch_seconds`` of audio per process, shuffled with
     ``seed`` and the epoch), built per rank (:class:`speechkd.data.datamodule.WaveformDataModule`), epoch after
-    epoch until ``steps``. Outputs in ``run_dir``: ``ckpt/last.ckpt`` (every ``ckpt_every`` steps; a later call
-    resumes from it, exactly: the interrupted epoch's consumed batches are skipped and every step is seeded by
-    :func:`step_seed`; a larger ``steps`` continues training), ``csv<k>/metrics.csv`` (one per fit, merged into
-    ``metrics.csv``) and ``tb/``.
+    epoch until ``steps``. Outputs in ``run_dir``: ``ckpt/last.ckpt`` (every ``ckpt_every`` steps and at the end; a
+    later call resumes from it, exactly: the interrupted epoch's consumed batches are skipped and every step is
+    seeded by :func:`step_seed`; a larger ``steps`` continues training), ``csv<k>/metrics.csv`` (one per fit, merged
+    into ``metrics.csv``) and ``tb/``.
 
     Args:
       run_dir: the fit's directory (checkpoints and logs; the caller exports the model elsewhere).
@@ -473,6 +487,9 @@ def fit_steps(
       frozen: modules ``loss_fn`` uses without training them (e.g. the distillation teacher): moved to the fit's
         device at its start, neither checkpointed nor synchronised.
       accumulate_grad_batches: batches whose gradients make one step (``steps`` counts optimiser steps).
+      dataset: collates the sampler's CutSets (default :class:`~speechkd.data.classification.WaveformDataset` of
+        ``target_keys``), e.g. HuBERT's cropping dataset.
+      lr_factor, optimizer_kwargs, callback: as :class:`StepTask`.
 
     Returns:
       :class:`TrainSummary`.
@@ -494,8 +511,8 @@ def fit_steps(
     run_dir.mkdir(parents=True, exist_ok=True)
     task = StepTask(module, param_groups, loss_fn, steps=steps, warmup_steps=warmup_steps,
                     final_lr_ratio=final_lr_ratio, weight_decay=weight_decay, seed=seed, fingerprint=fingerprint,
-                    desc=desc, frozen=frozen)
-    data = WaveformDataModule(cuts, target_keys, batch_seconds, seed=seed)
+                    desc=desc, frozen=frozen, lr_factor=lr_factor, optimizer_kwargs=optimizer_kwargs, callback=callback)
+    data = WaveformDataModule(cuts, target_keys, batch_seconds, seed=seed, dataset=dataset)
     last = run_dir / "ckpt" / "last.ckpt"
     n_fits = len(list(run_dir.glob("csv[0-9]*")))
     kwargs = runtime.trainer_kwargs()
@@ -511,6 +528,8 @@ def fit_steps(
     )
     t0 = time.time()
     trainer.fit(task, datamodule=data, ckpt_path=str(last) if last.is_file() else None, weights_only=True)
+    if trainer.global_step % ckpt_every:  # the end is a checkpoint too: a later call with more steps continues it
+        trainer.save_checkpoint(last)
     seconds = task.previous_seconds + time.time() - t0
     if trainer.is_global_zero:
         _merge_csv_logs(run_dir)

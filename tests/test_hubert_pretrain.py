@@ -5,9 +5,11 @@ field 20 samples) on 8 real 1-s utterances of the speech_commands_v2_test smoke 
 """
 
 import json
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 pytest.importorskip("transformers")
 pytest.importorskip("lhotse")
@@ -111,16 +113,17 @@ def test_loss_counts_masked_frames_only(waves, config):
         pre(x, lens, torch.full_like(y, K), mask)
 
 
-def test_pretrain_loss_falls_exports_hf_dir_and_resumes(waves, config, tmp_path):
+def test_pretrain_loss_falls_exports_hf_dir_and_resumes(utterances, waves, config, tmp_path):
     out = tmp_path / "hubert"
     torch.manual_seed(0)  # pretrain_hubert builds its model the same way: same initial weights
     initial = HubertPretrainer(config, num_clusters=K, final_dim=16)
-    res = pretrain_hubert(waves, out, steps=40, config=config, lr=3e-3, warmup_steps=4, log_every=4, seed=0, **TRAIN)
+    res = pretrain_hubert(utterances, out, steps=40, config=config, lr=3e-3, warmup_steps=4, log_every=4, seed=0,
+                          **TRAIN)
     assert res.step == 40 and len(res.history) == 10 and res.resumed_from == 0
 
     # the masked-prediction loss on a fixed batch (first 0.2 s of every utterance, fixed mask) fell
-    ckpt = torch.load(out.with_name("hubert.pretrain_ckpt.pt"), weights_only=True)
-    targets = mfcc_targets(waves, config, centroids=ckpt["centroids"])
+    centroids = load_file(str(out.with_name("hubert.fit") / "centroids.safetensors"))["centroids"]
+    targets = mfcc_targets(waves, config, centroids=centroids)
     x = torch.stack([w[:2000] for w in waves.values()])
     y = torch.stack([targets.labels[u][:199].long() for u in waves])
     lens = torch.full((len(waves),), 2000)
@@ -144,25 +147,28 @@ def test_pretrain_loss_falls_exports_hf_dir_and_resumes(waves, config, tmp_path)
     assert teacher.num_layers == 2 and teacher.normalize is False
 
     # resume: continues from the saved step
-    more = pretrain_hubert(waves, out, steps=44, config=config, lr=3e-3, warmup_steps=4, log_every=4, **TRAIN)
+    shutil.rmtree(out)  # the export is written once; a longer run writes it again
+    more = pretrain_hubert(utterances, out, steps=44, config=config, lr=3e-3, warmup_steps=4, log_every=4, **TRAIN)
     assert more.resumed_from == 40 and more.step == 44 and [h["step"] for h in more.history][-2:] == [40, 44]
     assert json.loads((out / SUMMARY_FILE).read_text())["steps"] == 44
     with pytest.raises(ValueError, match="16 clusters, not num_clusters=8"):
-        pretrain_hubert(waves, out, steps=48, config=config, **{**TRAIN, "num_clusters": 8})
+        pretrain_hubert(utterances, out, steps=48, config=config, **{**TRAIN, "num_clusters": 8})
+    with pytest.raises(ValueError, match="not waveforms"):
+        pretrain_hubert(waves, tmp_path / "x", steps=1, config=config, **TRAIN)
 
 
-def test_interrupted_run_resumes_exactly(waves, config, tmp_path):
+def test_interrupted_run_resumes_exactly(utterances, config, tmp_path):
     kw = dict(config=config, steps=5, warmup_steps=2, ckpt_every=3, **TRAIN)
-    straight = pretrain_hubert(waves, tmp_path / "a", **kw).pretrainer.state_dict()
+    straight = pretrain_hubert(utterances, tmp_path / "a", **kw).pretrainer.state_dict()
 
     def stop(step, logs):
         if step == 4:
-            raise KeyboardInterrupt
+            raise RuntimeError("stopped")
 
-    with pytest.raises(KeyboardInterrupt):
-        pretrain_hubert(waves, tmp_path / "b", callback=stop, **kw)
+    with pytest.raises(RuntimeError, match="stopped"):
+        pretrain_hubert(utterances, tmp_path / "b", callback=stop, **kw)
     assert not (tmp_path / "b").exists()  # nothing exported by the interrupted run
-    resumed = pretrain_hubert(waves, tmp_path / "b", **kw)
+    resumed = pretrain_hubert(utterances, tmp_path / "b", **kw)
     assert resumed.resumed_from == 3
     for key, value in resumed.pretrainer.state_dict().items():
         torch.testing.assert_close(value, straight[key], rtol=0, atol=0, msg=key)

@@ -133,7 +133,6 @@ def test_frozen_mode_trains_only_the_heads(ssl_exp, tmp_path):
     from speechkd.ssl_pipeline import FinetuneRun, build_downstream
     from speechkd.training import fit_steps
 
-    c = ssl_exp.recipe.downstream
     model = build_downstream(ssl_exp, FinetuneRun("student", "frozen", ("sv",)))
     enc0 = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     heads0 = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("encoder.")}

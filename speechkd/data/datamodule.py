@@ -239,15 +239,18 @@ class WaveformDataModule(_lightning_data_module()):
       batch_seconds: seconds of audio per batch and process.
       seed: sampler seed.
       num_workers: DataLoader workers.
+      dataset: collates the sampler's CutSets instead of ``WaveformDataset(target_keys)``.
 
     Raises:
       ValueError: in :meth:`setup`, when the sampler yields no batch.
     """
 
-    def __init__(self, cuts, target_keys: Sequence[str], batch_seconds: Seconds, seed: int, num_workers: int = 1):
+    def __init__(self, cuts, target_keys: Sequence[str], batch_seconds: Seconds, seed: int, num_workers: int = 1,
+                 dataset=None):
         super().__init__()
         self.cuts, self.target_keys = cuts, list(target_keys)
         self.batch_seconds, self.seed, self.num_workers = batch_seconds, seed, num_workers
+        self.dataset = dataset
         self.sampler = None
 
     def _make(self):
@@ -285,7 +288,8 @@ class WaveformDataModule(_lightning_data_module()):
 
         epoch, skip = self._position()
         self.sampler.set_epoch(epoch)  # Lightning sets it only after making the iterator
-        return torch.utils.data.DataLoader(WaveformDataset(self.target_keys), sampler=SkipFirst(self.sampler, skip),
+        dataset = self.dataset if self.dataset is not None else WaveformDataset(self.target_keys)
+        return torch.utils.data.DataLoader(dataset, sampler=SkipFirst(self.sampler, skip),
                                            batch_size=None, num_workers=self.num_workers,
                                            persistent_workers=self.num_workers > 0)
 

@@ -22,14 +22,17 @@ Pieces, all reusing existing code:
   and ``masked_spec_embed``, substituted by passing ``mask_time_indices`` to ``HubertModel.forward``), fairseq's
   ``final_proj`` and ``label_embs_concat``, and the masked-prediction loss (cosine similarity / temperature 0.1,
   cross-entropy on masked frames only, i.e. the paper's alpha = 1).
-- :func:`pretrain_hubert`: a plain, step-exact, resumable training loop that exports a ``save_pretrained`` directory
-  (``config.json`` with ``model_type: hubert`` + ``model.safetensors``) which
-  :func:`speechkd.teachers.hf.load_ssl_model` / ``load_ssl_teacher`` load like a downloaded HuBERT.
+- :func:`pretrain_hubert`: a step-based Lightning fit (:func:`speechkd.training.fit_steps`: lhotse's sampler over
+  windows of the utterances, :class:`CropDataset` in a DataLoader worker, exact resume, DDP with several
+  processes) that exports a ``save_pretrained`` directory (``config.json`` with ``model_type: hubert`` +
+  ``model.safetensors``) which :func:`speechkd.teachers.hf.load_ssl_model` / ``load_ssl_teacher`` load like a
+  downloaded HuBERT.
 
 Differences from fairseq HuBERT Base (deliberate, for a small CPU run): a narrower, shallower default model
 (:func:`hubert_config`); no feature penalty (``feature_pen_weight``); fairseq's ``dropout_input`` is HF's
 ``feat_proj_dropout`` (after, not before, the feature projection); batches are buckets of similar-length utterances
-cropped to the shortest (fairseq ``pad_audio=False``) under a sample budget rather than a token budget per GPU.
+cropped to the shortest (fairseq ``pad_audio=False``) under a sample budget rather than a token budget per GPU, and
+long utterances are cut into fixed windows of ``max_samples`` first (fairseq crops each anew every epoch).
 """
 
 from __future__ import annotations
@@ -55,21 +58,23 @@ from speechkd.teachers.hf import SAMPLE_RATE, _receptive_field, _samples_per_fra
 from speechkd.utils import atomic_dir, atomic_path, set_thread_policy
 
 __all__ = [
-    "CKPT_SUFFIX",
     "HUBERT_BASE_CONV",
     "MFCC_DIM",
     "MFCC_SHIFT",
     "MFCC_WINDOW",
     "SUMMARY_FILE",
+    "CropDataset",
     "HubertPretrainer",
     "MfccTargets",
     "PretrainResult",
     "hubert_config",
+    "iter_waveforms",
     "label_frame_index",
     "load_waveforms",
     "mfcc_features",
     "mfcc_targets",
     "pretrain_hubert",
+    "training_windows",
 ]
 
 MFCC_WINDOW = 400
@@ -83,10 +88,6 @@ HUBERT_BASE_CONV = ((10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2))
 samples = 25 ms receptive field)."""
 SUMMARY_FILE = "hubert_pretrain.json"
 """File of the exported directory that records the pre-training settings and loss history."""
-CKPT_SUFFIX = ".pretrain_ckpt.pt"
-"""Default checkpoint path: ``<out_dir><CKPT_SUFFIX>``, beside the exported directory."""
-
-_CKPT_VERSION = 1
 _DELTA_WINDOW = 2  # N of the regression delta formula: window 2N + 1 = 5 frames (torchaudio/Kaldi default)
 _MAX_CLUSTERS = 32767
 
@@ -167,47 +168,58 @@ def hubert_config(
 
 
 # ------------------------------------------------------------------------------------------------ audio, MFCC
-def load_waveforms(data: AudioData) -> dict[str, torch.Tensor]:
-    """Read utterances into memory as 16 kHz mono float32 waveforms (lhotse loads and resamples).
+def iter_waveforms(data: AudioData) -> Iterable[tuple[str, torch.Tensor]]:
+    """Yield ``(id, (S,) float32 16 kHz mono waveform)`` one utterance at a time (lhotse loads and resamples), so only
+    one waveform is in memory at once.
 
     Args:
-        data: corpus :class:`~speechkd.data.corpora.Utterance` records (e.g. from ``read_split``), lhotse cuts (a
-            ``CutSet`` or any iterable of cuts; the whole cut is read), or a mapping id -> ``(S,)`` waveform already
-            at 16 kHz (returned as float32 tensors, unchanged otherwise).
-
-    Returns:
-        id -> ``(S,)`` float32 tensor in ``[-1, 1]`` (samples at 16 kHz), in input order. Memory: 230 MB per hour.
+        data: corpus :class:`~speechkd.data.corpora.Utterance` records, lhotse cuts (the whole cut is read), or a
+            mapping id -> ``(S,)`` waveform already at 16 kHz.
 
     Raises:
         ValueError: no utterances, a repeated id (ids are only unique within a corpus: prefix them when mixing
             corpora), a multi-channel cut, or a waveform that is not 1-D.
         speechkd.data.corpora.CorpusError: a missing audio file.
     """
+    seen = set()
     if isinstance(data, Mapping):
-        out = {}
-        for uid, wav in data.items():
-            wav = torch.as_tensor(wav, dtype=torch.float32)
-            if wav.dim() != 1:
-                raise ValueError(f"waveform {uid!r} must be 1-D (S,) samples, got shape {tuple(wav.shape)}")
-            out[str(uid)] = wav
-        items = out
+        items = ((str(uid), torch.as_tensor(wav, dtype=torch.float32)) for uid, wav in data.items())
     else:
         data = list(data)
         if data and all(isinstance(u, Utterance) for u in data):
             data = list(utterances_to_cuts(data, SAMPLE_RATE))
-        items = {}
-        for cut in data:
-            if cut.id in items:
-                raise ValueError(f"utterance id {cut.id!r} occurs twice (prefix ids when mixing corpora)")
-            if cut.sampling_rate != SAMPLE_RATE:
-                cut = cut.resample(SAMPLE_RATE)
-            audio = cut.load_audio()  # (channels, S) float32
-            if audio.ndim != 2 or audio.shape[0] != 1:
-                raise ValueError(f"cut {cut.id!r} has audio of shape {audio.shape}; mono audio is expected")
-            items[cut.id] = torch.from_numpy(np.ascontiguousarray(audio[0], dtype=np.float32))
-    if not items:
+
+        def from_cuts():
+            for cut in data:
+                if cut.sampling_rate != SAMPLE_RATE:
+                    cut = cut.resample(SAMPLE_RATE)
+                audio = cut.load_audio()  # (channels, S) float32
+                if audio.ndim != 2 or audio.shape[0] != 1:
+                    raise ValueError(f"cut {cut.id!r} has audio of shape {audio.shape}; mono audio is expected")
+                yield cut.id, torch.from_numpy(np.ascontiguousarray(audio[0], dtype=np.float32))
+
+        items = from_cuts()
+    for uid, wav in items:
+        if wav.dim() != 1:
+            raise ValueError(f"waveform {uid!r} must be 1-D (S,) samples, got shape {tuple(wav.shape)}")
+        if uid in seen:
+            raise ValueError(f"utterance id {uid!r} occurs twice (prefix ids when mixing corpora)")
+        seen.add(uid)
+        yield uid, wav
+    if not seen:
         raise ValueError("no utterances given")
-    return items
+
+
+def load_waveforms(data: AudioData) -> dict[str, torch.Tensor]:
+    """Read utterances into memory as 16 kHz mono float32 waveforms (:func:`iter_waveforms`, all at once).
+
+    Returns:
+        id -> ``(S,)`` float32 tensor in ``[-1, 1]`` (samples at 16 kHz), in input order. Memory: 230 MB per hour.
+
+    Raises:
+        as :func:`iter_waveforms`.
+    """
+    return dict(iter_waveforms(data))
 
 
 _MFCC_EXTRACTOR = None
@@ -337,7 +349,8 @@ def mfcc_targets(
     ``prod(conv_stride)`` samples uses the slice of labels of its frames (the CNN has no padding).
 
     Args:
-        data: utterances, cuts or id -> 16 kHz waveform (see :func:`load_waveforms`).
+        data: utterances, cuts or id -> 16 kHz waveform (see :func:`iter_waveforms`: read one at a time; the MFCC of
+            every utterance, 56 MB per hour, are held for the k-means).
         config: the model's config (anything with ``conv_kernel`` and ``conv_stride``, e.g. a ``HubertConfig``).
         num_clusters: K (<= 32767).
         kmeans_iters: Lloyd iterations (>= 0).
@@ -354,14 +367,15 @@ def mfcc_targets(
             fewer MFCC frames than clusters; ``num_clusters`` outside ``[1, 32767]``; ``centroids`` not ``(K, 39)``;
             or as :func:`load_waveforms`.
     """
-    waves = load_waveforms(data)
     feats: dict[str, torch.Tensor] = {}
-    iterator = waves.items()
+    num_samples: dict[str, int] = {}
+    iterator = iter_waveforms(data)
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(iterator, total=len(waves), desc="MFCC", unit="utt")
+        iterator = tqdm(iterator, desc="MFCC", unit="utt")
     for uid, wav in iterator:
+        num_samples[uid] = int(wav.shape[0])
         if _frames(config, wav.shape[0]) < 1:
             raise ValueError(f"utterance {uid!r} ({wav.shape[0]} samples) is shorter than the CNN's receptive field")
         try:
@@ -389,7 +403,7 @@ def mfcc_targets(
     cb_sq = (centroids * centroids).sum(1)
     labels = {}
     for uid, feat in feats.items():
-        index = label_frame_index(_frames(config, waves[uid].shape[0]), feat.shape[0], config.conv_kernel,
+        index = label_frame_index(_frames(config, num_samples[uid]), feat.shape[0], config.conv_kernel,
                                   config.conv_stride)
         ids, _ = _assign(feat[index], centroids, cb_sq)
         labels[uid] = ids.to(dtype)
@@ -666,7 +680,7 @@ class HubertPretrainer(nn.Module):
         return out_dir
 
 
-# ------------------------------------------------------------------------------------------------ training loop
+# ------------------------------------------------------------------------------------------------ training
 class PretrainResult(NamedTuple):
     """What :func:`pretrain_hubert` returns.
 
@@ -674,7 +688,7 @@ class PretrainResult(NamedTuple):
         model_dir: the exported Hugging Face directory.
         pretrainer: the trained :class:`HubertPretrainer`, in eval mode.
         step: optimizer steps done in total (over all resumed runs).
-        history: one dict per logged step: ``step``, ``lr``, ``loss``, ``acc_m``, ``acc_u``, ``mask_frac``.
+        history: one dict per logged step: ``step``, ``lr``, ``loss``, ``acc_m``, ``acc_u``, ``mask_frac``, ``frames``.
         resumed_from: the checkpoint's step this run started from (0 for a fresh run).
     """
 
@@ -685,32 +699,98 @@ class PretrainResult(NamedTuple):
     resumed_from: int
 
 
-def _batches(lengths: list[int], order: np.ndarray, max_samples: int, max_batch_samples: int) -> list[list[int]]:
-    """Group utterance indices into buckets of similar length: ``order`` stably sorted by length, then consecutive
-    utterances while ``count * crop <= max_batch_samples`` (crop = the bucket's shortest, at most ``max_samples``)."""
-    idx = sorted(order.tolist(), key=lambda i: lengths[i])  # stable: ties keep the random order
-    out, cur = [], []
-    for i in idx:
-        crop = min(lengths[cur[0]] if cur else lengths[i], max_samples)
-        if cur and (len(cur) + 1) * crop > max_batch_samples:
-            out.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        out.append(cur)
-    return out
+#: Cut custom fields of a training window: the utterance whose targets it reads, and its first sample in it.
+SOURCE_KEY, OFFSET_KEY = "hubert_source", "hubert_offset"
 
 
-def _data_fingerprint(ids: list[str], lengths: list[int], labels: list[torch.Tensor]) -> str:
+def training_windows(cuts, window_samples: int, min_samples: int):
+    """Every cut cut into consecutive windows of ``window_samples`` samples (the last one shorter), keeping the
+    windows of at least ``min_samples``: the units lhotse's sampler batches. Each window records its utterance and
+    its first sample in it (``custom[SOURCE_KEY]``, ``custom[OFFSET_KEY]``), so it reads that utterance's targets.
+
+    Args:
+        cuts: lhotse cuts at 16 kHz (resampled ones are fine).
+        window_samples: window length, a multiple of the model's samples per frame (so windows start on frames).
+        min_samples: shortest window kept (the receptive field plus ``mask_length - 1`` frames).
+
+    Returns:
+        an eager ``CutSet`` of the windows, in order.
+    """
+    from lhotse import CutSet
+
+    out = []
+    for cut in cuts:
+        n = cut.num_samples if cut.sampling_rate == SAMPLE_RATE else int(round(cut.duration * SAMPLE_RATE))
+        for k, start in enumerate(range(0, n, window_samples)):
+            length = min(window_samples, n - start)
+            if length < min_samples:
+                continue
+            w = cut.truncate(offset=start / SAMPLE_RATE, duration=length / SAMPLE_RATE, preserve_id=False)
+            w = w.with_id(f"{cut.id}_w{k}")
+            w.custom = {**(w.custom or {}), SOURCE_KEY: cut.id, OFFSET_KEY: start}
+            out.append(w)
+    return CutSet.from_cuts(out)
+
+
+class CropDataset(torch.utils.data.Dataset):
+    """Collates a batch of training windows for :class:`HubertPretrainer`: every window cropped to the batch's
+    shortest (no padding: a GroupNorm CNN is not padding-invariant; fairseq ``pad_audio=False``) at a random offset
+    that is a multiple of the samples per frame, so the crop's frames are frames of the whole utterance and take
+    their targets.
+
+    The offsets are drawn from a generator seeded by ``seed`` and the batch's window ids (the same batch always gets
+    the same crops, in any worker and on resume).
+
+    Args:
+        targets: utterance id -> ``(T,)`` cluster ids of the whole utterance (:func:`mfcc_targets`).
+        config: the model config (CNN kernels and strides).
+        seed: crop seed.
+
+    Returns (``__getitem__``): ``wavs (N, C)`` float32, ``lens (N,)`` (all C samples), ``targets (N, T)`` int64,
+    ``cut_ids``.
+    """
+
+    def __init__(self, targets: Mapping[str, torch.Tensor], config, seed: int):
+        self.targets, self.config, self.seed = targets, config, int(seed)
+        self.spf = _samples_per_frame(config.conv_stride)
+
+    def __getitem__(self, cuts) -> dict:
+        import zlib
+
+        cuts = list(cuts)
+        wavs = []
+        for c in cuts:
+            audio = (c if c.sampling_rate == SAMPLE_RATE else c.resample(SAMPLE_RATE)).load_audio()  # (1, S)
+            if audio.ndim != 2 or audio.shape[0] != 1:
+                raise ValueError(f"cut {c.id!r} has audio of shape {audio.shape}; mono audio is expected")
+            wavs.append(torch.from_numpy(np.ascontiguousarray(audio[0], dtype=np.float32)))
+        crop = min(w.shape[0] for w in wavs)
+        num_frames = _frames(self.config, crop)
+        key = zlib.crc32("\n".join(c.id for c in cuts).encode())
+        rng = np.random.default_rng([self.seed, key])
+        xs, ys = [], []
+        for c, w in zip(cuts, wavs):
+            shift = int(rng.integers(0, (w.shape[0] - crop) // self.spf + 1)) * self.spf
+            xs.append(w[shift:shift + crop])
+            first = (int(c.custom[OFFSET_KEY]) + shift) // self.spf
+            y = self.targets[c.custom[SOURCE_KEY]][first:first + num_frames].long()
+            if y.shape[0] != num_frames:
+                raise ValueError(f"window {c.id!r}: {y.shape[0]} target frames, {num_frames} model frames")
+            ys.append(y)
+        return {"wavs": torch.stack(xs), "lens": torch.full((len(cuts),), crop, dtype=torch.long),
+                "targets": torch.stack(ys), "cut_ids": [c.id for c in cuts]}
+
+
+def _data_fingerprint(ids: list[str], labels: list[torch.Tensor]) -> str:
     h = hashlib.sha256()
-    for uid, n, lab in zip(ids, lengths, labels):
-        h.update(f"{uid}\t{n}\n".encode())
+    for uid, lab in zip(ids, labels):
+        h.update(f"{uid}\t{lab.shape[0]}\n".encode())
         h.update(lab.to("cpu", torch.int16).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
 def pretrain_hubert(
-    data: AudioData,
+    data,
     out_dir: PathLike,
     steps: Optional[int] = None,
     epochs: Optional[int] = None,
@@ -730,7 +810,6 @@ def pretrain_hubert(
     max_samples: int = 15 * SAMPLE_RATE,
     max_batch_samples: int = 64 * SAMPLE_RATE,
     seed: int = 0,
-    ckpt_path: Optional[PathLike] = None,
     ckpt_every: int = 500,
     log_every: int = 10,
     kmeans_iters: int = 30,
@@ -738,213 +817,155 @@ def pretrain_hubert(
     num_threads: Optional[int] = None,
     progress: bool = True,
     callback: Optional[Callable[[int, dict], None]] = None,
+    runtime=None,
 ) -> PretrainResult:
-    """Pre-train a HuBERT teacher from scratch (first iteration, MFCC k-means targets) and export it.
+    """Pre-train a HuBERT teacher from scratch (first iteration, MFCC k-means targets) with Lightning and export it.
 
-    Steps: load the audio (:func:`load_waveforms`), make targets (:func:`mfcc_targets`; on resume, the checkpoint's
-    centroids are re-used), build :class:`HubertPretrainer` on ``config`` (default :func:`hubert_config` with the
-    given sizes), train, export with :meth:`HubertPretrainer.save_pretrained`.
-
-    Batches: each epoch the utterances are shuffled, stably sorted by length and cut into buckets whose
-    ``count * crop <= max_batch_samples``; every utterance of a bucket is cropped to ``crop`` samples (the bucket's
-    shortest, at most ``max_samples``; fairseq ``pad_audio=False``, ``max_sample_size``) at a random offset that is a
-    multiple of ``prod(conv_stride)`` samples, so the crop's frames are exactly frames of the whole utterance and take
-    their labels; no padding is needed (a GroupNorm CNN is not padding-invariant). Buckets are visited in random
-    order. Utterances with fewer than ``mask_length`` frames are left out.
+    Steps: targets (:func:`mfcc_targets`, the waveforms read one at a time; the centroids are stored in
+    ``<out_dir>.fit/centroids.safetensors`` and reused on resume), training windows (:func:`training_windows`:
+    utterances cut into windows of ``max_samples``), :class:`HubertPretrainer` on ``config`` (default
+    :func:`hubert_config` with the given sizes), a step-based Lightning fit (:func:`speechkd.training.fit_steps`: lhotse's
+    bucketing sampler over the windows, ``max_batch_samples`` of audio per batch and process, :class:`CropDataset`
+    in a DataLoader worker), export with :meth:`HubertPretrainer.save_pretrained` (rank 0).
 
     Optimisation (fairseq ``hubert_base_librispeech``): AdamW (betas 0.9, 0.98, eps 1e-6, ``weight_decay``), learning
-    rate linearly warmed up over ``warmup_steps`` (default 8% of ``steps``) then linearly decayed to 0 at ``steps``,
-    gradient norm clipped to ``grad_clip``.
+    rate linearly warmed up over ``warmup_steps`` (default 8% of the steps) then linearly decayed to 0, gradient norm
+    clipped to ``grad_clip``. Every step seeds torch from (seed, step, rank) (dropout, LayerDrop, the span mask's
+    seed); crops are seeded by the batch.
 
-    Determinism and resume: step s uses generators seeded by ``(seed, s)`` (torch's global seed, for dropout and
-    LayerDrop; crop offsets; numpy for the mask) and the batch order of epoch ``s // batches_per_epoch``, seeded by
-    ``(seed, epoch)``. Every ``ckpt_every`` steps and at the end, a checkpoint (``torch.save`` of state dicts,
-    tensors and JSON strings only; read back with ``weights_only=True``) is written atomically to ``ckpt_path``. A
-    later call with the same ``ckpt_path`` resumes from it and trains up to ``steps`` (a larger ``steps`` continues
-    training; the learning-rate schedule follows the current call). The checkpoint is kept after the export.
+    Resume: ``<out_dir>.fit/ckpt/last.ckpt`` (Lightning, every ``ckpt_every`` steps); a later call resumes from it
+    exactly (a larger ``steps`` continues training). A checkpoint made with other settings is refused.
 
     Args:
-        data: utterances (e.g. ``read_split(...)``), lhotse cuts, or id -> 16 kHz waveform; ids must be unique.
+        data: utterances (e.g. ``read_split(...)``) or lhotse cuts (ids unique; 16 kHz after resampling).
         out_dir: the exported directory (see :meth:`HubertPretrainer.save_pretrained`).
-        steps: optimizer steps in total; or ``epochs``: passes over the data (exactly one of them).
+        steps: optimizer steps in total; or ``epochs``: passes over the windows (exactly one of them).
         config: a ``HubertConfig`` (then the size arguments are ignored).
         hidden_size, num_layers, num_heads, conv_dim: sizes for :func:`hubert_config`.
         num_clusters: k-means clusters K (HuBERT: 100).
         final_dim, mask_prob, mask_length: as for :class:`HubertPretrainer`.
         lr, warmup_steps, weight_decay, grad_clip: optimisation, as above.
-        max_samples: longest crop in samples (default 15 s).
-        max_batch_samples: samples per batch at most (default 64 s of audio; a single utterance always fits).
+        max_samples: window (and so crop) length in samples at most (default 15 s), rounded down to whole frames.
+        max_batch_samples: samples of audio per batch and process (default 64 s).
         seed: seeds the weights, k-means, batches, crops, masks and dropout.
-        ckpt_path: checkpoint file (default ``<out_dir>.pretrain_ckpt.pt``, see :data:`CKPT_SUFFIX`).
         ckpt_every: steps between checkpoints (>= 1).
-        log_every: steps between entries of the history (and the progress bar's loss).
+        log_every: steps between entries of the history.
         kmeans_iters, max_kmeans_frames: as for :func:`mfcc_targets`.
         num_threads: torch threads (``set_thread_policy``; None keeps torch's setting).
         progress: show progress bars.
-        callback: called as ``callback(step, logs)`` after every step (``logs`` as :meth:`HubertPretrainer.forward`'s
-            plus ``lr``), e.g. to watch or stop (raise) a run.
+        callback: called as ``callback(step, logs)`` after every step (e.g. to watch or stop a run by raising).
+        runtime: a :class:`speechkd.config.RuntimeConfig` (devices, precision; default one CPU/GPU process).
 
     Returns:
         :class:`PretrainResult`.
 
     Raises:
-        ValueError: not exactly one of ``steps`` / ``epochs``, or < 1; no utterance long enough; a checkpoint made
-            with another model, head, masking, batching, seed or data (its message names the differing settings);
-            or as :func:`mfcc_targets` and :class:`HubertPretrainer`.
+        ValueError: not exactly one of ``steps`` / ``epochs``, or < 1; a mapping of waveforms as ``data``; no
+            utterance long enough; stored centroids of another cluster count, or a checkpoint made with other
+            settings; or as :func:`mfcc_targets` and :class:`HubertPretrainer`.
         FileExistsError: as :meth:`HubertPretrainer.save_pretrained`.
     """
+    from safetensors.torch import load_file, save_file
+
+    from speechkd.distributed import barrier, is_main
+    from speechkd.training import count_batches, fit_steps
+
     if (steps is None) == (epochs is None):
         raise ValueError("give exactly one of steps and epochs")
     if (steps is not None and steps < 1) or (epochs is not None and epochs < 1) or ckpt_every < 1 or log_every < 1:
         raise ValueError(f"steps, epochs, ckpt_every and log_every must be >= 1 (got {steps}, {epochs}, "
                          f"{ckpt_every}, {log_every})")
+    if isinstance(data, Mapping):
+        raise ValueError("pretrain_hubert reads audio through lhotse: give utterances or cuts, not waveforms")
     set_thread_policy(num_threads)
     out_dir = Path(out_dir)
-    ckpt_path = Path(ckpt_path) if ckpt_path is not None else out_dir.with_name(out_dir.name + CKPT_SUFFIX)
+    run_dir = out_dir.with_name(out_dir.name + ".fit")
     if config is None:
         config = hubert_config(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, conv_dim=conv_dim)
     config = copy.deepcopy(config)  # the caller's is never changed (save_pretrained sets e.g. `architectures`)
     config_json = json.loads(config.to_json_string())
     for key in ("transformers_version", "dtype", "torch_dtype", "architectures"):
         config_json.pop(key, None)
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path.is_file() else None
-    if ckpt is not None and ckpt.get("version") != _CKPT_VERSION:
-        raise ValueError(f"{ckpt_path}: unknown checkpoint version {ckpt.get('version')!r}")
-    if ckpt is not None and ckpt["centroids"].shape[0] != num_clusters:
-        raise ValueError(f"{ckpt_path} was made with {ckpt['centroids'].shape[0]} clusters, not num_clusters="
-                         f"{num_clusters}: delete it or use another ckpt_path")
+    data = list(data)
+    if data and all(isinstance(u, Utterance) for u in data):
+        data = list(utterances_to_cuts(data, SAMPLE_RATE))
 
-    waves = load_waveforms(data)
-    targets = mfcc_targets(waves, config, num_clusters=num_clusters, kmeans_iters=kmeans_iters,
-                           max_kmeans_frames=max_kmeans_frames, seed=seed,
-                           centroids=None if ckpt is None else ckpt["centroids"], progress=progress)
-    ids = [u for u in waves if targets.labels[u].shape[0] >= mask_length]
-    if not ids:
-        raise ValueError(f"no utterance has the {mask_length} frames (mask_length) a training crop needs")
-    wavs = [waves[u] for u in ids]
-    labels = [targets.labels[u] for u in ids]
-    lengths = [int(w.shape[0]) for w in wavs]
+    centroids_path = run_dir / "centroids.safetensors"
+    stored = load_file(str(centroids_path))["centroids"] if centroids_path.is_file() else None
+    if stored is not None and stored.shape[0] != num_clusters:
+        raise ValueError(f"{centroids_path} was made with {stored.shape[0]} clusters, not num_clusters="
+                         f"{num_clusters}: delete {run_dir} to start over")
+    targets = mfcc_targets(data, config, num_clusters=num_clusters, kmeans_iters=kmeans_iters,
+                           max_kmeans_frames=max_kmeans_frames, seed=seed, centroids=stored, progress=progress)
+    if stored is None and is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(centroids_path) as tmp:
+            save_file({"centroids": targets.centroids.contiguous()}, str(tmp))
+    barrier()
 
     torch.manual_seed(seed)
     pretrainer = HubertPretrainer(config, num_clusters=int(num_clusters), final_dim=final_dim,
                                   mask_prob=mask_prob, mask_length=mask_length)
     spf = pretrainer.samples_per_frame
-    # a crop capped at max_samples must still have mask_length frames (_compute_mask_indices needs them)
-    max_samples = max(int(max_samples), _receptive_field(config.conv_kernel, config.conv_stride)
-                      + (mask_length - 1) * spf)
+    min_samples = _receptive_field(config.conv_kernel, config.conv_stride) + (mask_length - 1) * spf
+    window = max(int(max_samples), min_samples) // spf * spf  # whole frames, at least mask_length of them
+    windows = training_windows(data, window, min_samples)
+    if not len(windows):
+        raise ValueError(f"no utterance has the {mask_length} frames (mask_length) a training crop needs")
+    ids = sorted(targets.labels)
     fingerprint = {
-        "config": config_json,
-        "head": pretrainer.settings(),
-        "clusters": int(targets.centroids.shape[0]),
-        "kmeans": {"iters": int(kmeans_iters), "max_frames": max_kmeans_frames},
-        "seed": int(seed),
-        "max_samples": int(max_samples),
-        "max_batch_samples": int(max_batch_samples),
-        "data": _data_fingerprint(ids, lengths, labels),
-        "utterances": len(ids),
+        "config": config_json, "head": pretrainer.settings(), "clusters": int(targets.centroids.shape[0]),
+        "kmeans": {"iters": int(kmeans_iters), "max_frames": max_kmeans_frames}, "seed": int(seed),
+        "max_samples": int(window), "max_batch_samples": int(max_batch_samples),
+        "data": _data_fingerprint(ids, [targets.labels[u] for u in ids]), "windows": len(windows),
     }
-    optimizer = torch.optim.AdamW(pretrainer.parameters(), lr=lr, betas=(0.9, 0.98), eps=1e-6,
-                                  weight_decay=weight_decay)
-    start, history = 0, []
-    if ckpt is not None:
-        saved = json.loads(ckpt["fingerprint"])
-        diff = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
-        if diff:
-            raise ValueError(f"{ckpt_path} was made with other settings ({', '.join(diff)} differ): delete it or "
-                             "use another ckpt_path")
-        pretrainer.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start, history = int(ckpt["step"]), json.loads(ckpt["history"])
+    batch_seconds = max_batch_samples / SAMPLE_RATE
+    if steps is None:
+        from speechkd.data.datamodule import make_sampler
 
-    n_batches = len(_batches(lengths, np.arange(len(ids)), max_samples, max_batch_samples))
-    total = int(steps) if steps is not None else int(epochs) * n_batches
+        world = 1 if runtime is None else runtime.world_size()
+        steps = int(epochs) * count_batches(make_sampler(windows, batch_seconds, True, seed, world, 0))
+    total = int(steps)
     warm = int(round(0.08 * total)) if warmup_steps is None else int(warmup_steps)
 
-    def lr_at(step: int) -> float:
+    def lr_factor(step: int) -> float:
         if step < warm:
-            return lr * (step + 1) / warm
-        return lr * max(0.0, (total - step) / max(1, total - warm))
+            return (step + 1) / warm
+        return max(0.0, (total - step) / max(1, total - warm))
 
-    def save_ckpt(step: int) -> None:
-        state = {
-            "version": _CKPT_VERSION,
-            "step": step,
-            "model": pretrainer.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "centroids": targets.centroids,
-            "fingerprint": json.dumps(fingerprint),
-            "history": json.dumps(history),
-        }
-        with atomic_path(ckpt_path) as tmp:
-            torch.save(state, tmp)
+    def loss_fn(batch):
+        mask_seed = int(torch.randint(2**31 - 1, ()))  # torch is seeded per step by the fit
+        loss, logs = pretrainer(batch["wavs"], batch["lens"], batch["targets"], seed=mask_seed)
+        return loss, {k: float(v) for k, v in logs.items()}
 
-    bar = None
-    if progress and start < total:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, initial=start, desc="HuBERT pretrain", unit="step")
-    epoch_cache: dict[int, list[list[int]]] = {}
     t0 = time.time()
-    pretrainer.train()
-    for step in range(start, total):
-        epoch, index = divmod(step, n_batches)
-        if epoch not in epoch_cache:
-            order = np.random.default_rng([int(seed), epoch]).permutation(len(ids))
-            batches = _batches(lengths, order, max_samples, max_batch_samples)
-            epoch_cache = {epoch: [batches[i] for i in np.random.default_rng([int(seed), epoch, 1]).permutation(
-                len(batches))]}
-        batch = epoch_cache[epoch][index]
-        rng = np.random.default_rng([int(seed), step, 2])
-        crop = min(min(lengths[i] for i in batch), max_samples)
-        num_frames = _frames(config, crop)
-        xs, ys = [], []
-        for i in batch:
-            offset = int(rng.integers(0, (lengths[i] - crop) // spf + 1)) * spf
-            xs.append(wavs[i][offset : offset + crop])
-            first = offset // spf
-            ys.append(labels[i][first : first + num_frames].long())
-        x, y = torch.stack(xs), torch.stack(ys)
-        x_lens = torch.full((len(batch),), crop, dtype=torch.long)
-        torch.manual_seed(int(rng.integers(2**62)))
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
-        loss, logs = pretrainer(x, x_lens, y, seed=int(rng.integers(2**32)))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(pretrainer.parameters(), grad_clip)
-        optimizer.step()
-        logs = {k: float(v) for k, v in logs.items()}
-        logs["lr"] = lr_at(step)
-        if (step + 1) % log_every == 0 or step + 1 == total:
-            history.append({"step": step + 1, **{k: logs[k] for k in ("lr", "loss", "acc_m", "acc_u", "mask_frac")}})
-            if bar is not None:
-                bar.set_postfix(loss=f"{logs['loss']:.3f}", acc_m=f"{logs['acc_m']:.3f}")
-        if callback is not None:
-            callback(step + 1, logs)
-        if bar is not None:
-            bar.update(1)
-        if (step + 1) % ckpt_every == 0 and step + 1 < total:
-            save_ckpt(step + 1)
-    if bar is not None:
-        bar.close()
-    if start < total:
-        save_ckpt(total)
-    pretrainer.eval()
-    final = max(start, total)
+    summary = fit_steps(
+        run_dir, pretrainer, [{"params": list(pretrainer.parameters()), "lr": lr}], windows, loss_fn, steps=total,
+        warmup_steps=warm, final_lr_ratio=0.0, weight_decay=weight_decay, grad_clip=grad_clip,
+        batch_seconds=batch_seconds, seed=seed, ckpt_every=ckpt_every, fingerprint=fingerprint, progress=progress,
+        desc="HuBERT pretrain", log_every=log_every, runtime=runtime, dataset=CropDataset(targets.labels, config, seed),
+        lr_factor=lr_factor, optimizer_kwargs={"betas": (0.9, 0.98), "eps": 1e-6}, callback=callback,
+    )
     extra = {
-        "steps": final,
-        "resumed_from": start,
+        "steps": summary.steps,
+        "resumed_from": summary.resumed_from,
         "utterances": len(ids),
-        "hours": round(sum(lengths) / SAMPLE_RATE / 3600, 4),
+        "windows": len(windows),
+        "hours": round(sum(c.duration for c in data) / 3600, 4),
         "targets": f"k-means of 39-dim MFCC (lhotse, snip_edges) at 100 Hz, {targets.centroids.shape[0]} clusters, "
                    "MFCC frame round((t P + (R - 400) / 2) / 160) for model frame t",
         "seed": int(seed),
         "lr": lr,
         "warmup_steps": warm,
-        "max_samples": int(max_samples),
+        "max_samples": int(window),
         "max_batch_samples": int(max_batch_samples),
         "train_seconds_this_run": round(time.time() - t0, 1),
-        "history": history,
+        "train_seconds": round(summary.seconds, 1),
+        "history": summary.history,
     }
-    model_dir = pretrainer.save_pretrained(out_dir, extra=extra)
-    return PretrainResult(model_dir=model_dir, pretrainer=pretrainer, step=final, history=history, resumed_from=start)
+    model_dir = out_dir
+    if is_main():
+        model_dir = pretrainer.save_pretrained(out_dir, extra=extra)
+    barrier()
+    return PretrainResult(model_dir=model_dir, pretrainer=pretrainer, step=summary.steps, history=summary.history,
+                          resumed_from=summary.resumed_from)
