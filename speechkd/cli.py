@@ -6,7 +6,7 @@ fine-tuning); the same subcommands run the stages of either kind.
 
 Typical use (SSL)::
 
-    speechkd run recipes/ssl_kws_sv.yaml                # prepare, teacher, distill, finetune, evaluate, report
+    speechkd run recipes/ssl_kws_sv.yaml                # prepare, hubert-targets, teacher, distill, finetune, ...
     speechkd finetune recipes/ssl_kws_sv.yaml           # or stage by stage
 
 Typical use (ASR)::
@@ -14,12 +14,15 @@ Typical use (ASR)::
     speechkd run recipes/commands_mvq.yaml              # everything, resumable
     speechkd prepare recipes/commands_mvq.yaml          # or stage by stage
     speechkd train recipes/commands_mvq.yaml            # the teacher
-    speechkd extract recipes/commands_mvq.yaml          # teacher layer -> float32 labels
-    speechkd quantize recipes/commands_mvq.yaml         # -> codebook indexes (CI)
+    speechkd extract recipes/commands_mvq.yaml [--shard 0/4]   # teacher layer -> float32 labels
+    speechkd quantize recipes/commands_mvq.yaml [--shard 0/4]  # -> codebook indexes (CI)
     speechkd pseudo-label recipes/commands_seqkd.yaml [--shard 0/4]   # teacher N-best (sequence-level KD)
     speechkd distill recipes/commands_mvq.yaml          # every student run of the recipe
     speechkd evaluate recipes/commands_mvq.yaml
     speechkd report recipes/commands_mvq.yaml
+
+With ``runtime.devices: N`` in the recipe, ``run`` and every stage command start N processes (torchrun): fits train
+with DDP, labelling stages split the cuts by rank. See docs/scale_out.md.
 """
 
 from __future__ import annotations
@@ -92,6 +95,7 @@ def _experiment(recipe: Path, exp_dir: Optional[Path], corpora_dir: Optional[Pat
 
 
 SSL_ONLY_OPTIONS = ("runs",)
+SHARED_OPTIONS = ("shard",)  # labelling stages of either kind
 
 
 def _stage(name: str, recipe, exp_dir, corpora_dir, progress, **kw):
@@ -104,6 +108,7 @@ def _stage(name: str, recipe, exp_dir, corpora_dir, progress, **kw):
         typer.echo(f"error: stage '{name}' does not apply to {kind} recipe; its stages: {', '.join(stages)}", err=True)
         raise typer.Exit(2)
     ssl_kw = {k: kw.pop(k) for k in SSL_ONLY_OPTIONS if k in kw}
+    shared = {k: kw.pop(k) for k in SHARED_OPTIONS if k in kw}
     if exp.recipe.task == "ssl":
         given = [k for k, v in kw.items() if v is not None]
         if given:
@@ -114,6 +119,7 @@ def _stage(name: str, recipe, exp_dir, corpora_dir, progress, **kw):
         typer.echo(f"error: option(s) {[k for k, v in ssl_kw.items() if v is not None]} apply to SSL recipes only",
                    err=True)
         raise typer.Exit(2)
+    kw.update({k: v for k, v in shared.items() if v is not None})
     try:
         run_stage(exp, name, **kw)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
@@ -158,6 +164,14 @@ def quantize(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpora
              progress: bool = ProgressOpt, shard: Optional[str] = ShardOpt):
     """Train the multi-codebook quantizer (once) and store uint8 codebook indexes (CI) beside the cuts."""
     _stage("quantize", recipe, exp_dir, corpora_dir, progress, shard=shard)
+
+
+@app.command("hubert-targets")
+def hubert_targets(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpora_dir: Optional[Path] = CorporaOpt,
+                   progress: bool = ProgressOpt, shard: Optional[str] = ShardOpt):
+    """SSL recipes: HuBERT's first-iteration targets, k-means clusters of MFCC frames (fitted once), for every
+    pretrain cut -> labels/cuts_pretrain_targets.jsonl.gz. Sharded like the other labelling stages."""
+    _stage("hubert-targets", recipe, exp_dir, corpora_dir, progress, shard=shard)
 
 
 @app.command("pseudo-label")
@@ -219,7 +233,7 @@ def run(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpora_dir:
     """Run every stage the recipe needs, in order, skipping complete outputs (resumable).
 
     ASR: prepare, teacher, extract / quantize / pseudo-label as the students need, distill, evaluate, report.
-    SSL (task: ssl): prepare, teacher, distill, finetune, evaluate, report.
+    SSL (task: ssl): prepare, hubert-targets, teacher, distill, finetune, evaluate, report.
     """
     from speechkd.pipeline import run_all
 

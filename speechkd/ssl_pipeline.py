@@ -19,8 +19,10 @@ skips outputs that are complete, and a stopped training resumes from its checkpo
 
     prepare   -> cuts/{pretrain,kws_train,sv_train,multitask_train,kws_test}.jsonl.gz, cuts/speakers.json,
                  cuts/trials/<corpus>-<list>.{tsv,jsonl.gz} (the trials kept and the utterances they use)
-    teacher   -> teacher/ (Hugging Face HuBERT directory; the fit, k-means centroids and checkpoint in
-                 teacher.fit/); nothing with ``teacher.dir``
+    hubert-targets -> labels/hubert_centroids.safetensors, labels/cuts_pretrain_targets.jsonl.gz +
+                 labels/hubert_targets*.h5 (MFCC k-means cluster ids; sharded); nothing with ``teacher.dir``
+    teacher   -> teacher/ (Hugging Face HuBERT directory; the fit and its checkpoint in teacher.fit/); nothing
+                 with ``teacher.dir``
     distill   -> student/ (Hugging Face directory + distill_heads.safetensors + metrics.csv; the Lightning fit's
                  checkpoint and logs in student.fit/)
     finetune  -> finetune/<encoder>-<mode>[-<task>]/ (encoder/, heads.safetensors, downstream.json, metrics.csv;
@@ -36,6 +38,7 @@ step-exact on resume, data-parallel with ``runtime.devices``.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -124,6 +127,16 @@ class SslExperiment:
     @property
     def student_dir(self) -> Path:
         return self.dir / "student"
+
+    @property
+    def centroids_path(self) -> Path:
+        """HuBERT's MFCC k-means centroids (``(K, 39)``, safetensors)."""
+        return self.dir / "labels" / "hubert_centroids.safetensors"
+
+    @property
+    def targets_cuts_path(self) -> Path:
+        """The pretrain cuts carrying their HuBERT targets (:func:`hubert_targets`)."""
+        return self.dir / "labels" / "cuts_pretrain_targets.jsonl.gz"
 
     def encoder_dir(self, encoder: str) -> Path:
         return self.teacher_dir if encoder == "teacher" else self.student_dir
@@ -257,10 +270,85 @@ def prepare(exp: SslExperiment) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- teacher
+#: Cut field of the HuBERT first-iteration targets (cluster ids, ``(T, 1)`` per utterance at the model's frame rate).
+TARGETS_KEY = "hubert_targets"
+
+
+def _hubert_config(exp: SslExperiment):
+    from speechkd.teachers.hubert_pretrain import HUBERT_BASE_CONV, hubert_config
+
+    p = exp.recipe.teacher.pretrain
+    return hubert_config(
+        hidden_size=p.hidden_size, num_layers=p.num_layers, num_heads=p.num_heads, intermediate_size=p.intermediate_size,
+        conv_dim=p.conv_dim, conv_kernel=p.conv_kernel or HUBERT_BASE_CONV[0], conv_stride=p.conv_stride or HUBERT_BASE_CONV[1],
+        num_conv_pos_embeddings=p.pos_conv_kernel, num_conv_pos_embedding_groups=p.pos_conv_groups,
+    )
+
+
+def hubert_targets(exp: SslExperiment, shard: Optional[str] = None) -> None:
+    """HuBERT first-iteration targets of the pretrain cuts (nothing with ``teacher.dir``):
+
+    1. k-means centroids of their MFCC frames (:func:`speechkd.teachers.hubert_pretrain.mfcc_centroids`), fitted
+       once (in a multi-process run by rank 0) -> ``labels/hubert_centroids.safetensors``;
+    2. every cut's cluster ids (:func:`~speechkd.teachers.hubert_pretrain.assign_mfcc_targets`), sharded like every
+       labelling stage (``--shard i/n``, or by rank; :mod:`speechkd.labels.stages`) ->
+       ``labels/hubert_targets*.h5`` and, merged, ``labels/cuts_pretrain_targets.jsonl.gz``.
+
+    A cut's ids depend on it alone, so any sharding gives the same targets.
+
+    Raises:
+      ValueError: a malformed shard; parts written with other centroids; as :func:`mfcc_targets`.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from speechkd.distributed import barrier
+    from speechkd.labels.shards import every_nth, stage_shard
+    from speechkd.labels.stages import _finish, _write_frame_label_part
+    from speechkd.teachers.hf import _samples_per_frame
+    from speechkd.teachers.hubert_pretrain import assign_mfcc_targets, mfcc_centroids
+
+    if exp.recipe.teacher.dir is not None:
+        log("hubert-targets: the recipe's teacher.dir is used, no targets needed")
+        return
+    if exp.targets_cuts_path.is_file():
+        log(f"hubert-targets: {exp.targets_cuts_path} exists, skipped")
+        return
+    index, count = stage_shard(shard)
+    p = exp.recipe.teacher.pretrain
+    config = _hubert_config(exp)
+    cuts = exp.cuts("pretrain")
+    path = exp.centroids_path
+    if not path.is_file() and (world_size() == 1 or is_main()):
+        centroids = mfcc_centroids(cuts, config, p.num_clusters, p.kmeans_iters, p.max_kmeans_frames, seed=p.seed,
+                                   progress=exp.progress)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            save_file({"centroids": centroids.contiguous()}, str(tmp))
+        log(f"hubert-targets: {centroids.shape[0]} MFCC k-means centroids -> {path}")
+    barrier()
+    centroids = load_file(str(path))["centroids"]
+    extra = {"centroids_id": hashlib.sha256(centroids.numpy().tobytes()).hexdigest()[:16]}
+    shard_cuts = list(every_nth(cuts, index, count))
+
+    def outputs():
+        for uid, ids in assign_mfcc_targets(shard_cuts, config, centroids, progress=exp.progress):
+            yield uid, ids.numpy()[:, None]  # (T, 1)
+
+    frame_shift = _samples_per_frame(config.conv_stride) / SAMPLE_RATE
+    _write_frame_label_part(exp, TARGETS_KEY, index, count, shard_cuts, outputs, frame_shift, extra)
+    if _finish(exp, cuts, TARGETS_KEY, count, extra, exp.targets_cuts_path):
+        log(f"hubert-targets: cluster ids of {len(cuts)} cuts ({count} shard(s)) -> {exp.targets_cuts_path}")
+
+
 def train_teacher(exp: SslExperiment) -> None:
-    """Pre-train the HuBERT teacher (first iteration) on the pretrain cuts, or check the recipe's ``teacher.dir``."""
+    """Pre-train the HuBERT teacher (first iteration) on the pretrain cuts with the targets of
+    :func:`hubert_targets`, or check the recipe's ``teacher.dir``."""
+    from safetensors.torch import load_file
+
+    from speechkd.data.datamodule import load_cuts
+    from speechkd.labels.store import load_frame_labels
     from speechkd.teachers.hf import _check_model_dir
-    from speechkd.teachers.hubert_pretrain import HUBERT_BASE_CONV, SUMMARY_FILE, hubert_config, pretrain_hubert
+    from speechkd.teachers.hubert_pretrain import SUMMARY_FILE, MfccTargets, pretrain_hubert
 
     t = exp.recipe.teacher
     if t.dir is not None:
@@ -270,19 +358,19 @@ def train_teacher(exp: SslExperiment) -> None:
     if (exp.teacher_dir / SUMMARY_FILE).is_file() and (exp.teacher_dir / "model.safetensors").is_file():
         log(f"teacher: {exp.teacher_dir} exists, skipped")
         return
+    if not exp.targets_cuts_path.is_file():
+        raise FileNotFoundError(f"{exp.targets_cuts_path} not found: run `speechkd hubert-targets` first")
     p = t.pretrain
-    config = hubert_config(
-        hidden_size=p.hidden_size, num_layers=p.num_layers, num_heads=p.num_heads, intermediate_size=p.intermediate_size,
-        conv_dim=p.conv_dim, conv_kernel=p.conv_kernel or HUBERT_BASE_CONV[0], conv_stride=p.conv_stride or HUBERT_BASE_CONV[1],
-        num_conv_pos_embeddings=p.pos_conv_kernel, num_conv_pos_embedding_groups=p.pos_conv_groups,
-    )
+    cuts = load_cuts(exp.targets_cuts_path)
+    targets = MfccTargets(labels={c.id: torch.from_numpy(load_frame_labels(c, TARGETS_KEY)[:, 0]) for c in cuts},
+                          centroids=load_file(str(exp.centroids_path))["centroids"])
     t0 = time.time()
     res = pretrain_hubert(
-        exp.cuts("pretrain"), exp.teacher_dir, steps=p.steps, config=config, num_clusters=p.num_clusters,
+        cuts, exp.teacher_dir, steps=p.steps, config=_hubert_config(exp), num_clusters=p.num_clusters,
         final_dim=p.final_dim, mask_prob=p.mask_prob, mask_length=p.mask_length, lr=p.lr, warmup_steps=p.warmup_steps,
         max_samples=int(p.max_seconds * SAMPLE_RATE), max_batch_samples=int(p.batch_seconds * SAMPLE_RATE), seed=p.seed,
         ckpt_every=p.ckpt_every, kmeans_iters=p.kmeans_iters, max_kmeans_frames=p.max_kmeans_frames,
-        num_threads=p.num_threads, progress=exp.progress, runtime=exp.recipe.runtime,
+        num_threads=p.num_threads, progress=exp.progress, runtime=exp.recipe.runtime, targets=targets,
     )
     last = res.history[-1] if res.history else {}
     log(f"teacher: HuBERT pre-trained {res.step} steps (from {res.resumed_from}; masked accuracy "
@@ -536,6 +624,7 @@ def report(exp: SslExperiment) -> Path:
 
 SSL_STAGES: dict[str, Callable] = {
     "prepare": prepare,
+    "hubert-targets": hubert_targets,
     "teacher": train_teacher,
     "distill": distill,
     "finetune": finetune,
@@ -550,12 +639,14 @@ def needed_stages(recipe: SslRecipe) -> list[str]:
     needed = list(SSL_STAGES)
     if "student" not in recipe.downstream.encoders:
         needed.remove("distill")
+    if recipe.teacher.dir is not None:
+        needed.remove("hubert-targets")
     return needed
 
 
-ALL_RANK_STAGES = frozenset({"teacher", "distill", "finetune"})
-"""SSL stages every process of a multi-process run executes together (their fits train with DDP; the k-means targets
-are computed by every rank, the same, and stored by rank 0); the others (prepare, evaluate, report) run on rank 0
+ALL_RANK_STAGES = frozenset({"hubert-targets", "teacher", "distill", "finetune"})
+"""SSL stages every process of a multi-process run executes together (their fits train with DDP; the targets are
+sharded by rank, the k-means fitted by rank 0); the others (prepare, evaluate, report) run on rank 0
 while the rest wait."""
 
 STAGES = SSL_STAGES

@@ -152,13 +152,14 @@ def test_speechkd_run_with_two_processes(corpora_dir, tmp_path):
 @pytest.fixture(scope="module")
 def ssl_exp(corpora_dir, tmp_path_factory):
     from speechkd.config import load_recipe
-    from speechkd.ssl_pipeline import SslExperiment, prepare, train_teacher
+    from speechkd.ssl_pipeline import SslExperiment, hubert_targets, prepare, train_teacher
 
     d = tmp_path_factory.mktemp("ddp_ssl") / "exp"
     r = load_recipe(REPO / "recipes" / "smoke_ssl.yaml", {"exp_dir": str(d)})
     r.data.corpora_dir = str(corpora_dir)
     exp = SslExperiment(r, progress=False)
     prepare(exp)
+    hubert_targets(exp)
     train_teacher(exp)
     (d / "recipe.json").write_text(r.model_dump_json())
     return exp

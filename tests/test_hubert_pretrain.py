@@ -179,3 +179,19 @@ def test_export_refuses_a_foreign_directory(config, tmp_path):
     with pytest.raises(FileExistsError):
         HubertPretrainer(config, num_clusters=K).save_pretrained(tmp_path)
     assert (tmp_path / "keep.txt").is_file()
+
+
+def test_centroids_of_sampled_frames_match_the_in_memory_reference(waves, config):
+    """mfcc_centroids reads one utterance at a time and holds only the sampled frames; the reference clusters the
+    same draw from every MFCC frame held at once."""
+    from speechkd.mvq.quantizer import _kmeans
+    from speechkd.teachers.hubert_pretrain import mfcc_centroids
+
+    frames = torch.cat([mfcc_features(w) for w in waves.values()])  # (total, 39)
+    gen = torch.Generator().manual_seed(3)
+    pick = frames[torch.randperm(frames.shape[0], generator=gen)[:300]]
+    reference, _ = _kmeans(pick, K, 5, gen, seed_rows=50_000)
+    got = mfcc_centroids(waves, config, K, kmeans_iters=5, max_kmeans_frames=300, seed=3)
+    assert frames.shape[0] > 300 and torch.equal(got, reference)
+    every = mfcc_centroids(waves, config, K, kmeans_iters=5, max_kmeans_frames=None, seed=3)
+    assert torch.equal(every, _kmeans(frames, K, 5, torch.Generator().manual_seed(3), seed_rows=50_000)[0])

@@ -120,3 +120,36 @@ def test_nbest_two_shards_equal_one(exp):
     assert len(one) == len(list(exp.label_cuts()))
     merged_two = [(c.id, c.custom["nbest"]) for c in load_cuts(exp.nbest_cuts_path)]
     assert merged_two == merged_one and [i for i, _ in merged_two] == [c.id for c in exp.label_cuts()]
+
+
+def test_hubert_targets_two_shards_equal_one(tmp_path, corpora_dir):
+    from safetensors.torch import load_file
+
+    from speechkd.config import load_recipe
+    from speechkd.data.datamodule import load_cuts
+    from speechkd.labels.store import load_frame_labels
+    from speechkd.ssl_pipeline import TARGETS_KEY, SslExperiment, _hubert_config, hubert_targets, prepare
+    from speechkd.teachers.hubert_pretrain import mfcc_targets
+
+    r = load_recipe(REPO / "recipes" / "smoke_ssl.yaml", {"exp_dir": str(tmp_path / "exp")})
+    r.data.corpora_dir = str(corpora_dir)
+    exp = SslExperiment(r, progress=False)
+    prepare(exp)
+    hubert_targets(exp)
+    one = {c.id: load_frame_labels(c, TARGETS_KEY) for c in load_cuts(exp.targets_cuts_path)}
+    centroids = load_file(str(exp.centroids_path))["centroids"]
+    # the reference: every utterance's ids from the in-memory mfcc_targets with the same centroids
+    ref = mfcc_targets(exp.cuts("pretrain"), _hubert_config(exp), centroids=centroids)
+    assert one.keys() == ref.labels.keys()
+    assert all(np.array_equal(one[u][:, 0], ref.labels[u].numpy()) for u in one)
+    shutil.rmtree(exp.dir / "labels" / "parts")
+    exp.targets_cuts_path.unlink()
+    for f in (exp.dir / "labels").glob("hubert_targets*.h5"):
+        f.unlink()
+    hubert_targets(exp, shard="1/2")
+    assert not exp.targets_cuts_path.exists()
+    hubert_targets(exp, shard="0/2")
+    two = {c.id: load_frame_labels(c, TARGETS_KEY) for c in load_cuts(exp.targets_cuts_path)}
+    assert [c.id for c in load_cuts(exp.targets_cuts_path)] == [c.id for c in exp.cuts("pretrain")]
+    assert two.keys() == one.keys() and all(np.array_equal(two[u], one[u]) and two[u].dtype == one[u].dtype
+                                            for u in one)

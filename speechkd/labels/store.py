@@ -9,7 +9,8 @@ cut. Beside it, ``cut.custom[f"{key}_meta"]`` holds string metadata (e.g. ``{"qu
 layer are refused rather than silently used.
 
 Label kinds: codebook indexes (CI) are ``uint8 (T, num_codebooks)``; float embeddings (the L1/L2 baseline) are
-``float32 (T, D)`` (``float16`` is accepted too). Storage is lossless (never lilcom).
+``float32 (T, D)`` (``float16`` is accepted too); HuBERT cluster ids are ``uint8`` or, beyond 256 clusters,
+``int16 (T, 1)``. Storage is lossless (never lilcom).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ __all__ = ["write_frame_labels", "load_frame_labels", "check_label_meta", "label
            "meta_key", "label_frame_shift"]
 
 Pathlike = Union[str, Path]
-_ALLOWED_DTYPES = (np.dtype(np.uint8), np.dtype(np.float16), np.dtype(np.float32))
+_ALLOWED_DTYPES = (np.dtype(np.uint8), np.dtype(np.int16), np.dtype(np.float16), np.dtype(np.float32))
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -62,8 +63,8 @@ def write_frame_labels(
     Args:
       cuts: lhotse ``CutSet`` (ids unique); every cut must receive labels.
       labels: ``{cut_id: array}`` or an iterator of ``(cut_id, array)`` (streamed: consumed once, in any
-        order). Arrays: ``(T, C)`` with ``T >= 1`` frames, dtype uint8 (codebook indexes) or float32/float16
-        (embeddings, finite), the same dtype and ``C`` for all cuts.
+        order). Arrays: ``(T, C)`` with ``T >= 1`` frames, dtype uint8 (codebook indexes), int16 (cluster ids) or
+        float32/float16 (embeddings, finite), the same dtype and ``C`` for all cuts.
       storage_dir: directory of the HDF5 file (created if missing). The manifests record
         ``storage_dir/{key}.h5`` as given (relative paths stay relative to the working directory).
       key: custom field name, also the file name (an identifier such as ``"codebook_indexes"``).
@@ -147,7 +148,8 @@ def _check_array(arr: np.ndarray, cut, frame_shift: float, max_frame_mismatch: O
     if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
         raise ValueError(f"cut '{cut.id}': labels must be (T, C) with T, C >= 1, got shape {arr.shape}")
     if arr.dtype not in _ALLOWED_DTYPES:
-        raise ValueError(f"cut '{cut.id}': labels dtype {arr.dtype} not supported (uint8 indexes, float32/float16)")
+        raise ValueError(f"cut '{cut.id}': labels dtype {arr.dtype} not supported (uint8 indexes, int16 cluster ids, "
+                         "float32/float16)")
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise ValueError(f"cut '{cut.id}': labels contain NaN or infinite values")
     if max_frame_mismatch is not None:

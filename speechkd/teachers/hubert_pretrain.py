@@ -44,7 +44,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -69,8 +69,10 @@ __all__ = [
     "PretrainResult",
     "hubert_config",
     "iter_waveforms",
+    "assign_mfcc_targets",
     "label_frame_index",
     "load_waveforms",
+    "mfcc_centroids",
     "mfcc_features",
     "mfcc_targets",
     "pretrain_hubert",
@@ -367,33 +369,87 @@ def mfcc_targets(
             fewer MFCC frames than clusters; ``num_clusters`` outside ``[1, 32767]``; ``centroids`` not ``(K, 39)``;
             or as :func:`load_waveforms`.
     """
-    feats: dict[str, torch.Tensor] = {}
-    num_samples: dict[str, int] = {}
-    iterator = iter_waveforms(data)
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(iterator, desc="MFCC", unit="utt")
-    for uid, wav in iterator:
-        num_samples[uid] = int(wav.shape[0])
-        if _frames(config, wav.shape[0]) < 1:
-            raise ValueError(f"utterance {uid!r} ({wav.shape[0]} samples) is shorter than the CNN's receptive field")
-        try:
-            feats[uid] = mfcc_features(wav)
-        except ValueError as e:
-            raise ValueError(f"utterance {uid!r}: {e}") from None
     if centroids is None:
-        if not 1 <= int(num_clusters) <= _MAX_CLUSTERS:
-            raise ValueError(f"num_clusters must be in [1, {_MAX_CLUSTERS}], got {num_clusters}")
-        if kmeans_iters < 0:
-            raise ValueError(f"kmeans_iters must be >= 0, got {kmeans_iters}")
-        gen = torch.Generator().manual_seed(int(seed))
-        frames = torch.cat(list(feats.values()))  # (sum F, 39)
-        if frames.shape[0] < num_clusters:
-            raise ValueError(f"{frames.shape[0]} MFCC frames cannot make {num_clusters} clusters")
-        if max_kmeans_frames is not None and frames.shape[0] > max_kmeans_frames:
-            frames = frames[torch.randperm(frames.shape[0], generator=gen)[: int(max_kmeans_frames)]]
-        centroids, _ = _kmeans(frames, int(num_clusters), int(kmeans_iters), gen, seed_rows=50_000)
+        centroids = mfcc_centroids(data, config, num_clusters, kmeans_iters, max_kmeans_frames, seed, progress)
+    labels = dict(assign_mfcc_targets(data, config, centroids, progress=progress))
+    return MfccTargets(labels=labels, centroids=torch.as_tensor(centroids, dtype=torch.float32))
+
+
+def _utterance_mfcc(uid: str, wav: torch.Tensor, config) -> torch.Tensor:
+    """:func:`mfcc_features` of one utterance, checked against the CNN's receptive field (errors name it)."""
+    if _frames(config, wav.shape[0]) < 1:
+        raise ValueError(f"utterance {uid!r} ({wav.shape[0]} samples) is shorter than the CNN's receptive field")
+    try:
+        return mfcc_features(wav)
+    except ValueError as e:
+        raise ValueError(f"utterance {uid!r}: {e}") from None
+
+
+def mfcc_centroids(data: AudioData, config, num_clusters: int = 100, kmeans_iters: int = 30,
+                   max_kmeans_frames: Optional[int] = 500_000, seed: int = 0, progress: bool = False) -> torch.Tensor:
+    """The k-means centroids of :func:`mfcc_targets` (step 2), reading the audio one utterance at a time.
+
+    The frames clustered are every MFCC frame of ``data`` in order, or, when there are more than
+    ``max_kmeans_frames``, the frames ``torch.randperm(total, generator)[:max_kmeans_frames]`` of their
+    concatenation (generator seeded by ``seed``), gathered by a second pass that computes the MFCC only of the
+    utterances holding one: only the clustered frames are held in memory.
+
+    Returns:
+        ``(K, 39)`` float32 centroids.
+
+    Raises:
+        ValueError: as :func:`mfcc_targets`.
+    """
+    if not 1 <= int(num_clusters) <= _MAX_CLUSTERS:
+        raise ValueError(f"num_clusters must be in [1, {_MAX_CLUSTERS}], got {num_clusters}")
+    if kmeans_iters < 0:
+        raise ValueError(f"kmeans_iters must be >= 0, got {kmeans_iters}")
+    from tqdm.auto import tqdm
+
+    counts = []  # MFCC frames per utterance (pass 1)
+    everything = []
+    for uid, wav in tqdm(iter_waveforms(data), desc="MFCC (count)", unit="utt", disable=not progress):
+        feat = _utterance_mfcc(uid, wav, config)
+        counts.append(feat.shape[0])
+        if everything is not None:  # held only while they may all be clustered
+            everything.append(feat)
+            if max_kmeans_frames is not None and sum(counts) > max_kmeans_frames:
+                everything = None
+    total = sum(counts)
+    if total < num_clusters:
+        raise ValueError(f"{total} MFCC frames cannot make {num_clusters} clusters")
+    gen = torch.Generator().manual_seed(int(seed))
+    if max_kmeans_frames is None or total <= max_kmeans_frames:
+        frames = torch.cat(everything)  # (total, 39)
+    else:
+        wanted = torch.randperm(total, generator=gen)[: int(max_kmeans_frames)]  # (M,) rows of the concatenation
+        order = torch.argsort(wanted)
+        sorted_rows = wanted[order]
+        starts = np.cumsum([0] + counts)
+        frames = torch.empty(len(wanted), MFCC_DIM)
+        pos = 0
+        for k, (uid, wav) in enumerate(tqdm(iter_waveforms(data), desc="MFCC (sample)", unit="utt",
+                                            disable=not progress)):
+            end = pos + int(np.searchsorted(sorted_rows[pos:].numpy(), starts[k + 1]))
+            if end > pos:
+                feat = _utterance_mfcc(uid, wav, config)
+                frames[order[pos:end]] = feat[sorted_rows[pos:end] - int(starts[k])]
+                pos = end
+    centroids, _ = _kmeans(frames, int(num_clusters), int(kmeans_iters), gen, seed_rows=50_000)
+    return torch.as_tensor(centroids, dtype=torch.float32)
+
+
+def assign_mfcc_targets(data: AudioData, config, centroids: torch.Tensor, progress: bool = False
+                        ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(utterance id, (T,) cluster ids)`` for every utterance of ``data``, one at a time (:func:`mfcc_targets`
+    step 3): the nearest centroid of MFCC frame :func:`label_frame_index` of each of the T model frames; ``uint8``
+    for <= 256 clusters, else ``int16``. Each utterance's ids depend on it alone (any sharding gives the same).
+
+    Raises:
+        ValueError: ``centroids`` not ``(K, 39)``; as :func:`mfcc_targets`.
+    """
+    from tqdm.auto import tqdm
+
     centroids = torch.as_tensor(centroids, dtype=torch.float32)
     if centroids.dim() != 2 or centroids.shape[1] != MFCC_DIM or not 1 <= centroids.shape[0] <= _MAX_CLUSTERS:
         raise ValueError(
@@ -401,13 +457,12 @@ def mfcc_targets(
         )
     dtype = torch.uint8 if centroids.shape[0] <= 256 else torch.int16
     cb_sq = (centroids * centroids).sum(1)
-    labels = {}
-    for uid, feat in feats.items():
-        index = label_frame_index(_frames(config, num_samples[uid]), feat.shape[0], config.conv_kernel,
+    for uid, wav in tqdm(iter_waveforms(data), desc="MFCC targets", unit="utt", disable=not progress):
+        feat = _utterance_mfcc(uid, wav, config)
+        index = label_frame_index(_frames(config, wav.shape[0]), feat.shape[0], config.conv_kernel,
                                   config.conv_stride)
         ids, _ = _assign(feat[index], centroids, cb_sq)
-        labels[uid] = ids.to(dtype)
-    return MfccTargets(labels=labels, centroids=centroids)
+        yield uid, ids.to(dtype)
 
 
 # ------------------------------------------------------------------------------------------------ the model
@@ -818,6 +873,7 @@ def pretrain_hubert(
     progress: bool = True,
     callback: Optional[Callable[[int, dict], None]] = None,
     runtime=None,
+    targets: Optional[MfccTargets] = None,
 ) -> PretrainResult:
     """Pre-train a HuBERT teacher from scratch (first iteration, MFCC k-means targets) with Lightning and export it.
 
@@ -855,6 +911,8 @@ def pretrain_hubert(
         progress: show progress bars.
         callback: called as ``callback(step, logs)`` after every step (e.g. to watch or stop a run by raising).
         runtime: a :class:`speechkd.config.RuntimeConfig` (devices, precision; default one CPU/GPU process).
+        targets: precomputed :class:`MfccTargets` of ``data`` (e.g. the SSL pipeline's sharded ``hubert-targets``
+            stage); then nothing is computed and ``kmeans_iters`` / ``max_kmeans_frames`` only enter the fingerprint.
 
     Returns:
         :class:`PretrainResult`.
@@ -892,12 +950,15 @@ def pretrain_hubert(
 
     centroids_path = run_dir / "centroids.safetensors"
     stored = load_file(str(centroids_path))["centroids"] if centroids_path.is_file() else None
+    if targets is not None:
+        stored = targets.centroids if stored is None else stored
     if stored is not None and stored.shape[0] != num_clusters:
         raise ValueError(f"{centroids_path} was made with {stored.shape[0]} clusters, not num_clusters="
                          f"{num_clusters}: delete {run_dir} to start over")
-    targets = mfcc_targets(data, config, num_clusters=num_clusters, kmeans_iters=kmeans_iters,
-                           max_kmeans_frames=max_kmeans_frames, seed=seed, centroids=stored, progress=progress)
-    if stored is None and is_main():
+    if targets is None:
+        targets = mfcc_targets(data, config, num_clusters=num_clusters, kmeans_iters=kmeans_iters,
+                               max_kmeans_frames=max_kmeans_frames, seed=seed, centroids=stored, progress=progress)
+    if not centroids_path.is_file() and is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(centroids_path) as tmp:
             save_file({"centroids": targets.centroids.contiguous()}, str(tmp))
