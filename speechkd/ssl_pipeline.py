@@ -303,7 +303,7 @@ def hubert_targets(exp: SslExperiment, shard: Optional[str] = None) -> None:
 
     from speechkd.distributed import barrier
     from speechkd.labels.shards import every_nth, stage_shard
-    from speechkd.labels.stages import _finish, _write_frame_label_part
+    from speechkd.labels.stages import finish_frame_labels, write_frame_label_part
     from speechkd.teachers.hf import _samples_per_frame
     from speechkd.teachers.hubert_pretrain import assign_mfcc_targets, mfcc_centroids
 
@@ -335,8 +335,8 @@ def hubert_targets(exp: SslExperiment, shard: Optional[str] = None) -> None:
             yield uid, ids.numpy()[:, None]  # (T, 1)
 
     frame_shift = _samples_per_frame(config.conv_stride) / SAMPLE_RATE
-    _write_frame_label_part(exp, TARGETS_KEY, index, count, shard_cuts, outputs, frame_shift, extra)
-    if _finish(exp, cuts, TARGETS_KEY, count, extra, exp.targets_cuts_path):
+    write_frame_label_part(exp, TARGETS_KEY, index, count, shard_cuts, outputs, frame_shift, extra)
+    if finish_frame_labels(exp, cuts, TARGETS_KEY, count, extra, exp.targets_cuts_path):
         log(f"hubert-targets: cluster ids of {len(cuts)} cuts ({count} shard(s)) -> {exp.targets_cuts_path}")
 
 

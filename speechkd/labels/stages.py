@@ -34,10 +34,24 @@ def _part_paths(exp, key: str, index: int, count: int):
     return (f"{key}.h5" if count == 1 else f"{name}.h5"), exp.dir / "labels" / "parts" / f"{name}.jsonl.gz"
 
 
-def _write_frame_label_part(exp, key: str, index: int, count: int, shard_cuts: list,
-                            outputs: Callable[[], Iterator], frame_shift: float, extra: dict) -> None:
-    """Write one shard's frame labels (skipped when its manifest exists): ``outputs()`` yields ``(cut_id, array)``
-    for exactly the cuts of ``shard_cuts``."""
+def write_frame_label_part(exp, key: str, index: int, count: int, shard_cuts: list,
+                           outputs: Callable[[], Iterator], frame_shift: float, extra: dict) -> None:
+    """Write shard ``index`` of ``count`` of frame labels ``key``: ``labels/<key>.part-i-of-n.h5`` (``<key>.h5``
+    unsharded) and its cuts' manifest ``labels/parts/<key>.part-i-of-n.jsonl.gz`` (written last: its presence marks
+    the part complete; an existing part is skipped, ``outputs`` is then not called).
+
+    Args:
+      exp: the experiment (its ``dir``).
+      key: the label key (e.g. ``teacher_embeddings``, ``codebook_indexes``, ``hubert_targets``).
+      index, count: the shard.
+      shard_cuts: the cuts of this shard.
+      outputs: ``() -> iterator of (cut_id, (T, C) array)`` for exactly ``shard_cuts``.
+      frame_shift: seconds per label frame.
+      extra: string metadata stored with the labels (what made them: teacher layer, quantizer id, centroids id).
+
+    Raises:
+      ValueError: as :func:`speechkd.labels.store.write_frame_labels` (naming the cut).
+    """
     from lhotse import CutSet
 
     from speechkd.data.datamodule import save_cuts
@@ -87,9 +101,16 @@ def merge_frame_label_parts(exp, cuts, key: str, count: int, extra: dict):
     return CutSet.from_cuts(out)
 
 
-def _finish(exp, cuts, key: str, count: int, extra: dict, out_path) -> bool:
-    """After this process's part: in a multi-process run wait for every rank, and let rank 0 merge; else merge when
-    every part exists. Returns True when the merged manifest was written."""
+def finish_frame_labels(exp, cuts, key: str, count: int, extra: dict, out_path) -> bool:
+    """After this process's part: in a multi-process run wait for every rank and let rank 0 merge; else merge when
+    every part exists (:func:`merge_frame_label_parts`), writing the cuts with their labels to ``out_path``.
+
+    Returns:
+      True when the merged manifest was written (by this process).
+
+    Raises:
+      ValueError: as :func:`merge_frame_label_parts`.
+    """
     from speechkd.data.datamodule import save_cuts
     from speechkd.distributed import barrier, is_main, world_size
 
@@ -207,8 +228,8 @@ def extract(exp, shard: Optional[str] = None, batch_seconds: Optional[float] = N
         outputs = lambda: _teacher_layer_outputs(exp, batches, t.layer)  # noqa: E731
         extra = {"teacher_layer": str(t.layer)}
     shard_cuts = [c for b in batches for c in b]
-    _write_frame_label_part(exp, EMB_KEY, index, count, shard_cuts, outputs, exp.teacher_frame_shift(), extra)
-    if _finish(exp, cuts, EMB_KEY, count, extra, exp.emb_cuts_path):
+    write_frame_label_part(exp, EMB_KEY, index, count, shard_cuts, outputs, exp.teacher_frame_shift(), extra)
+    if finish_frame_labels(exp, cuts, EMB_KEY, count, extra, exp.emb_cuts_path):
         log(f"extract: teacher layer {t.layer} for {len(cuts)} cuts ({time.time() - t0:.0f} s, {count} shard(s)) "
             f"-> {exp.emb_cuts_path}")
 
@@ -307,9 +328,9 @@ def quantize(exp, shard: Optional[str] = None, group_frames: int = ENCODE_GROUP_
 
     extra = {"quantizer_id": quantizer.id}
     # the CI frames are the embeddings' frames: same frame shift (20 ms for an HF teacher, 10 ms x subsampling else)
-    _write_frame_label_part(exp, CI_KEY, index, count, [c for g in groups for c in g], indexes,
+    write_frame_label_part(exp, CI_KEY, index, count, [c for g in groups for c in g], indexes,
                             label_frame_shift(cuts, EMB_KEY), extra)
-    if _finish(exp, cuts, CI_KEY, count, extra, exp.ci_cuts_path):
+    if finish_frame_labels(exp, cuts, CI_KEY, count, extra, exp.ci_cuts_path):
         log(f"quantize: codebook indexes for {len(cuts)} cuts ({count} shard(s)) -> {exp.ci_cuts_path}")
 
 
