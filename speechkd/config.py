@@ -391,6 +391,13 @@ class EvalConfig(Strict):
     rtf_threads: int = Field(1, ge=1)
 
 
+class StageRuntime(Strict):
+    """What one training stage may change in the recipe's runtime (``runtime.stages.<stage>``): the precision. The
+    process count is fixed when the processes are launched, so it is the same for every stage."""
+
+    precision: Optional[Literal["32-true", "bf16-mixed", "16-mixed"]] = None
+
+
 class RuntimeConfig(Strict):
     """Where the fits run, handed to every Lightning ``Trainer`` (teacher and students).
 
@@ -402,6 +409,8 @@ class RuntimeConfig(Strict):
     on its own batches), labelling stages split the cuts by rank, the other stages run on rank 0 while the rest wait.
     ``strategy``: Lightning's strategy (``auto``: DDP when there are several processes).
     ``precision``: ``32-true``, ``bf16-mixed`` (CPU or recent GPUs) or ``16-mixed`` (GPU only).
+    ``stages``: per training stage overrides (:class:`StageRuntime`), e.g. ``{teacher: {precision: bf16-mixed}}``;
+    the stage names are the recipe's training stages (ASR: teacher, distill; SSL: teacher, distill, finetune).
     The CPU thread count of a process stays ``train.num_threads``.
     """
 
@@ -410,6 +419,7 @@ class RuntimeConfig(Strict):
     num_nodes: int = Field(1, ge=1)
     strategy: Literal["auto", "ddp"] = "auto"
     precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
+    stages: dict[str, StageRuntime] = {}
 
     @field_validator("devices")
     @classmethod
@@ -441,6 +451,19 @@ class RuntimeConfig(Strict):
     def world_size(self) -> int:
         """Processes in all: :meth:`processes_per_node` x ``num_nodes``."""
         return self.processes_per_node() * self.num_nodes
+
+    def for_stage(self, stage: str) -> "RuntimeConfig":
+        """This runtime with the overrides of ``stages[stage]`` applied (the same runtime when it has none)."""
+        over = self.stages.get(stage)
+        if over is None:
+            return self
+        return self.model_copy(update={k: v for k, v in over.model_dump().items() if v is not None})
+
+    def check_stages(self, allowed: tuple[str, ...]) -> None:
+        """Raise ValueError naming ``runtime.stages`` keys that are not training stages of the recipe."""
+        bad = sorted(set(self.stages) - set(allowed))
+        if bad:
+            raise ValueError(f"runtime.stages: {bad} are not training stages of this recipe (have {list(allowed)})")
 
     def trainer_kwargs(self) -> dict:
         """Keyword arguments of ``lightning.Trainer``: accelerator, devices, num_nodes, strategy, precision (DDP
@@ -489,6 +512,7 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _unique_students(self):
+        self.runtime.check_stages(("teacher", "distill"))
         names = [s.name for s in self.students]
         if len(set(names)) != len(names):
             raise ValueError(f"student names must be unique, got {names}")
@@ -752,6 +776,7 @@ class SslRecipe(Strict):
 
     @model_validator(mode="after")
     def _check_layers(self):
+        self.runtime.check_stages(("teacher", "distill", "finetune"))
         pre = self.teacher.pretrain
         if pre is not None:
             layers = pre.num_layers

@@ -200,7 +200,8 @@ def train_teacher(exp: Experiment) -> None:
         return
     t = exp.recipe.teacher
     fit_model(exp.teacher_dir, t.model, t.train, exp.tokenizer, exp.cuts("train"), exp.cuts("dev"), seed=t.seed,
-              extra_meta={"role": "teacher", "method": "none"}, progress=exp.progress, runtime=exp.recipe.runtime)
+              extra_meta={"role": "teacher", "method": "none"}, progress=exp.progress,
+              runtime=exp.recipe.runtime.for_stage("teacher"))
     log(f"teacher: trained -> {exp.teacher_dir}")
 
 
@@ -335,7 +336,7 @@ def _train_student(exp: Experiment, name: str, seed: int, num_threads: Optional[
     fit_model(out, exp.recipe.student_model_of(run), train_cfg, exp.tokenizer, cuts, exp.cuts("dev"), seed=seed, kd=kd,
               extra_meta={"role": "baseline" if run.kd.method == "none" else "distilled",
                           "method": run.kd.method, "group": name}, progress=exp.progress, init_fn=init_fn,
-              runtime=exp.recipe.runtime)
+              runtime=exp.recipe.runtime.for_stage("distill"))
     log(f"distill: {name} seed {seed} trained in {time.time() - t0:.0f} s -> {out}")
 
 

@@ -370,7 +370,8 @@ def train_teacher(exp: SslExperiment) -> None:
         final_dim=p.final_dim, mask_prob=p.mask_prob, mask_length=p.mask_length, lr=p.lr, warmup_steps=p.warmup_steps,
         max_samples=int(p.max_seconds * SAMPLE_RATE), max_batch_samples=int(p.batch_seconds * SAMPLE_RATE), seed=p.seed,
         ckpt_every=p.ckpt_every, kmeans_iters=p.kmeans_iters, max_kmeans_frames=p.max_kmeans_frames,
-        num_threads=p.num_threads, progress=exp.progress, runtime=exp.recipe.runtime, targets=targets,
+        num_threads=p.num_threads, progress=exp.progress, runtime=exp.recipe.runtime.for_stage("teacher"),
+        targets=targets,
     )
     last = res.history[-1] if res.history else {}
     log(f"teacher: HuBERT pre-trained {res.step} steps (from {res.resumed_from}; masked accuracy "
@@ -407,7 +408,7 @@ def distill(exp: SslExperiment) -> None:
         cuts, step, steps=s.steps, warmup_steps=s.warmup_steps, final_lr_ratio=s.final_lr_ratio,
         weight_decay=s.weight_decay, grad_clip=s.grad_clip, batch_seconds=s.batch_seconds, seed=s.seed,
         ckpt_every=s.ckpt_every, fingerprint=fingerprint, progress=exp.progress, desc="distill",
-        frozen=[teacher], runtime=exp.recipe.runtime,
+        frozen=[teacher], runtime=exp.recipe.runtime.for_stage("distill"),
     )
     if is_main():  # one writer in a multi-process run
         with atomic_dir(out) as tmp:
@@ -467,7 +468,7 @@ def _finetune_run(exp: SslExperiment, run: FinetuneRun) -> None:
         warmup_steps=c.warmup_steps, final_lr_ratio=c.final_lr_ratio, weight_decay=c.weight_decay,
         grad_clip=c.grad_clip, batch_seconds=c.batch_seconds, seed=c.seed, ckpt_every=c.ckpt_every,
         fingerprint=fingerprint, target_keys=keys, progress=exp.progress, desc=f"finetune {run.name}",
-        runtime=exp.recipe.runtime,
+        runtime=exp.recipe.runtime.for_stage("finetune"),
     )
     meta = {"encoder": run.encoder, "mode": run.mode, "source": str(exp.encoder_dir(run.encoder)),
             "num_speakers": model.am.num_classes if model.am is not None else 0, "steps": summary.steps,

@@ -42,6 +42,16 @@ def test_runtime_defaults_and_ddp_for_several_processes():
     assert two.runtime.world_size() == 2 and two.runtime.trainer_kwargs()["strategy"] == "ddp"
     with pytest.raises(ValidationError, match="devices"):
         Recipe.model_validate({"name": "x", "exp_dir": "e", "runtime": {"devices": 0}})
+    # per-stage overrides: only the precision, only of the recipe's training stages
+    staged = Recipe.model_validate({"name": "x", "exp_dir": "e", "runtime": {
+        "devices": 2, "stages": {"teacher": {"precision": "bf16-mixed"}}}})
+    assert staged.runtime.for_stage("teacher").precision == "bf16-mixed"
+    assert staged.runtime.for_stage("teacher").devices == 2
+    assert staged.runtime.for_stage("distill").precision == "32-true"
+    with pytest.raises(ValidationError, match="not training stages"):
+        Recipe.model_validate({"name": "x", "exp_dir": "e", "runtime": {"stages": {"finetune": {}}}})
+    with pytest.raises(ValidationError, match="devices"):  # the process count is fixed at launch
+        Recipe.model_validate({"name": "x", "exp_dir": "e", "runtime": {"stages": {"teacher": {"devices": 1}}}})
 
 
 def test_frozen_teachers_move_with_their_kd_method():
