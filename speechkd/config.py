@@ -477,12 +477,15 @@ class RuntimeConfig(Strict):
 
 def needs_project_teacher(kd: KDConfig) -> Optional[str]:
     """What in ``kd`` needs the project's own (transducer / AED) teacher rather than an SSL one
-    (``teacher.hf_dir``), in words for an error message; None when nothing does (mvq, l1, l2, none)."""
-    if kd.method == "seq":
-        return "kd.method 'seq' (sequence-level KD on the teacher's N-best pseudo-labels)"
-    if kd.method == "codert":
-        return "kd.method 'codert' (CoDERT: the teacher's encoder logits)"
-    if kd.method == "word" or kd.kl_scale > 0:
+    (``teacher.hf_dir``), in words for an error message: the method itself (its registered
+    :attr:`speechkd.methods.MethodSpec.project_teacher`), token-level KL or ``init_from_teacher``; None when nothing
+    does (mvq, l1, l2, none)."""
+    from speechkd.methods import method_spec
+
+    need = method_spec(kd.method).project_teacher
+    if need:
+        return need
+    if kd.kl_scale > 0:
         return "token-level KL (kd.method 'word' / kd.kl_scale > 0: the teacher's decoder distributions)"
     if kd.init_from_teacher:
         return "kd.init_from_teacher (copying Conformer blocks of the teacher)"

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from speechkd.config import Recipe, dump_recipe, needs_project_teacher
-from speechkd.labels.stages import check_label_meta_nbest, extract, pseudo_label, quantize
+from speechkd.labels.stages import extract, pseudo_label, quantize
 from speechkd.utils import log, write_json_atomic, write_text_atomic
 
 
@@ -220,106 +220,39 @@ def load_audio_16k(cut) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- distill
-CODERT_TEACHER_SEED_OFFSET = 10_000
-"""A CoDERT KD module (a co-learned teacher, the shared mode's projection) is initialised under torch seed
-``offset + student seed``: it varies with the student's seed without replaying the student's own random stream
-(which would give the student's first layer a copy of the teacher's first filters), and the same seed rebuilds
-it the same (make_kd runs before the trainer seeds the global generator)."""
-
-
 def make_kd(exp: Experiment, run, seed: int = 0):
-    """The KD method of a student run, the training cuts carrying its labels, and an optional model init.
+    """The KD method of a student run (built by its registered :class:`speechkd.methods.MethodSpec`), the training
+    cuts carrying its labels, and an optional model init.
 
     Args:
       exp, run: the experiment and the student run.
-      seed: the run's seed (seeds the initial weights of a CoDERT module: co-learned teacher, projection).
+      seed: the run's seed (e.g. seeds the initial weights of a CoDERT module).
 
     Returns:
-      ``(kd method or None, CutSet, init_fn or None)``; ``init_fn(student)`` copies teacher blocks.
+      ``(kd method or None, CutSet, init_fn or None)``; ``init_fn(student)`` copies teacher blocks
+      (``kd.init_from_teacher``).
 
     Raises:
-      ValueError / FileNotFoundError: labels missing or written by another quantizer or teacher; a CoDERT run
-        whose teacher or student is not a transducer (naming the run); a run that needs the project's teacher
-        while the recipe's is a Hugging Face one (``teacher.hf_dir``); a student frame shift that is not a whole
-        multiple of the stored labels' (see :meth:`Experiment.teacher_frame_ratio`).
+      ValueError / FileNotFoundError: as the method's ``build`` (labels missing or written by another quantizer or
+        teacher, a CoDERT run without transducers, a student frame shift that is not a whole multiple of the
+        labels'); a run that needs the project's teacher while the recipe's is a Hugging Face one
+        (``teacher.hf_dir``).
     """
-    from speechkd.data.datamodule import load_cuts
-    from speechkd.methods.mvq_kd import CI_KEY, EMB_KEY, MvqKD, RegressionKD
-    from speechkd.mvq.quantizer import Quantizer
-    from speechkd.labels.store import check_label_meta, label_frame_shift
+    from speechkd.methods import method_spec
 
     kd_cfg = run.kd
-    s = exp.recipe.student_model_of(run)
     if exp.hf_teacher_dir is not None and needs_project_teacher(kd_cfg):
         raise ValueError(f"student '{run.name}' uses {needs_project_teacher(kd_cfg)}, but teacher.hf_dir "
                          f"({exp.hf_teacher_dir}) is a Hugging Face SSL teacher")
-    from speechkd.models.build import load_model
-
     def init_from_teacher_fn(student):
         from speechkd.methods.seq_kd import init_from_teacher
+        from speechkd.models.build import load_model
 
         mapping = init_from_teacher(student, load_model(exp.teacher_dir)[0])
         log(f"distill: {run.name}: {len(mapping)} tensors initialised from the teacher")
 
-    init_fn = init_from_teacher_fn if kd_cfg.init_from_teacher else None
-
-    if kd_cfg.method == "none":
-        return None, exp.cuts("train"), init_fn
-    if kd_cfg.method in ("seq", "word"):
-        from speechkd.methods.seq_kd import SequenceKD, filter_nbest
-
-        teacher = load_model(exp.teacher_dir)[0] if kd_cfg.kl_scale > 0 else None
-        if kd_cfg.method == "word":
-            return SequenceKD(use_nbest=False, teacher=teacher, kl_scale=kd_cfg.kl_scale,
-                              temperature=kd_cfg.temperature), exp.cuts("train"), init_fn
-        cuts = load_cuts(exp.nbest_cuts_path)
-        check_label_meta_nbest(exp)
-        cuts, stats = filter_nbest(cuts, kd_cfg.max_wer)
-        if kd_cfg.max_wer is not None:
-            log(f"distill: {run.name}: WER filter {kd_cfg.max_wer}% kept {stats['cuts_out']}/{stats['cuts_in']} cuts, "
-                f"{stats['hyps_out']}/{stats['hyps_in']} hypotheses")
-        kd = SequenceKD(use_nbest=True, nbest=kd_cfg.nbest, weighting=kd_cfg.nbest_weights,
-                        reference_weight=kd_cfg.reference_weight, teacher=teacher, kl_scale=kd_cfg.kl_scale,
-                        temperature=kd_cfg.temperature)
-        return kd, cuts, init_fn
-    if kd_cfg.method == "codert":
-        from speechkd.methods.codert import CodertKD
-
-        t_cfg = exp.recipe.teacher.model
-        if t_cfg.arch != "transducer" or s.arch != "transducer":
-            raise ValueError(f"student '{run.name}': CoDERT needs a transducer teacher and student "
-                             f"(teacher arch {t_cfg.arch!r}, student arch {s.arch!r})")
-        ratio = exp.teacher_frame_ratio(run)
-        from speechkd.models.build import build_model
-
-        # A co-learned teacher and the shared mode's projection start from weights drawn under their own seed,
-        # leaving the global random state alone.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(CODERT_TEACHER_SEED_OFFSET + seed)
-            if kd_cfg.codert_mode == "static":
-                teacher = load_model(exp.teacher_dir)[0]
-            else:
-                teacher = build_model(t_cfg, exp.tokenizer.vocab_size)
-            kd = CodertKD(kd_cfg.codert_mode, teacher, scale=kd_cfg.scale, temperature=kd_cfg.temperature,
-                          frame_ratio=ratio, ctc_weight=exp.recipe.student_train.ctc_weight, student_dim=s.dim,
-                          teacher_lr=None if kd_cfg.codert_mode == "static"
-                          else (kd_cfg.teacher_lr or exp.recipe.teacher.train.lr))
-        return kd, exp.cuts("train"), init_fn
-    # frame-level labels: the ratio comes from the frame shift stored with them (the teacher's own)
-    if kd_cfg.method == "mvq":
-        quantizer = Quantizer.load(exp.quantizer_path)
-        cuts = load_cuts(exp.ci_cuts_path)
-        check_label_meta(cuts, CI_KEY, {"quantizer_id": quantizer.id})
-        ratio = exp.teacher_frame_ratio(run, label_frame_shift(cuts, CI_KEY))
-        kd = MvqKD(s.dim, quantizer.num_codebooks, layer=kd_cfg.student_layer, frame_ratio=ratio,
-                   mode=kd_cfg.frame_ratio_mode, scale=kd_cfg.scale)
-        return kd, cuts, init_fn
-    cuts = load_cuts(exp.emb_cuts_path)
-    ratio = exp.teacher_frame_ratio(run, label_frame_shift(cuts, EMB_KEY))
-    teacher_dim = next(iter(cuts)).custom[EMB_KEY].shape[-1]  # the stored embeddings' width D
-    kd = RegressionKD(s.dim, teacher_dim, kind=kd_cfg.method, layer=kd_cfg.student_layer, frame_ratio=ratio,
-                      mode=kd_cfg.frame_ratio_mode, scale=kd_cfg.scale)
-    return kd, cuts, init_fn
+    kd, cuts = method_spec(kd_cfg.method).build(exp, run, seed)
+    return kd, cuts, init_from_teacher_fn if kd_cfg.init_from_teacher else None
 
 
 def _train_student(exp: Experiment, name: str, seed: int, num_threads: Optional[int] = None) -> None:
@@ -334,7 +267,7 @@ def _train_student(exp: Experiment, name: str, seed: int, num_threads: Optional[
     kd, cuts, init_fn = make_kd(exp, run, seed=seed)
     t0 = time.time()
     fit_model(out, exp.recipe.student_model_of(run), train_cfg, exp.tokenizer, cuts, exp.cuts("dev"), seed=seed, kd=kd,
-              extra_meta={"role": "baseline" if run.kd.method == "none" else "distilled",
+              extra_meta={"role": "baseline" if kd is None else "distilled",
                           "method": run.kd.method, "group": name}, progress=exp.progress, init_fn=init_fn,
               runtime=exp.recipe.runtime.for_stage("distill"))
     log(f"distill: {name} seed {seed} trained in {time.time() - t0:.0f} s -> {out}")
@@ -583,17 +516,13 @@ STAGES: dict[str, Callable] = {
 
 
 def needed_stages(recipe: Recipe) -> list[str]:
-    """The stages a recipe needs: extract only with a frame-level KD student (mvq, l1, l2), quantize only with
-    an MVQ student, pseudo-label only with a sequence-level KD student."""
-    methods = {r.kd.method for r in recipe.students}
-    stages = ["prepare", "teacher"]
-    if methods & {"mvq", "l1", "l2"}:
-        stages.append("extract")
-    if "mvq" in methods:
-        stages.append("quantize")
-    if "seq" in methods:
-        stages.append("pseudo-label")
-    return stages + ["distill", "evaluate", "report"]
+    """The stages a recipe needs: the labelling stages its students' methods declare
+    (:attr:`speechkd.methods.MethodSpec.label_stages`, in :data:`speechkd.methods.LABEL_STAGES` order) between the
+    teacher and the students."""
+    from speechkd.methods import LABEL_STAGES, method_spec
+
+    wanted = {stage for r in recipe.students for stage in method_spec(r.kd.method).label_stages}
+    return ["prepare", "teacher"] + [s for s in LABEL_STAGES if s in wanted] + ["distill", "evaluate", "report"]
 
 
 #: The pipeline module of each recipe ``task``. A module gives ``EXPERIMENT`` (``(recipe, progress) -> experiment``),

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from speechkd.losses.distill import masked_kl
+from speechkd.methods import register
 from speechkd.methods.base import KDMethod, align_teacher_frames
 from speechkd.models.transducer import Transducer
 
@@ -278,3 +279,42 @@ class CodertKD(KDMethod):
         kl = self.encoder_kl(encoder_out, encoder_out_lens, frames, lens, heads, student)
         logs["codert_kl"] = float(kl.detach())
         return loss + self.scale * kl, logs
+
+
+CODERT_TEACHER_SEED_OFFSET = 10_000
+"""A CoDERT KD module (a co-learned teacher, the shared mode's projection) is initialised under torch seed
+``offset + student seed``: it varies with the student's seed without replaying the student's own random stream
+(which would give the student's first layer a copy of the teacher's first filters), and the same seed rebuilds
+it the same (the KD method is built before the trainer seeds the global generator)."""
+
+
+def build(exp, run, seed: int = 0):
+    """CoDERT for a student run: the static teacher loaded, or a co-learned one built, under torch seed
+    :data:`CODERT_TEACHER_SEED_OFFSET` + ``seed`` (the global random state is left alone). Returns
+    ``(CodertKD, training CutSet)``.
+
+    Raises:
+      ValueError: a teacher or student that is not a transducer (naming the run).
+    """
+    from speechkd.models.build import build_model, load_model
+
+    kd_cfg, s = run.kd, exp.recipe.student_model_of(run)
+    t_cfg = exp.recipe.teacher.model
+    if t_cfg.arch != "transducer" or s.arch != "transducer":
+        raise ValueError(f"student '{run.name}': CoDERT needs a transducer teacher and student "
+                         f"(teacher arch {t_cfg.arch!r}, student arch {s.arch!r})")
+    ratio = exp.teacher_frame_ratio(run)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(CODERT_TEACHER_SEED_OFFSET + seed)
+        if kd_cfg.codert_mode == "static":
+            teacher = load_model(exp.teacher_dir)[0]
+        else:
+            teacher = build_model(t_cfg, exp.tokenizer.vocab_size)
+        kd = CodertKD(kd_cfg.codert_mode, teacher, scale=kd_cfg.scale, temperature=kd_cfg.temperature,
+                      frame_ratio=ratio, ctc_weight=exp.recipe.student_train.ctc_weight, student_dim=s.dim,
+                      teacher_lr=None if kd_cfg.codert_mode == "static"
+                      else (kd_cfg.teacher_lr or exp.recipe.teacher.train.lr))
+    return kd, exp.cuts("train")
+
+
+register("codert", build, project_teacher="kd.method 'codert' (CoDERT: the teacher's encoder logits)")

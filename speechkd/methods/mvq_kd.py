@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from speechkd.losses.distill import codebook_ce_loss, frame_regression_loss
+from speechkd.methods import register
 from speechkd.methods.base import KDMethod, align_teacher_frames, pick_layer
 
 CI_KEY = "codebook_indexes"
@@ -85,3 +86,48 @@ class RegressionKD(KDMethod):
         lens = torch.minimum(lens, encoder_out_lens)
         loss = frame_regression_loss(self.head(x), emb, lens, self.kind)
         return self.scale * loss, {f"{self.kind}_loss": float(loss.detach())}
+
+
+def build_mvq(exp, run, seed: int = 0):
+    """MVQ-KD for a student run: the stored CI (``quantize`` stage), refused when written by another quantizer; the
+    frame ratio from their frame shift (the teacher's own). Returns ``(MvqKD, CutSet with CI)``.
+
+    Raises:
+      ValueError: CI of another quantizer; a student frame shift that is not a whole multiple of the labels'.
+    """
+    from speechkd.data.datamodule import load_cuts
+    from speechkd.labels.store import check_label_meta, label_frame_shift
+    from speechkd.mvq.quantizer import Quantizer
+
+    kd_cfg, s = run.kd, exp.recipe.student_model_of(run)
+    quantizer = Quantizer.load(exp.quantizer_path)
+    cuts = load_cuts(exp.ci_cuts_path)
+    check_label_meta(cuts, CI_KEY, {"quantizer_id": quantizer.id})
+    ratio = exp.teacher_frame_ratio(run, label_frame_shift(cuts, CI_KEY))
+    kd = MvqKD(s.dim, quantizer.num_codebooks, layer=kd_cfg.student_layer, frame_ratio=ratio,
+               mode=kd_cfg.frame_ratio_mode, scale=kd_cfg.scale)
+    return kd, cuts
+
+
+def build_regression(exp, run, seed: int = 0):
+    """L1 / L2 regression of the stored float embeddings (``extract`` stage) for a student run. Returns
+    ``(RegressionKD, CutSet with embeddings)``.
+
+    Raises:
+      ValueError: a student frame shift that is not a whole multiple of the labels'.
+    """
+    from speechkd.data.datamodule import load_cuts
+    from speechkd.labels.store import label_frame_shift
+
+    kd_cfg, s = run.kd, exp.recipe.student_model_of(run)
+    cuts = load_cuts(exp.emb_cuts_path)
+    ratio = exp.teacher_frame_ratio(run, label_frame_shift(cuts, EMB_KEY))
+    teacher_dim = next(iter(cuts)).custom[EMB_KEY].shape[-1]  # the stored embeddings' width D
+    kd = RegressionKD(s.dim, teacher_dim, kind=kd_cfg.method, layer=kd_cfg.student_layer, frame_ratio=ratio,
+                      mode=kd_cfg.frame_ratio_mode, scale=kd_cfg.scale)
+    return kd, cuts
+
+
+register("mvq", build_mvq, label_stages=("extract", "quantize"))
+register("l1", build_regression, label_stages=("extract",))
+register("l2", build_regression, label_stages=("extract",))

@@ -30,6 +30,7 @@ from torch import nn
 
 from speechkd.labels.nbest import NBEST_KEY
 from speechkd.losses.distill import masked_kl
+from speechkd.methods import register
 from speechkd.methods.base import KDMethod
 
 
@@ -256,3 +257,50 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module) -> dict:
                          + "; ".join(bad[:4]) + (f" (+{len(bad) - 4} more)" if len(bad) > 4 else ""))
     student.load_state_dict({name: t_state[src].clone() for name, src in mapping.items()})
     return mapping
+
+
+def _project_teacher(exp, kd_cfg):
+    """The project's teacher for the token-level KL term, or None when ``kd.kl_scale`` is 0."""
+    from speechkd.models.build import load_model
+
+    return load_model(exp.teacher_dir)[0] if kd_cfg.kl_scale > 0 else None
+
+
+def build_seq(exp, run, seed: int = 0):
+    """Sequence-level KD for a student run: the teacher's N-best (``pseudo-label`` stage; refused when written by
+    another teacher or settings), filtered by ``kd.max_wer``. Returns ``(SequenceKD, CutSet with N-best lists)``.
+
+    Raises:
+      FileNotFoundError / ValueError: no N-best labels, or labels of another teacher or settings.
+    """
+    from speechkd.data.datamodule import load_cuts
+    from speechkd.labels.stages import check_label_meta_nbest
+    from speechkd.utils import log
+
+    kd_cfg = run.kd
+    teacher = _project_teacher(exp, kd_cfg)
+    cuts = load_cuts(exp.nbest_cuts_path)
+    check_label_meta_nbest(exp)
+    cuts, stats = filter_nbest(cuts, kd_cfg.max_wer)
+    if kd_cfg.max_wer is not None:
+        log(f"distill: {run.name}: WER filter {kd_cfg.max_wer}% kept {stats['cuts_out']}/{stats['cuts_in']} cuts, "
+            f"{stats['hyps_out']}/{stats['hyps_in']} hypotheses")
+    kd = SequenceKD(use_nbest=True, nbest=kd_cfg.nbest, weighting=kd_cfg.nbest_weights,
+                    reference_weight=kd_cfg.reference_weight, teacher=teacher, kl_scale=kd_cfg.kl_scale,
+                    temperature=kd_cfg.temperature)
+    return kd, cuts
+
+
+def build_word(exp, run, seed: int = 0):
+    """Word-level KD (references plus token-level KL to the teacher's decoder, Kim & Rush 2016) for a student run.
+    Returns ``(SequenceKD, training CutSet)``."""
+    kd_cfg = run.kd
+    kd = SequenceKD(use_nbest=False, teacher=_project_teacher(exp, kd_cfg), kl_scale=kd_cfg.kl_scale,
+                    temperature=kd_cfg.temperature)
+    return kd, exp.cuts("train")
+
+
+register("seq", build_seq, label_stages=("pseudo-label",),
+         project_teacher="kd.method 'seq' (sequence-level KD on the teacher's N-best pseudo-labels)")
+register("word", build_word,
+         project_teacher="token-level KL (kd.method 'word' / kd.kl_scale > 0: the teacher's decoder distributions)")
