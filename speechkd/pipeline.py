@@ -53,7 +53,7 @@ class Experiment:
         self.dir = Path(recipe.exp_dir)
         self.progress = progress
         self._tokenizer = None
-        self._hf_info = None
+        self._teacher = None
 
     # paths
     def cuts_path(self, split: str) -> Path:
@@ -116,34 +116,17 @@ class Experiment:
         write_text_atomic(self.dir / "config.yaml", dump_recipe(self.recipe))
 
     @property
-    def hf_teacher_dir(self) -> Optional[Path]:
-        """The Hugging Face SSL teacher's directory (``teacher.hf_dir``), or None for the project's teacher."""
-        d = self.recipe.teacher.hf_dir
-        return None if d is None else Path(d)
+    def teacher(self):
+        """The recipe's :class:`speechkd.teachers.base.Teacher` (:func:`speechkd.teachers.base.teacher_of`)."""
+        if self._teacher is None:
+            from speechkd.teachers.base import teacher_of
 
-    def hf_teacher_info(self):
-        """:class:`speechkd.teachers.hf.SSLConfigInfo` of ``teacher.hf_dir`` (read once; no weights loaded).
-
-        Raises:
-          ValueError: the recipe has no ``teacher.hf_dir``; as :func:`speechkd.teachers.hf.check_ssl_dir` for a
-            bad directory (naming it).
-        """
-        if self.hf_teacher_dir is None:
-            raise ValueError("the recipe has no teacher.hf_dir")
-        if self._hf_info is None:
-            from speechkd.teachers.hf import check_ssl_dir
-
-            self._hf_info = check_ssl_dir(self.hf_teacher_dir)
-        return self._hf_info
+            self._teacher = teacher_of(self)
+        return self._teacher
 
     def teacher_frame_shift(self) -> float:
-        """Seconds per teacher frame: ``prod(conv_stride) / 16000`` of the HF teacher (0.02 for HuBERT's CNN),
-        else 10 ms x the transducer teacher's subsampling."""
-        from speechkd.data.datamodule import FRAME_SHIFT
-
-        if self.hf_teacher_dir is not None:
-            return self.hf_teacher_info().frame_shift
-        return FRAME_SHIFT * self.recipe.teacher.model.subsampling
+        """Seconds per teacher frame (:meth:`speechkd.teachers.base.Teacher.frame_shift`)."""
+        return self.teacher.frame_shift()
 
     def student_frame_shift(self, run=None) -> float:
         """Seconds per encoder frame of a student run (default: the recipe's student_model): 10 ms x subsampling."""
@@ -177,32 +160,13 @@ def prepare(exp: Experiment) -> None:
 
 # ---------------------------------------------------------------- teacher
 def train_teacher(exp: Experiment) -> None:
-    """Train the teacher transducer on the training cuts (resumable); with ``teacher.hf_dir``, only check that
-    Hugging Face checkpoint (directory, ``config.json``, ``model.safetensors``, ``teacher.layer`` in range).
+    """The teacher stage (:meth:`speechkd.teachers.base.Teacher.prepare`): train the project's teacher (resumable), or
+    check a given checkpoint (e.g. ``teacher.hf_dir``: directory, weights, ``teacher.layer`` in range).
 
     Raises:
-      FileNotFoundError / NotADirectoryError / ValueError: a bad ``teacher.hf_dir`` or ``teacher.layer`` (naming
-        the directory or setting).
+      FileNotFoundError / NotADirectoryError / ValueError: a bad checkpoint or ``teacher.layer`` (naming them).
     """
-    from speechkd.training import fit_model
-
-    if exp.hf_teacher_dir is not None:
-        from speechkd.teachers.hf import resolve_layer
-
-        info = exp.hf_teacher_info()
-        layer = resolve_layer(exp.recipe.teacher.layer, info.num_layers, "teacher.layer")
-        log(f"teacher: using the Hugging Face {info.model_type} model in {exp.hf_teacher_dir} (hidden state {layer} "
-            f"of 0..{info.num_layers}, width {info.hidden_size}, {1000 * info.frame_shift:g} ms frames); "
-            "no transducer is trained")
-        return
-    if (exp.teacher_dir / "model.safetensors").is_file():
-        log(f"teacher: {exp.teacher_dir}/model.safetensors exists, skipped")
-        return
-    t = exp.recipe.teacher
-    fit_model(exp.teacher_dir, t.model, t.train, exp.tokenizer, exp.cuts("train"), exp.cuts("dev"), seed=t.seed,
-              extra_meta={"role": "teacher", "method": "none"}, progress=exp.progress,
-              runtime=exp.recipe.runtime.for_stage("teacher"))
-    log(f"teacher: trained -> {exp.teacher_dir}")
+    exp.teacher.prepare()
 
 
 def load_audio_16k(cut) -> np.ndarray:
@@ -235,15 +199,14 @@ def make_kd(exp: Experiment, run, seed: int = 0):
     Raises:
       ValueError / FileNotFoundError: as the method's ``build`` (labels missing or written by another quantizer or
         teacher, a CoDERT run without transducers, a student frame shift that is not a whole multiple of the
-        labels'); a run that needs the project's teacher while the recipe's is a Hugging Face one
-        (``teacher.hf_dir``).
+        labels'); a run that needs the project's teacher while the recipe's cannot decode (e.g. ``teacher.hf_dir``).
     """
     from speechkd.methods import method_spec
 
     kd_cfg = run.kd
-    if exp.hf_teacher_dir is not None and needs_project_teacher(kd_cfg):
-        raise ValueError(f"student '{run.name}' uses {needs_project_teacher(kd_cfg)}, but teacher.hf_dir "
-                         f"({exp.hf_teacher_dir}) is a Hugging Face SSL teacher")
+    if not exp.teacher.can_decode and needs_project_teacher(kd_cfg):
+        raise ValueError(f"student '{run.name}' uses {needs_project_teacher(kd_cfg)}, but the teacher "
+                         f"({exp.teacher.describe()}) has no ASR head")
     def init_from_teacher_fn(student):
         from speechkd.methods.seq_kd import init_from_teacher
         from speechkd.models.build import load_model
@@ -380,9 +343,9 @@ def distill(exp: Experiment, only: Optional[str] = None, seeds: Optional[list[in
 
 # ---------------------------------------------------------------- evaluate
 def _models(exp: Experiment):
-    """(name, group, dir, method, seed) of the teacher and every student run; no teacher with ``teacher.hf_dir``
-    (an SSL encoder has no ASR head to decode with)."""
-    if exp.hf_teacher_dir is None:
+    """(name, group, dir, method, seed) of the teacher and every student run; no teacher row when it cannot decode
+    (e.g. an SSL encoder, ``teacher.hf_dir``)."""
+    if exp.teacher.can_decode:
         yield "teacher", "teacher", exp.teacher_dir, "none", exp.recipe.teacher.seed
     for run in exp.recipe.students:
         for seed in run.seeds:
@@ -440,8 +403,8 @@ def evaluate(exp: Experiment) -> None:
         from speechkd.labels.nbest import label_bytes as nbest_bytes
 
         label_bytes["seq"] = ("nbest", nbest_bytes(exp.nbest_dir))
-    if exp.hf_teacher_dir is not None:
-        log(f"evaluate: the teacher is the Hugging Face SSL model {exp.hf_teacher_dir} (no ASR head): no WER, skipped")
+    if not exp.teacher.can_decode:
+        log(f"evaluate: the teacher ({exp.teacher.describe()}) has no ASR head: no WER, skipped")
     splits = {s: exp.cuts(s) for s in ("dev", "test")}
     rtf_cuts = splits["test"].subset(first=min(e.rtf_utts, len(splits["test"])))
     for name, group, mdir, method, seed in _models(exp):
@@ -489,15 +452,12 @@ def _train_seconds(mdir: Path) -> Optional[float]:
 
 # ---------------------------------------------------------------- report
 def report(exp: Experiment) -> Path:
-    """Write ``report.md`` and the plots from ``eval/*.json`` and the training logs (with ``teacher.hf_dir``, a
-    line saying the HF teacher has no WER in place of the teacher row). Returns the report's path."""
+    """Write ``report.md`` and the plots from ``eval/*.json`` and the training logs (for a teacher that cannot
+    decode, its :meth:`~speechkd.teachers.base.Teacher.report_note` in place of the teacher row). Returns the
+    report's path."""
     from speechkd.report import write_report
 
-    note = None
-    if exp.hf_teacher_dir is not None:
-        note = (f"Teacher: the Hugging Face SSL model `{exp.hf_teacher_dir}` (hidden state teacher.layer = "
-                f"{exp.recipe.teacher.layer}); it has no ASR head, so no teacher WER: students are compared with the "
-                "baseline only.")
+    note = exp.teacher.report_note()
     path = write_report(exp.dir, title=f"speechkd experiment '{exp.recipe.name}'", teacher_note=note)
     log(f"report: {path}")
     return path

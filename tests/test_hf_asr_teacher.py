@@ -103,7 +103,7 @@ def test_evaluate_and_report_have_no_teacher_row(hf_exp):
     assert sorted(p.name for p in (hf_exp.dir / "eval").glob("*.json")) == ["mvq-seed0.json"]
     report = (hf_exp.dir / "report.md").read_text()
     assert "| mvq |" in report and "| teacher |" not in report
-    assert "no teacher WER" in report and str(hf_exp.hf_teacher_dir) in report
+    assert "no teacher WER" in report and str(hf_exp.recipe.teacher.hf_dir) in report
 
 
 def test_non_integer_frame_ratio_is_a_clear_error(hf_exp):

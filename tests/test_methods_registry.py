@@ -41,3 +41,19 @@ def test_project_teacher_needs_come_from_the_methods_and_options():
     assert "CoDERT" in needs_project_teacher(KDConfig(method="codert"))
     assert "kl_scale" in needs_project_teacher(KDConfig(method="mvq", kl_scale=1.0))
     assert "init_from_teacher" in needs_project_teacher(KDConfig(method="none", init_from_teacher=True))
+
+
+def test_teacher_kind_comes_from_the_recipe(tmp_path):
+    from speechkd.pipeline import Experiment
+    from speechkd.teachers.hf_ssl import HfSslTeacher
+    from speechkd.teachers.project import ProjectTeacher
+
+    project = Experiment(Recipe.model_validate({"name": "x", "exp_dir": str(tmp_path / "a")}), progress=False)
+    assert isinstance(project.teacher, ProjectTeacher) and project.teacher.can_decode
+    assert project.teacher_frame_shift() == 0.01 * project.recipe.teacher.model.subsampling
+    hf = Experiment(Recipe.model_validate({"name": "x", "exp_dir": str(tmp_path / "b"),
+                                           "teacher": {"hf_dir": str(tmp_path / "hub"), "layer": 1}}), progress=False)
+    assert isinstance(hf.teacher, HfSslTeacher) and not hf.teacher.can_decode
+    assert "no ASR head" in hf.teacher.report_note()
+    with pytest.raises((FileNotFoundError, NotADirectoryError, ValueError), match="hub"):
+        hf.teacher.prepare()  # no such directory: the teacher stage names it

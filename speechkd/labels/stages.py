@@ -125,85 +125,20 @@ def finish_frame_labels(exp, cuts, key: str, count: int, extra: dict, out_path) 
     return True
 
 
-def _shard_batches(cuts, batch_seconds: float, index: int, count: int) -> list:
-    """Shard ``index`` of ``count`` of the batches (CutSets) of a ``SimpleCutSampler`` over ``cuts`` in their order."""
-    from lhotse.dataset import SimpleCutSampler
-
-    from speechkd.labels.shards import every_nth
-
-    sampler = SimpleCutSampler(cuts, max_duration=batch_seconds, shuffle=False, world_size=1, rank=0)
-    return list(every_nth(sampler, index, count))
-
-
-# ---------------------------------------------------------------- teacher forward
-def _teacher_layer_outputs(exp, batches: list, layer: int):
-    """Yield ``(cut_id, embeddings (T', C) float32 numpy)`` of teacher block ``layer`` for every cut of ``batches``
-    (CutSets with fbank), batch by batch."""
-    from tqdm import tqdm
-
-    from speechkd.data.datamodule import AsrDataset
-    from speechkd.methods.base import pick_layer
-    from speechkd.models.build import load_model
-
-    model, _ = load_model(exp.teacher_dir)
-    dl = torch.utils.data.DataLoader(AsrDataset(None), sampler=batches, batch_size=None)
-    with torch.inference_mode():
-        for batch in tqdm(dl, desc="teacher forward", total=len(batches), disable=not exp.progress):
-            _, lens, layers = model.encode(batch["features"], batch["feature_lens"])
-            x = pick_layer(layers, layer)
-            for i, cid in enumerate(batch["cut_ids"]):
-                yield cid, x[i, : int(lens[i])].float().cpu().numpy()
-
-
-def _hf_teacher_layer_outputs(exp, batches: list, layer: int):
-    """Yield ``(cut_id, hidden states (T', C) float32 numpy)`` of the HF teacher's hidden state ``layer`` (-1 =
-    last) for every cut of ``batches``, ``T'`` its valid frames at the teacher's frame shift (20 ms for HuBERT's CNN),
-    in inference mode, at 16 kHz, normalised as the checkpoint's ``preprocessor_config.json`` says (see
-    :func:`speechkd.teachers.hf.load_ssl_teacher`).
-
-    Raises:
-      ValueError: a cut shorter than the teacher's receptive field (no frame), or audio that cannot be read or is
-        not mono (naming the cut); ``layer`` out of range (naming ``teacher.layer``).
-    """
-    from tqdm import tqdm
-
-    from speechkd.data.classification import WaveformDataset
-    from speechkd.teachers.hf import SAMPLE_RATE, load_ssl_teacher, resolve_layer
-
-    info = exp.hf_teacher_info()
-    index = resolve_layer(layer, info.num_layers, "teacher.layer")
-    teacher = load_ssl_teacher(exp.hf_teacher_dir, layers=[index])
-    dataset = WaveformDataset((), sampling_rate=SAMPLE_RATE)
-    bar = tqdm(total=sum(len(b) for b in batches), desc="HF teacher forward", unit="cut", disable=not exp.progress)
-    with torch.inference_mode():
-        for batch_cuts in batches:
-            batch = dataset[batch_cuts]
-            for cid, n in zip(batch["cut_ids"], batch["lens"].tolist()):
-                if n < teacher.min_samples:
-                    raise ValueError(f"cut '{cid}' has {n} samples ({n / SAMPLE_RATE:.3f} s), fewer than "
-                                     f"the teacher's receptive field of {teacher.min_samples}: it has no frame")
-            out = teacher(batch["wavs"], batch["lens"])
-            h = out.hidden_states[0]  # (N, T, C)
-            for i, cid in enumerate(batch["cut_ids"]):
-                yield cid, h[i, : int(out.lens[i])].float().cpu().numpy()
-            bar.update(len(batch["cut_ids"]))
-    bar.close()
-
-
 # ---------------------------------------------------------------- extract
 def extract(exp, shard: Optional[str] = None, batch_seconds: Optional[float] = None) -> None:
-    """Store the teacher's chosen layer for every label cut as float32 (the L1/L2 labels), at the teacher's frame
-    shift (:meth:`speechkd.pipeline.Experiment.teacher_frame_shift`): the transducer's encoder block
-    ``teacher.layer`` over the fbank (batches of 200 s in manifest order), or with ``teacher.hf_dir`` the HF model's
-    hidden state ``teacher.layer`` over the 16 kHz waveform (batches of 100 s in order of duration).
+    """Store the teacher's chosen layer (``teacher.layer``) for every label cut as float32 (the L1/L2 labels), at the
+    teacher's frame shift, through the :class:`speechkd.teachers.base.Teacher` interface (its batch plan and layer
+    outputs: e.g. the transducer's encoder block over the fbank, or an HF SSL model's hidden state over the 16 kHz
+    waveform).
 
     Args:
-      shard: ``"i/n"``: label only shard i of n (batches i, i+n, ...); the labels are merged once all n exist.
-        Default: everything, or this rank's shard in a multi-process run.
-      batch_seconds: seconds of audio per teacher batch (default 200 for the transducer, 100 for an HF teacher).
+      shard: ``"i/n"``: label only shard i of n (batches i, i+n, ... of the teacher's plan); the labels are merged
+        once all n exist. Default: everything, or this rank's shard in a multi-process run.
+      batch_seconds: seconds of audio per teacher batch (default: the teacher's).
 
     Raises:
-      ValueError: a malformed shard; as :func:`_hf_teacher_layer_outputs` and
+      ValueError: a malformed shard; as the teacher's ``layer_outputs`` and
         :func:`speechkd.labels.store.write_frame_labels`.
     """
     from speechkd.labels.shards import stage_shard
@@ -213,24 +148,16 @@ def extract(exp, shard: Optional[str] = None, batch_seconds: Optional[float] = N
         log(f"extract: {exp.emb_cuts_path} exists, skipped")
         return
     index, count = stage_shard(shard)
-    t = exp.recipe.teacher
+    layer = exp.recipe.teacher.layer
+    teacher = exp.teacher
     cuts = exp.label_cuts()
     t0 = time.time()
-    if exp.hf_teacher_dir is not None:
-        from lhotse import CutSet
-
-        ordered = CutSet.from_cuts(sorted(cuts, key=lambda c: c.duration))
-        batches = _shard_batches(ordered, batch_seconds or 100.0, index, count)
-        outputs = lambda: _hf_teacher_layer_outputs(exp, batches, t.layer)  # noqa: E731
-        extra = {"teacher_layer": str(t.layer), "teacher_hf_dir": str(exp.hf_teacher_dir.resolve())}
-    else:
-        batches = _shard_batches(cuts, batch_seconds or 200.0, index, count)
-        outputs = lambda: _teacher_layer_outputs(exp, batches, t.layer)  # noqa: E731
-        extra = {"teacher_layer": str(t.layer)}
-    shard_cuts = [c for b in batches for c in b]
-    write_frame_label_part(exp, EMB_KEY, index, count, shard_cuts, outputs, exp.teacher_frame_shift(), extra)
+    batches = teacher.plan_batches(cuts, index, count, batch_seconds)
+    extra = teacher.label_meta(layer)
+    write_frame_label_part(exp, EMB_KEY, index, count, [c for b in batches for c in b],
+                           lambda: teacher.layer_outputs(batches, layer), teacher.frame_shift(), extra)
     if finish_frame_labels(exp, cuts, EMB_KEY, count, extra, exp.emb_cuts_path):
-        log(f"extract: teacher layer {t.layer} for {len(cuts)} cuts ({time.time() - t0:.0f} s, {count} shard(s)) "
+        log(f"extract: teacher layer {layer} for {len(cuts)} cuts ({time.time() - t0:.0f} s, {count} shard(s)) "
             f"-> {exp.emb_cuts_path}")
 
 
@@ -387,7 +314,7 @@ def pseudo_label(exp, shard: Optional[str] = None) -> None:
     onto the cuts once every cut has its list.
 
     Raises:
-      ValueError: the recipe's teacher is a Hugging Face SSL model (``teacher.hf_dir``), which cannot decode; a
+      ValueError: the recipe's teacher cannot decode (e.g. a Hugging Face SSL model, ``teacher.hf_dir``); a
         malformed shard.
     """
     from speechkd.data.datamodule import save_cuts
@@ -399,9 +326,9 @@ def pseudo_label(exp, shard: Optional[str] = None) -> None:
     if exp.nbest_cuts_path.is_file():
         log(f"pseudo-label: {exp.nbest_cuts_path} exists, skipped")
         return
-    if exp.hf_teacher_dir is not None:
-        raise ValueError(f"pseudo-label: teacher.hf_dir ({exp.hf_teacher_dir}) is an SSL encoder without an ASR "
-                         "head: it cannot write N-best lists (sequence-level KD needs the project's teacher)")
+    if not exp.teacher.can_decode:
+        raise ValueError(f"pseudo-label: the teacher ({exp.teacher.describe()}) has no ASR head: it cannot write "
+                         "N-best lists (sequence-level KD needs a teacher that decodes)")
     p = exp.recipe.pseudo_label
     i, n = stage_shard(shard)
     cuts = exp.label_cuts()

@@ -1,0 +1,94 @@
+"""The Teacher interface of the ASR pipeline, and the registry that picks a recipe's teacher.
+
+Every teacher the pipeline can distil from implements :class:`Teacher`: the teacher stage (train it, or check a
+checkpoint), its layer outputs for a batch plan of cuts at its own frame shift (the frame-level labels), and whether
+it can decode (an ASR head: evaluated for WER, N-best pseudo labels, token-level KL, CoDERT, block initialisation).
+The pipeline asks :func:`teacher_of` and never branches on teacher kinds. Today's kinds:
+
+- :class:`speechkd.teachers.project.ProjectTeacher`: the transducer / attention encoder-decoder trained by the
+  teacher stage (fbank input, 10 ms x subsampling frames);
+- :class:`speechkd.teachers.hf_ssl.HfSslTeacher`: a Hugging Face HuBERT / wav2vec 2.0 / WavLM directory
+  (``teacher.hf_dir``; waveform input, its CNN's frame shift, no ASR head).
+
+Adding a teacher: implement :class:`Teacher` in one module and add ``(predicate on the recipe's teacher section,
+"module:Class")`` to :data:`TEACHER_KINDS` (before the project teacher, which takes everything else).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+
+__all__ = ["TEACHER_KINDS", "Teacher", "teacher_of"]
+
+
+class Teacher:
+    """What the pipeline needs from a teacher. Subclasses set :attr:`can_decode` and implement the methods.
+
+    Args:
+      exp: the :class:`speechkd.pipeline.Experiment` (recipe, paths, tokenizer).
+    """
+
+    #: The teacher has an ASR head: it is evaluated (WER) and serves N-best pseudo labels, token-level KL, CoDERT
+    #: and ``kd.init_from_teacher``.
+    can_decode: bool = False
+
+    def __init__(self, exp):
+        self.exp = exp
+
+    def describe(self) -> str:
+        """One line naming the teacher for logs and reports."""
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """The teacher stage: train the teacher (resumably) or check the given checkpoint.
+
+        Raises:
+          ValueError / FileNotFoundError: a bad checkpoint or ``teacher.layer`` (naming them).
+        """
+        raise NotImplementedError
+
+    def frame_shift(self) -> float:
+        """Seconds per frame of the layer outputs."""
+        raise NotImplementedError
+
+    def plan_batches(self, cuts, index: int = 0, count: int = 1, batch_seconds: Optional[float] = None) -> list:
+        """Shard ``index`` of ``count`` of the teacher's fixed batch plan over ``cuts`` (lhotse CutSets), for
+        :meth:`layer_outputs`: every cut lands in the same batch whatever the sharding."""
+        raise NotImplementedError
+
+    def layer_outputs(self, batches: list, layer: int) -> Iterator[tuple[str, np.ndarray]]:
+        """Yield ``(cut_id, (T, C) float32)`` outputs of layer ``layer`` (the recipe's ``teacher.layer``) for every
+        cut of ``batches`` (from :meth:`plan_batches`), ``T`` its valid frames at :meth:`frame_shift`.
+
+        Raises:
+          ValueError: a cut the teacher cannot encode, or a layer out of range (naming them).
+        """
+        raise NotImplementedError
+
+    def label_meta(self, layer: int) -> dict[str, str]:
+        """String metadata stored with the layer outputs: what made them (labels from another teacher or layer are
+        refused)."""
+        return {"teacher_layer": str(layer)}
+
+    def report_note(self) -> Optional[str]:
+        """A line for the report when the teacher has no row of its own (cannot decode), else None."""
+        return None
+
+
+#: ``(predicate on the recipe's teacher section, "module:Class")``, first match wins.
+TEACHER_KINDS: list[tuple[Callable, str]] = [
+    (lambda t: getattr(t, "hf_dir", None) is not None, "speechkd.teachers.hf_ssl:HfSslTeacher"),
+    (lambda t: True, "speechkd.teachers.project:ProjectTeacher"),
+]
+
+
+def teacher_of(exp) -> Teacher:
+    """The :class:`Teacher` of an experiment's recipe (:data:`TEACHER_KINDS`)."""
+    for matches, target in TEACHER_KINDS:
+        if matches(exp.recipe.teacher):
+            module, name = target.split(":")
+            return getattr(importlib.import_module(module), name)(exp)
+    raise ValueError("no teacher kind matches the recipe's teacher section")

@@ -1,0 +1,67 @@
+"""The project's own teacher: the transducer or attention encoder-decoder trained by the teacher stage."""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from speechkd.teachers.base import Teacher
+from speechkd.utils import log
+
+__all__ = ["ProjectTeacher"]
+
+
+class ProjectTeacher(Teacher):
+    """A transducer / AED teacher trained here (``teacher.model``, ``teacher.train``), read from
+    ``<exp>/teacher/model.safetensors``: fbank input, encoder frames of 10 ms x ``teacher.model.subsampling``; it can
+    decode. Layer outputs are Conformer block outputs (``teacher.layer``, 1-based, -1 the last)."""
+
+    can_decode = True
+
+    def describe(self) -> str:
+        m = self.exp.recipe.teacher.model
+        return f"the project's {m.arch} teacher ({self.exp.teacher_dir})"
+
+    def prepare(self) -> None:
+        from speechkd.training import fit_model
+
+        exp = self.exp
+        if (exp.teacher_dir / "model.safetensors").is_file():
+            log(f"teacher: {exp.teacher_dir}/model.safetensors exists, skipped")
+            return
+        t = exp.recipe.teacher
+        fit_model(exp.teacher_dir, t.model, t.train, exp.tokenizer, exp.cuts("train"), exp.cuts("dev"), seed=t.seed,
+                  extra_meta={"role": "teacher", "method": "none"}, progress=exp.progress,
+                  runtime=exp.recipe.runtime.for_stage("teacher"))
+        log(f"teacher: trained -> {exp.teacher_dir}")
+
+    def frame_shift(self) -> float:
+        from speechkd.data.datamodule import FRAME_SHIFT
+
+        return FRAME_SHIFT * self.exp.recipe.teacher.model.subsampling
+
+    def plan_batches(self, cuts, index: int = 0, count: int = 1, batch_seconds: Optional[float] = None) -> list:
+        """Batches of at most ``batch_seconds`` (default 200) of audio in manifest order."""
+        from speechkd.labels.shards import every_nth
+        from lhotse.dataset import SimpleCutSampler
+
+        sampler = SimpleCutSampler(cuts, max_duration=batch_seconds or 200.0, shuffle=False, world_size=1, rank=0)
+        return list(every_nth(sampler, index, count))
+
+    def layer_outputs(self, batches: list, layer: int) -> Iterator[tuple[str, np.ndarray]]:
+        from tqdm import tqdm
+
+        from speechkd.data.datamodule import AsrDataset
+        from speechkd.methods.base import pick_layer
+        from speechkd.models.build import load_model
+
+        model, _ = load_model(self.exp.teacher_dir)
+        dl = torch.utils.data.DataLoader(AsrDataset(None), sampler=batches, batch_size=None)
+        with torch.inference_mode():
+            for batch in tqdm(dl, desc="teacher forward", total=len(batches), disable=not self.exp.progress):
+                _, lens, layers = model.encode(batch["features"], batch["feature_lens"])
+                x = pick_layer(layers, layer)
+                for i, cid in enumerate(batch["cut_ids"]):
+                    yield cid, x[i, : int(lens[i])].float().cpu().numpy()
