@@ -342,9 +342,13 @@ class TeacherConfig(Strict):
     ``model``, ``train`` and ``seed`` are unused. Only frame-level KD students (``mvq``, ``l1``, ``l2``) and
     baselines can use it: sequence-level KD, word-level KL, ``init_from_teacher`` and CoDERT need the project's
     transducer / AED teacher.
-    ``layer``: without ``hf_dir``, the 1-based Conformer block whose output is distilled (-1 = last). With
-    ``hf_dir``, the index into ``transformers``' ``output_hidden_states``: i = 1..L is the output of transformer
-    layer i (1-based), 0 the input of the first transformer layer, -1 the last layer (L).
+    ``whisper_dir``: a local Hugging Face Whisper directory (:mod:`speechkd.teachers.whisper`; make one with
+    ``speechkd import-whisper``): its encoder's layers, on log-mel windows fitted to each batch (not the 30 s pad),
+    at 20 ms frames; like ``hf_dir`` it serves frame-level KD students and baselines.
+    ``layer``: without ``hf_dir`` / ``whisper_dir``, the 1-based Conformer block whose output is distilled (-1 =
+    last). With either, the index into ``transformers``' ``output_hidden_states``: i = 1..L is the output of
+    transformer layer i (1-based; Whisper's last one after its final LayerNorm), 0 the input of the first
+    transformer layer, -1 the last layer (L).
     """
 
     model: ModelConfig = ModelConfig(dim=256, num_layers=4, ff_dim=1024)
@@ -354,13 +358,23 @@ class TeacherConfig(Strict):
                                        "index (i = output of transformer layer i, 0 = its input); -1 = last")
     hf_dir: Optional[str] = Field(None, description="local Hugging Face HuBERT / wav2vec 2.0 / WavLM directory "
                                                     "used as the teacher instead of the transducer")
+    whisper_dir: Optional[str] = Field(None, description="local Hugging Face Whisper directory (e.g. from "
+                                                         "`speechkd import-whisper`) whose encoder is the teacher")
 
     @model_validator(mode="after")
     def _check_layer(self):
-        if self.hf_dir is not None and (not self.hf_dir.strip() or self.layer < -1):
-            raise ValueError(f"teacher.hf_dir {self.hf_dir!r} / teacher.layer {self.layer}: with hf_dir, layer is a "
-                             "hidden-state index >= 0 or -1 (the last), and hf_dir a directory")
+        if self.hf_dir is not None and self.whisper_dir is not None:
+            raise ValueError("teacher: give hf_dir or whisper_dir, not both")
+        external = self.hf_dir if self.hf_dir is not None else self.whisper_dir
+        if external is not None and (not external.strip() or self.layer < -1):
+            key = "hf_dir" if self.hf_dir is not None else "whisper_dir"
+            raise ValueError(f"teacher.{key} {external!r} / teacher.layer {self.layer}: with {key}, layer is a "
+                             "hidden-state index >= 0 or -1 (the last), and the directory a path")
         return self
+
+    def external_dir(self) -> Optional[str]:
+        """The directory of a pretrained teacher used as is (``hf_dir`` or ``whisper_dir``), else None."""
+        return self.hf_dir if self.hf_dir is not None else self.whisper_dir
 
 
 class PseudoLabelConfig(Strict):
@@ -520,14 +534,15 @@ class Recipe(Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"student names must be unique, got {names}")
         for run in self.students:
-            if self.teacher.hf_dir is not None:
+            if self.teacher.external_dir() is not None:
+                key = "hf_dir" if self.teacher.hf_dir is not None else "whisper_dir"
                 needs = needs_project_teacher(run.kd)
                 if needs:
                     raise ValueError(
-                        f"teacher.hf_dir is set (a Hugging Face SSL teacher, {self.teacher.hf_dir}), but student "
+                        f"teacher.{key} is set (a pretrained teacher, {self.teacher.external_dir()}), but student "
                         f"'{run.name}' uses {needs}, which needs the project's transducer/AED teacher trained by the "
-                        "teacher stage: remove teacher.hf_dir or that student (an HF teacher serves kd.method "
-                        "mvq, l1, l2 and none)")
+                        f"teacher stage: remove teacher.{key} or that student (it serves kd.method mvq, l1, l2 and "
+                        "none)")
             if run.kd.method == "seq" and run.kd.nbest > self.pseudo_label.nbest:
                 raise ValueError(f"student '{run.name}' uses nbest={run.kd.nbest} but pseudo_label.nbest="
                                  f"{self.pseudo_label.nbest} hypotheses are stored")

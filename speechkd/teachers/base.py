@@ -8,7 +8,9 @@ The pipeline asks :func:`teacher_of` and never branches on teacher kinds. Today'
 - :class:`speechkd.teachers.project.ProjectTeacher`: the transducer / attention encoder-decoder trained by the
   teacher stage (fbank input, 10 ms x subsampling frames);
 - :class:`speechkd.teachers.hf_ssl.HfSslTeacher`: a Hugging Face HuBERT / wav2vec 2.0 / WavLM directory
-  (``teacher.hf_dir``; waveform input, its CNN's frame shift, no ASR head).
+  (``teacher.hf_dir``; waveform input, its CNN's frame shift, no ASR head);
+- :class:`speechkd.teachers.whisper.WhisperTeacher`: a Hugging Face Whisper directory (``teacher.whisper_dir``;
+  log-mel input, 20 ms encoder frames; its decoder is not used by the pipeline yet).
 
 Adding a teacher: implement :class:`Teacher` in one module and add ``(predicate on the recipe's teacher section,
 "module:Class")`` to :data:`TEACHER_KINDS` (before the project teacher, which takes everything else).
@@ -81,6 +83,7 @@ class Teacher:
 #: ``(predicate on the recipe's teacher section, "module:Class")``, first match wins.
 TEACHER_KINDS: list[tuple[Callable, str]] = [
     (lambda t: getattr(t, "hf_dir", None) is not None, "speechkd.teachers.hf_ssl:HfSslTeacher"),
+    (lambda t: getattr(t, "whisper_dir", None) is not None, "speechkd.teachers.whisper:WhisperTeacher"),
     (lambda t: True, "speechkd.teachers.project:ProjectTeacher"),
 ]
 

@@ -1,4 +1,5 @@
-"""Whisper as a teacher: importing a faster-whisper / CTranslate2 checkpoint into a Hugging Face directory.
+"""Whisper as a teacher: importing a faster-whisper / CTranslate2 checkpoint into a Hugging Face directory, and the
+encoder's layers as frame-level labels (:class:`WhisperTeacher`).
 
 OpenAI Whisper (Radford et al., 2022, arXiv 2212.04356) is an attention encoder-decoder: a 2-conv + transformer
 encoder over 80-bin log-mel frames (10 ms hop, 20 ms per encoder frame after the stride-2 convolution, 30 s windows
@@ -22,14 +23,15 @@ import json
 import shutil
 import struct
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
+from speechkd.teachers.base import Teacher
 from speechkd.utils import Pathlike, atomic_dir
 
-__all__ = ["CT2FormatError", "bundled_tiny_en", "compare_with_ctranslate2", "ct2_to_hf", "import_whisper",
-           "read_ct2_model"]
+__all__ = ["CT2FormatError", "WhisperTeacher", "bundled_tiny_en", "check_whisper_dir", "compare_with_ctranslate2",
+           "ct2_to_hf", "encoder_hidden_states", "import_whisper", "read_ct2_model"]
 
 _DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: "bfloat16"}
 #: Whisper's special tokens in the English-only vocabulary (51864 tokens) and the multilingual one (51865+).
@@ -320,3 +322,170 @@ def bundled_tiny_en() -> Optional[Path]:
     return d if (d / "model.bin").is_file() else None
 
 
+
+
+# ---------------------------------------------------------------------------------------------- the teacher
+SAMPLE_RATE = 16000
+#: Seconds per encoder frame: 10 ms mel hop x the second convolution's stride 2.
+ENCODER_FRAME_SHIFT = 0.02
+
+
+def check_whisper_dir(path: Pathlike):
+    """The ``WhisperConfig`` of a local Hugging Face Whisper directory, checked without loading weights.
+
+    Raises:
+      FileNotFoundError / NotADirectoryError: no directory, ``config.json`` or ``model.safetensors`` (naming it).
+      ValueError: a ``config.json`` whose ``model_type`` is not ``whisper``.
+    """
+    import transformers
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"teacher.whisper_dir {path} does not exist (make one with `speechkd import-whisper`)")
+    if not path.is_dir():
+        raise NotADirectoryError(f"teacher.whisper_dir {path} is not a directory")
+    for name in ("config.json", "model.safetensors"):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path} has no {name} (a Hugging Face Whisper directory holds config.json and "
+                                    "model.safetensors)")
+    config = json.loads((path / "config.json").read_text())
+    if config.get("model_type") != "whisper":
+        raise ValueError(f"{path}/config.json has model_type {config.get('model_type')!r}, not 'whisper'")
+    return transformers.WhisperConfig.from_pretrained(path)
+
+
+def encoder_hidden_states(encoder, features, layers: Sequence[int]):
+    """Whisper encoder hidden states on a window of any length up to 30 s (the position table sliced), instead of the
+    fixed 3000-frame input ``transformers`` insists on.
+
+    The computation is the encoder's own (``conv1`` -> GELU -> ``conv2`` (stride 2) -> GELU -> + positions ->
+    layers -> final LayerNorm) in eval mode; only the positions are ``embed_positions[:T']`` for the window's ``T'``
+    frames. Padding inside the batch is log-mel of silence, as Whisper's 30 s pad is.
+
+    Args:
+      encoder: ``WhisperForConditionalGeneration.model.encoder``.
+      features: ``(N, n_mels, T)`` log-mel frames (10 ms hop).
+      layers: hidden-state indexes: 0 = the input of layer 1, i = the output of layer i, L = the last after the final
+        LayerNorm (``transformers``' ``output_hidden_states`` numbering).
+
+    Returns:
+      list of ``(N, ceil(T / 2), d_model)`` tensors, one per index of ``layers``.
+
+    Raises:
+      ValueError: a window of more than ``2 x max_source_positions`` mel frames (30 s), or an index out of range.
+    """
+    import torch.nn.functional as F
+
+    num_layers = len(encoder.layers)
+    bad = [i for i in layers if not 0 <= i <= num_layers]
+    if bad:
+        raise ValueError(f"Whisper hidden-state indexes {bad} out of range 0..{num_layers}")
+    x = F.gelu(encoder.conv1(features))
+    x = F.gelu(encoder.conv2(x)).permute(0, 2, 1)  # (N, T', C)
+    if x.shape[1] > encoder.embed_positions.weight.shape[0]:
+        raise ValueError(f"a window of {features.shape[-1]} mel frames is longer than Whisper's 30 s: cut the audio "
+                         "into shorter utterances")
+    x = x + encoder.embed_positions.weight[: x.shape[1]]
+    wanted = {}
+    if 0 in layers:
+        wanted[0] = x
+    for i, layer in enumerate(encoder.layers, start=1):
+        x = layer(x, None)
+        if i in layers:
+            wanted[i] = encoder.layer_norm(x) if i == num_layers else x
+    return [wanted[i] for i in layers]
+
+
+class WhisperTeacher(Teacher):
+    """A Hugging Face Whisper directory (``teacher.whisper_dir``) as the ASR pipeline's teacher: its encoder's hidden
+    state ``teacher.layer`` at 20 ms frames, computed on windows fitted to each batch (the longest utterance, not a
+    30 s pad; :func:`encoder_hidden_states`). The pipeline does not decode with it yet (no teacher WER, no N-best).
+    Implements :class:`speechkd.teachers.base.Teacher`."""
+
+    can_decode = False
+
+    def __init__(self, exp):
+        super().__init__(exp)
+        self.dir = Path(exp.recipe.teacher.whisper_dir)
+        self._config = None
+
+    def config(self):
+        if self._config is None:
+            self._config = check_whisper_dir(self.dir)
+        return self._config
+
+    def _layer(self, layer: int) -> int:
+        n = int(self.config().encoder_layers)
+        index = n if layer == -1 else layer
+        if not 0 <= index <= n:
+            raise ValueError(f"teacher.layer = {layer} is out of range for {self.dir}: the encoder has {n} layers "
+                             f"(hidden states 0..{n}, -1 = the last)")
+        return index
+
+    def describe(self) -> str:
+        c = self.config()
+        return f"the Whisper model in {self.dir} (d_model {c.d_model}, {c.encoder_layers} encoder layers)"
+
+    def prepare(self) -> None:
+        from speechkd.utils import log
+
+        index = self._layer(self.exp.recipe.teacher.layer)
+        log(f"teacher: using {self.describe()}, encoder hidden state {index}, 20 ms frames; nothing is trained")
+
+    def frame_shift(self) -> float:
+        return ENCODER_FRAME_SHIFT
+
+    def plan_batches(self, cuts, index: int = 0, count: int = 1, batch_seconds: Optional[float] = None) -> list:
+        """Batches of at most ``batch_seconds`` (default 60) of audio in order of duration (similar lengths: little
+        padding inside a window)."""
+        from lhotse import CutSet
+        from lhotse.dataset import SimpleCutSampler
+
+        from speechkd.labels.shards import every_nth
+
+        ordered = CutSet.from_cuts(sorted(cuts, key=lambda c: c.duration))
+        sampler = SimpleCutSampler(ordered, max_duration=batch_seconds or 60.0, shuffle=False, world_size=1, rank=0)
+        return list(every_nth(sampler, index, count))
+
+    def layer_outputs(self, batches: list, layer: int):
+        """Raises ValueError: a cut longer than 30 s or shorter than one mel frame, or unreadable audio (naming it);
+        a layer out of range (naming ``teacher.layer``)."""
+        import torch
+        import transformers
+        from tqdm import tqdm
+
+        from speechkd.data.classification import WaveformDataset
+
+        index = self._layer(layer)
+        model = transformers.WhisperForConditionalGeneration.from_pretrained(self.dir).eval()
+        fe = transformers.WhisperFeatureExtractor.from_pretrained(self.dir) \
+            if (self.dir / "preprocessor_config.json").is_file() \
+            else transformers.WhisperFeatureExtractor(feature_size=self.config().num_mel_bins)
+        hop = fe.hop_length
+        dataset = WaveformDataset((), sampling_rate=SAMPLE_RATE)
+        bar = tqdm(total=sum(len(b) for b in batches), desc="Whisper encoder", unit="cut",
+                   disable=not self.exp.progress)
+        with torch.inference_mode():
+            for batch_cuts in batches:
+                batch = dataset[batch_cuts]
+                lens = batch["lens"].tolist()
+                for cid, n in zip(batch["cut_ids"], lens):
+                    if n < hop or n > 30 * SAMPLE_RATE:
+                        raise ValueError(f"cut '{cid}' has {n} samples ({n / SAMPLE_RATE:.2f} s): Whisper encodes "
+                                         "0.01 to 30 s")
+                wavs = [batch["wavs"][i, :n].numpy() for i, n in enumerate(lens)]
+                feats = fe(wavs, sampling_rate=SAMPLE_RATE, padding="longest", return_tensors="pt").input_features
+                h = encoder_hidden_states(model.model.encoder, feats.float(), [index])[0]  # (N, T', C)
+                for i, (cid, n) in enumerate(zip(batch["cut_ids"], lens)):
+                    frames = (n // hop + 1) // 2  # ceil(mel frames / 2)
+                    yield cid, h[i, :frames].float().cpu().numpy()
+                bar.update(len(lens))
+        bar.close()
+
+    def label_meta(self, layer: int) -> dict[str, str]:
+        return {"teacher_layer": str(layer), "teacher_whisper_dir": str(self.dir.resolve())}
+
+    def report_note(self) -> Optional[str]:
+        return (f"Teacher: the Whisper model `{self.dir}` (encoder hidden state teacher.layer = "
+                f"{self.exp.recipe.teacher.layer}); its decoder is not used by the pipeline yet, so no teacher WER: "
+                "students are compared with the baseline only.")
