@@ -87,3 +87,31 @@ def test_whisper_teacher_through_the_pipeline(tiny_random_dir, tmp_path, corpora
     assert emb.shape[1] == 32 and abs(emb.shape[0] - c.duration / 0.02) <= 2
     assert (exp.student_dir("mvq", 0) / "model.safetensors").is_file()
     assert "Whisper model" in (exp.dir / "report.md").read_text()
+
+
+def test_nbest_scores_equal_a_forced_rescoring(corpora_dir, tmp_path):
+    """tiny.en beam 4 / 4-best on two real utterances in one batch: distinct hypotheses, best first, each score the
+    sum of the model's log-probabilities of its tokens (end-of-text included) under teacher forcing."""
+    from speechkd.data.corpora import read_metadata, read_split, utterances_to_cuts
+    from speechkd.teachers.whisper import whisper_nbest, whisper_prompt
+
+    hf = import_whisper(bundled_tiny_en(), tmp_path / "tiny.en")
+    model = transformers.WhisperForConditionalGeneration.from_pretrained(hf).eval()
+    fe = transformers.WhisperFeatureExtractor.from_pretrained(hf)
+    cdir = corpora_dir / "ljspeech_mini"
+    wavs = [c.load_audio()[0] for c in utterances_to_cuts(read_split(cdir, "smoke", read_metadata(cdir))[:2], 16000)]
+    feats = fe(wavs, sampling_rate=16000, return_tensors="pt").input_features  # (2, 80, 3000)
+    nbest = whisper_nbest(model, feats, beam=4, nbest=4)
+    prompt, eot = whisper_prompt(model.generation_config), model.generation_config.eos_token_id
+    assert len(nbest) == 2
+    for i, hyps in enumerate(nbest):
+        assert len(hyps) == 4 and len({tuple(h["tokens"]) for h in hyps}) == 4
+        assert [h["score"] for h in hyps] == sorted((h["score"] for h in hyps), reverse=True)
+        for h in hyps:
+            ids = prompt + h["tokens"] + [eot]
+            with torch.inference_mode():
+                logits = model(input_features=feats[i:i + 1], decoder_input_ids=torch.tensor([ids[:-1]])).logits[0]
+            lp = torch.log_softmax(logits.float(), -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+            assert abs(float(lp[len(prompt) - 1:].sum()) - h["score"]) < 1e-3, (float(lp[len(prompt) - 1:].sum()), h)
+    with pytest.raises(ValueError, match="exceeds beam"):
+        whisper_nbest(model, feats, beam=2, nbest=3)

@@ -31,7 +31,7 @@ from speechkd.teachers.base import Teacher
 from speechkd.utils import Pathlike, atomic_dir
 
 __all__ = ["CT2FormatError", "WhisperTeacher", "bundled_tiny_en", "check_whisper_dir", "compare_with_ctranslate2",
-           "ct2_to_hf", "encoder_hidden_states", "import_whisper", "read_ct2_model"]
+           "ct2_to_hf", "encoder_hidden_states", "import_whisper", "read_ct2_model", "whisper_nbest", "whisper_prompt"]
 
 _DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: "bfloat16"}
 #: Whisper's special tokens in the English-only vocabulary (51864 tokens) and the multilingual one (51865+).
@@ -322,6 +322,67 @@ def bundled_tiny_en() -> Optional[Path]:
     return d if (d / "model.bin").is_file() else None
 
 
+
+
+# ---------------------------------------------------------------------------------------------- N-best
+def whisper_prompt(generation_config) -> list[int]:
+    """The decoder prompt of English transcription without timestamps: ``<|startoftranscript|>`` (+ ``<|en|>
+    <|transcribe|>`` for a multilingual model) + ``<|notimestamps|>``."""
+    g = generation_config
+    prompt = [g.decoder_start_token_id]
+    if getattr(g, "is_multilingual", False):
+        prompt += [g.lang_to_id["<|en|>"], g.task_to_id["transcribe"]]
+    return prompt + [g.no_timestamps_token_id]
+
+
+def whisper_nbest(model, features, beam: int = 4, nbest: int = 4, max_new_tokens: int = 128) -> list[list[dict]]:
+    """N-best hypotheses of a batch by beam search, each with its sequence log-probability.
+
+    ``transformers``' own beam search (``GenerationMixin.generate``: Whisper's ``generate`` override returns the same
+    hypothesis ``num_return_sequences`` times in transformers 5) with the model's suppressed tokens,
+    ``length_penalty = 0`` and the prompt of :func:`whisper_prompt`. A hypothesis' ``score`` is then the sum of the
+    log-softmax probabilities of its tokens after the prompt, end-of-text included: what a forced rescoring of the
+    same tokens gives (tested).
+
+    Args:
+      model: a ``WhisperForConditionalGeneration`` in eval mode.
+      features: ``(N, n_mels, 3000)`` log-mel inputs (the 30 s pad).
+      beam, nbest: beam width and hypotheses returned per utterance (``nbest <= beam``).
+      max_new_tokens: longest hypothesis.
+
+    Returns:
+      per utterance, up to ``nbest`` dicts ``{"tokens": [ids after the prompt, without end-of-text], "score":
+      float}``, best first.
+
+    Raises:
+      ValueError: ``nbest > beam``.
+    """
+    import torch
+    import transformers
+
+    if nbest > beam:
+        raise ValueError(f"nbest={nbest} exceeds beam={beam}")
+    g = model.generation_config
+    prompt = whisper_prompt(g)
+    config = transformers.GenerationConfig(
+        decoder_start_token_id=g.decoder_start_token_id, eos_token_id=g.eos_token_id, pad_token_id=g.pad_token_id,
+        num_beams=beam, num_return_sequences=nbest, length_penalty=0.0, max_new_tokens=max_new_tokens,
+        output_scores=True, return_dict_in_generate=True, suppress_tokens=g.suppress_tokens,
+        begin_suppress_tokens=g.begin_suppress_tokens, do_sample=False,
+    )
+    n = features.shape[0]
+    with torch.inference_mode():
+        out = transformers.GenerationMixin.generate(
+            model, inputs=features, decoder_input_ids=torch.tensor([prompt] * n), generation_config=config)
+    results: list[list[dict]] = [[] for _ in range(n)]
+    for k, (seq, score) in enumerate(zip(out.sequences.tolist(), out.sequences_scores.tolist())):
+        tokens = seq[len(prompt):]
+        if g.eos_token_id in tokens:
+            tokens = tokens[: tokens.index(g.eos_token_id)]
+        results[k // nbest].append({"tokens": tokens, "score": float(score)})
+    for hyps in results:
+        hyps.sort(key=lambda h: -h["score"])
+    return results
 
 
 # ---------------------------------------------------------------------------------------------- the teacher
