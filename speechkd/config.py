@@ -489,16 +489,17 @@ class RuntimeConfig(Strict):
                 "strategy": strategy, "precision": self.precision}
 
 
-def needs_project_teacher(kd: KDConfig) -> Optional[str]:
+def needs_project_teacher(kd: KDConfig, teacher_has_nbest: bool = False) -> Optional[str]:
     """What in ``kd`` needs the project's own (transducer / AED) teacher rather than an SSL one
     (``teacher.hf_dir``), in words for an error message: the method itself (its registered
-    :attr:`speechkd.methods.MethodSpec.project_teacher`), token-level KL or ``init_from_teacher``; None when nothing
-    does (mvq, l1, l2, none)."""
+    :attr:`speechkd.methods.MethodSpec.project_teacher`, unless the teacher writes N-best lists and the method takes
+    any such teacher, ``teacher_has_nbest``), token-level KL or ``init_from_teacher``; None when nothing does (mvq,
+    l1, l2, none; seq with an N-best teacher)."""
     from speechkd.methods import method_spec
 
-    need = method_spec(kd.method).project_teacher
-    if need:
-        return need
+    spec = method_spec(kd.method)
+    if spec.project_teacher and not (spec.nbest_teacher and teacher_has_nbest):
+        return spec.project_teacher
     if kd.kl_scale > 0:
         return "token-level KL (kd.method 'word' / kd.kl_scale > 0: the teacher's decoder distributions)"
     if kd.init_from_teacher:
@@ -535,8 +536,10 @@ class Recipe(Strict):
             raise ValueError(f"student names must be unique, got {names}")
         for run in self.students:
             if self.teacher.external_dir() is not None:
+                from speechkd.teachers.base import teacher_class
+
                 key = "hf_dir" if self.teacher.hf_dir is not None else "whisper_dir"
-                needs = needs_project_teacher(run.kd)
+                needs = needs_project_teacher(run.kd, teacher_class(self.teacher).has_nbest)
                 if needs:
                     raise ValueError(
                         f"teacher.{key} is set (a pretrained teacher, {self.teacher.external_dir()}), but student "

@@ -204,9 +204,10 @@ def make_kd(exp: Experiment, run, seed: int = 0):
     from speechkd.methods import method_spec
 
     kd_cfg = run.kd
-    if not exp.teacher.can_decode and needs_project_teacher(kd_cfg):
-        raise ValueError(f"student '{run.name}' uses {needs_project_teacher(kd_cfg)}, but the teacher "
-                         f"({exp.teacher.describe()}) has no ASR head")
+    need = None if exp.teacher.can_decode else needs_project_teacher(kd_cfg, exp.teacher.has_nbest)
+    if need:
+        raise ValueError(f"student '{run.name}' uses {need}, but the teacher ({exp.teacher.describe()}) is not the "
+                         "project's ASR model")
     def init_from_teacher_fn(student):
         from speechkd.methods.seq_kd import init_from_teacher
         from speechkd.models.build import load_model

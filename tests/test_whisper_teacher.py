@@ -102,7 +102,7 @@ def test_nbest_scores_equal_a_forced_rescoring(corpora_dir, tmp_path):
     wavs = [c.load_audio()[0] for c in utterances_to_cuts(read_split(cdir, "smoke", read_metadata(cdir))[:2], 16000)]
     feats = fe(wavs, sampling_rate=16000, return_tensors="pt").input_features  # (2, 80, 3000)
     nbest = whisper_nbest(model, feats, beam=4, nbest=4)
-    prompt, eot = whisper_prompt(model.generation_config), model.generation_config.eos_token_id
+    prompt, eot = whisper_prompt(model.generation_config, model.config.vocab_size), model.generation_config.eos_token_id
     assert len(nbest) == 2
     for i, hyps in enumerate(nbest):
         assert len(hyps) == 4 and len({tuple(h["tokens"]) for h in hyps}) == 4
@@ -115,3 +115,37 @@ def test_nbest_scores_equal_a_forced_rescoring(corpora_dir, tmp_path):
             assert abs(float(lp[len(prompt) - 1:].sum()) - h["score"]) < 1e-3, (float(lp[len(prompt) - 1:].sum()), h)
     with pytest.raises(ValueError, match="exceeds beam"):
         whisper_nbest(model, feats, beam=2, nbest=3)
+
+
+def test_whisper_nbest_labels_train_a_seq_kd_student(tiny_random_dir, tmp_path, corpora_dir):
+    """teacher.whisper_dir with a sequence-level KD student: the pseudo-label stage writes Whisper's N-best (text
+    normalised, re-encoded with the student's tokenizer, Whisper's ids kept), the student trains on them."""
+    import shutil
+
+    from speechkd.config import load_recipe
+    from speechkd.data.datamodule import load_cuts
+    from speechkd.pipeline import Experiment, run_all
+
+    wdir = tmp_path / "whisper"
+    shutil.copytree(tiny_random_dir, wdir)
+    shutil.copy(bundled_tiny_en() / "tokenizer.json", wdir / "tokenizer.json")
+    raw = load_recipe(REPO / "recipes" / "smoke.yaml", {"exp_dir": str(tmp_path / "exp")}).model_dump()
+    raw["data"]["corpora_dir"] = str(corpora_dir)
+    raw["teacher"].update(whisper_dir=str(wdir), layer=1)
+    raw["pseudo_label"] = {"beam": 2, "nbest": 2, "chunk_cuts": 10}
+    raw["students"] = [{"name": "seq", "kd": {"method": "seq", "nbest": 2}}]
+    r = type(load_recipe(REPO / "recipes" / "smoke.yaml")).model_validate(raw)
+    exp = Experiment(r, progress=False)
+    run_all(exp, ["prepare", "teacher", "pseudo-label", "distill"])
+    cuts = list(load_cuts(exp.nbest_cuts_path))
+    assert len(cuts) == len(list(exp.cuts("train")))
+    for c in cuts:
+        hyps = c.custom["nbest"]
+        assert len(hyps) == 2 and hyps[0]["score"] >= hyps[1]["score"] and all(h["score"] <= 0 for h in hyps)
+        assert all(isinstance(h["teacher_tokens"], list) and all(0 <= t < exp.tokenizer.vocab_size
+                                                                  for t in h["tokens"]) for h in hyps)
+    assert (exp.student_dir("seq", 0) / "model.safetensors").is_file()
+    # an HF SSL teacher has no decoder: the same student is refused by the recipe check
+    raw["teacher"] = {"hf_dir": str(wdir), "layer": 1}
+    with pytest.raises(Exception, match="hf_dir"):
+        type(r).model_validate(raw)

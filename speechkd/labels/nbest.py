@@ -64,38 +64,72 @@ def read_parts(out_dir: Pathlike) -> dict:
     return records
 
 
+def project_nbest_decoder(model, tokenizer, beam: int = 8, nbest: int = 8, max_duration: float = 200.0):
+    """A chunk decoder for :func:`write_nbest_parts` from a project teacher (transducer or AED, in eval mode):
+    batches of ``max_duration`` seconds of fbank in manifest order, :func:`speechkd.decoding.nbest_search`.
+
+    Returns:
+      ``(CutSet chunk) -> iterator of (cut_id, [{"tokens", "text", "score"}, ...])``, best first; ``tokens`` in the
+      experiment's tokenizer, ``score`` the sequence log-probability.
+    """
+    from speechkd.data.datamodule import AsrDataset, make_loader
+    from speechkd.decoding import nbest_search
+
+    def decode(chunk):
+        dl = make_loader(chunk, AsrDataset(None), max_duration, shuffle=False)
+        with torch.inference_mode():
+            for batch in dl:
+                enc, lens, _ = model.encode(batch["features"], batch["feature_lens"])
+                for cid, hyps in zip(batch["cut_ids"], nbest_search(model, enc, lens, beam=beam, nbest=nbest)):
+                    yield cid, [{"tokens": list(map(int, toks)), "text": tokenizer.decode([toks])[0], "score": float(s)}
+                                for toks, s in hyps]
+
+    return decode
+
+
 def write_pseudo_labels(model, cuts, tokenizer, out_dir: Pathlike, meta: dict, beam: int = 8, nbest: int = 8,
                         shard: tuple[int, int] = (0, 1), chunk_cuts: int = 500, max_duration: float = 200.0,
                         progress: bool = True) -> int:
+    """:func:`write_nbest_parts` with a project teacher's beam search (:func:`project_nbest_decoder`).
+
+    Args:
+      model: the teacher (transducer or attention encoder-decoder), in eval mode.
+      tokenizer: turns hypotheses' token ids into text.
+      beam, nbest: beam width and hypotheses kept per cut (nbest <= beam).
+      max_duration: seconds of audio per decoding batch.
+      cuts, out_dir, meta, shard, chunk_cuts, progress: as :func:`write_nbest_parts`.
+    """
+    return write_nbest_parts(project_nbest_decoder(model, tokenizer, beam, nbest, max_duration), cuts, out_dir, meta,
+                             shard=shard, chunk_cuts=chunk_cuts, progress=progress)
+
+
+def write_nbest_parts(decode, cuts, out_dir: Pathlike, meta: dict, shard: tuple[int, int] = (0, 1),
+                      chunk_cuts: int = 500, progress: bool = True) -> int:
     """Decode this shard's chunks of cuts that have no part file yet and write their N-best lists, one part per chunk.
 
     The cuts are cut into fixed chunks of ``chunk_cuts`` in manifest order (chunk j: cuts ``j * chunk_cuts ...``,
     written to ``part-{j * chunk_cuts:08d}.jsonl.gz``); shard ``(i, n)`` decodes chunks i, i+n, ... Each chunk is
-    batched the same way whatever the sharding, so sharded and unsharded runs write the same hypotheses and scores.
+    decoded the same way whatever the sharding, so sharded and unsharded runs write the same hypotheses and scores.
 
     Args:
-      model: the teacher (transducer or attention encoder-decoder), in eval mode.
-      cuts: the CutSet to label (with features).
-      tokenizer: turns hypotheses' token ids into text.
+      decode: ``(CutSet chunk) -> iterator of (cut_id, hyps)`` for every cut of the chunk (a teacher's
+        :meth:`~speechkd.teachers.base.Teacher.nbest_decoder`).
+      cuts: the CutSet to label.
       out_dir: the label directory (``labels/nbest``).
       meta: identifies the teacher and settings (``{"teacher_id", "beam", "nbest"}``); must equal the
         directory's ``meta.json`` when it exists.
-      beam, nbest: beam width and hypotheses kept per cut (nbest <= beam).
       shard: ``(i, n)``: this run decodes chunks i, i+n, ...
       chunk_cuts: cuts per part file.
-      max_duration: seconds of audio per decoding batch.
 
     Returns:
       number of cuts labelled by this call.
 
     Raises:
-      ValueError: labels of another teacher/settings in ``out_dir``, bad shard.
+      ValueError: labels of another teacher/settings in ``out_dir``, bad shard, a cut the decoder left out.
     """
     from lhotse import CutSet
     from tqdm import tqdm
 
-    from speechkd.data.datamodule import AsrDataset, make_loader
-    from speechkd.decoding import nbest_search
     from speechkd.labels.shards import every_nth
 
     out_dir = Path(out_dir)
@@ -112,14 +146,12 @@ def write_pseudo_labels(model, cuts, tokenizer, out_dir: Pathlike, meta: dict, b
     for start in todo:
         chunk = cut_list[start:start + chunk_cuts]
         found = {}
-        dl = make_loader(CutSet.from_cuts(chunk), AsrDataset(None), max_duration, shuffle=False)
-        with torch.inference_mode():
-            for batch in dl:
-                enc, lens, _ = model.encode(batch["features"], batch["feature_lens"])
-                for cid, hyps in zip(batch["cut_ids"], nbest_search(model, enc, lens, beam=beam, nbest=nbest)):
-                    found[cid] = [{"tokens": list(map(int, toks)), "text": tokenizer.decode([toks])[0], "score": float(s)}
-                                  for toks, s in hyps]
-                bar.update(len(batch["cut_ids"]))
+        for cid, hyps in decode(CutSet.from_cuts(chunk)):
+            found[cid] = hyps
+            bar.update(1)
+        missing = [c.id for c in chunk if c.id not in found]
+        if missing:
+            raise ValueError(f"the N-best decoder returned nothing for cut '{missing[0]}' ({len(missing)} missing)")
         with atomic_path(out_dir / f"part-{start:08d}.jsonl.gz") as tmp, gzip.open(tmp, "wt", encoding="utf-8") as f:
             for c in chunk:
                 f.write(json.dumps({"id": c.id, "hyps": found[c.id]}) + "\n")

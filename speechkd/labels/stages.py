@@ -300,10 +300,8 @@ def _sample_frames(cuts, key: str, num: int, rng) -> np.ndarray:
 # ---------------------------------------------------------------- pseudo-label
 def pseudo_label_meta(exp) -> dict:
     """What identifies a set of N-best labels: ``{"teacher_id", "beam", "nbest"}`` of the recipe's teacher."""
-    from speechkd.labels.nbest import model_id
-
     p = exp.recipe.pseudo_label
-    return {"teacher_id": model_id(exp.teacher_dir), "beam": p.beam, "nbest": p.nbest}
+    return {"teacher_id": exp.teacher.teacher_id(), "beam": p.beam, "nbest": p.nbest}
 
 
 def pseudo_label(exp, shard: Optional[str] = None) -> None:
@@ -319,14 +317,13 @@ def pseudo_label(exp, shard: Optional[str] = None) -> None:
     """
     from speechkd.data.datamodule import save_cuts
     from speechkd.distributed import barrier, is_main, world_size
-    from speechkd.labels.nbest import merge_pseudo_labels, write_pseudo_labels
+    from speechkd.labels.nbest import merge_pseudo_labels, write_nbest_parts
     from speechkd.labels.shards import stage_shard
-    from speechkd.models.build import load_model
 
     if exp.nbest_cuts_path.is_file():
         log(f"pseudo-label: {exp.nbest_cuts_path} exists, skipped")
         return
-    if not exp.teacher.can_decode:
+    if not exp.teacher.has_nbest:
         raise ValueError(f"pseudo-label: the teacher ({exp.teacher.describe()}) has no ASR head: it cannot write "
                          "N-best lists (sequence-level KD needs a teacher that decodes)")
     p = exp.recipe.pseudo_label
@@ -339,10 +336,10 @@ def pseudo_label(exp, shard: Optional[str] = None) -> None:
 
             _check_meta(exp.nbest_dir, meta)
         barrier()
-    model, _ = load_model(exp.teacher_dir)
+    decode = exp.teacher.nbest_decoder(p.beam, p.nbest, p.max_duration)
     t0 = time.time()
-    done = write_pseudo_labels(model, cuts, exp.tokenizer, exp.nbest_dir, meta, beam=p.beam, nbest=p.nbest, shard=(i, n),
-                               chunk_cuts=p.chunk_cuts, max_duration=p.max_duration, progress=exp.progress)
+    done = write_nbest_parts(decode, cuts, exp.nbest_dir, meta, shard=(i, n), chunk_cuts=p.chunk_cuts,
+                             progress=exp.progress)
     log(f"pseudo-label: shard {i}/{n}: {done} cuts decoded (beam {p.beam}, {p.nbest}-best) in {time.time() - t0:.0f} s")
     if world_size() > 1:
         barrier()

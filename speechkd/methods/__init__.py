@@ -49,18 +49,21 @@ class MethodSpec(NamedTuple):
       label_stages: the labelling stages (of :data:`LABEL_STAGES`) whose outputs it reads.
       project_teacher: what about it needs the project's own transducer / AED teacher (in words, for an error
         message), or None when an SSL teacher (``teacher.hf_dir``) serves it too.
+      nbest_teacher: any teacher that writes N-best lists serves it (e.g. Whisper for sequence-level KD), even where
+        ``project_teacher`` is set.
     """
 
     build: Callable
     label_stages: tuple[str, ...] = ()
     project_teacher: Optional[str] = None
+    nbest_teacher: bool = False
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
-def register(name: str, build: Callable, label_stages: tuple[str, ...] = (), project_teacher: Optional[str] = None
-             ) -> None:
+def register(name: str, build: Callable, label_stages: tuple[str, ...] = (), project_teacher: Optional[str] = None,
+             nbest_teacher: bool = False) -> None:
     """Register KD method ``name`` (the recipe's ``kd.method``).
 
     Raises:
@@ -71,7 +74,7 @@ def register(name: str, build: Callable, label_stages: tuple[str, ...] = (), pro
     bad = [s for s in label_stages if s not in LABEL_STAGES]
     if bad:
         raise ValueError(f"KD method '{name}': unknown label stages {bad} (have {list(LABEL_STAGES)})")
-    _REGISTRY[name] = MethodSpec(build, tuple(label_stages), project_teacher)
+    _REGISTRY[name] = MethodSpec(build, tuple(label_stages), project_teacher, nbest_teacher)
 
 
 def method_spec(name: str) -> MethodSpec:

@@ -301,6 +301,6 @@ def build_word(exp, run, seed: int = 0):
 
 
 register("seq", build_seq, label_stages=("pseudo-label",),
-         project_teacher="kd.method 'seq' (sequence-level KD on the teacher's N-best pseudo-labels)")
+         project_teacher="kd.method 'seq' (sequence-level KD on the teacher's N-best pseudo-labels)", nbest_teacher=True)
 register("word", build_word,
          project_teacher="token-level KL (kd.method 'word' / kd.kl_scale > 0: the teacher's decoder distributions)")

@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-__all__ = ["TEACHER_KINDS", "Teacher", "teacher_of"]
+__all__ = ["TEACHER_KINDS", "Teacher", "teacher_class", "teacher_of"]
 
 
 class Teacher:
@@ -33,9 +33,11 @@ class Teacher:
       exp: the :class:`speechkd.pipeline.Experiment` (recipe, paths, tokenizer).
     """
 
-    #: The teacher has an ASR head: it is evaluated (WER) and serves N-best pseudo labels, token-level KL, CoDERT
-    #: and ``kd.init_from_teacher``.
+    #: The teacher is the project's ASR model: it is evaluated (WER) and serves token-level KL, CoDERT and
+    #: ``kd.init_from_teacher``.
     can_decode: bool = False
+    #: The teacher writes N-best lists (:meth:`nbest_decoder`): sequence-level KD labels.
+    has_nbest: bool = False
 
     def __init__(self, exp):
         self.exp = exp
@@ -70,6 +72,20 @@ class Teacher:
         """
         raise NotImplementedError
 
+    def teacher_id(self) -> str:
+        """A short content hash of the teacher's weights (N-best labels of another teacher are refused)."""
+        raise NotImplementedError
+
+    def nbest_decoder(self, beam: int, nbest: int, max_duration: float):
+        """``(CutSet chunk) -> iterator of (cut_id, [{"tokens", "text", "score"}, ...])``: N-best lists by beam search,
+        best first, ``tokens`` in the experiment's tokenizer, ``text`` normalised by its text rule, ``score`` the
+        sequence log-probability (for :func:`speechkd.labels.nbest.write_nbest_parts`).
+
+        Raises:
+          ValueError: the teacher cannot write N-best lists (:attr:`has_nbest` False).
+        """
+        raise ValueError(f"{self.describe()} cannot write N-best lists")
+
     def label_meta(self, layer: int) -> dict[str, str]:
         """String metadata stored with the layer outputs: what made them (labels from another teacher or layer are
         refused)."""
@@ -88,10 +104,15 @@ TEACHER_KINDS: list[tuple[Callable, str]] = [
 ]
 
 
-def teacher_of(exp) -> Teacher:
-    """The :class:`Teacher` of an experiment's recipe (:data:`TEACHER_KINDS`)."""
+def teacher_class(teacher_cfg) -> type:
+    """The :class:`Teacher` subclass of a recipe's teacher section (:data:`TEACHER_KINDS`, first match)."""
     for matches, target in TEACHER_KINDS:
-        if matches(exp.recipe.teacher):
+        if matches(teacher_cfg):
             module, name = target.split(":")
-            return getattr(importlib.import_module(module), name)(exp)
+            return getattr(importlib.import_module(module), name)
     raise ValueError("no teacher kind matches the recipe's teacher section")
+
+
+def teacher_of(exp) -> Teacher:
+    """The :class:`Teacher` of an experiment's recipe (:func:`teacher_class`)."""
+    return teacher_class(exp.recipe.teacher)(exp)

@@ -19,6 +19,7 @@ class ProjectTeacher(Teacher):
     decode. Layer outputs are Conformer block outputs (``teacher.layer``, 1-based, -1 the last)."""
 
     can_decode = True
+    has_nbest = True
 
     def describe(self) -> str:
         m = self.exp.recipe.teacher.model
@@ -36,6 +37,19 @@ class ProjectTeacher(Teacher):
                   extra_meta={"role": "teacher", "method": "none"}, progress=exp.progress,
                   runtime=exp.recipe.runtime.for_stage("teacher"))
         log(f"teacher: trained -> {exp.teacher_dir}")
+
+    def teacher_id(self) -> str:
+        from speechkd.labels.nbest import model_id
+
+        return model_id(self.exp.teacher_dir)
+
+    def nbest_decoder(self, beam: int, nbest: int, max_duration: float):
+        """The transducer's modified / the AED's beam search over fbank batches of ``max_duration`` seconds."""
+        from speechkd.labels.nbest import project_nbest_decoder
+        from speechkd.models.build import load_model
+
+        model, _ = load_model(self.exp.teacher_dir)
+        return project_nbest_decoder(model, self.exp.tokenizer, beam, nbest, max_duration)
 
     def frame_shift(self) -> float:
         from speechkd.data.datamodule import FRAME_SHIFT

@@ -325,14 +325,19 @@ def bundled_tiny_en() -> Optional[Path]:
 
 
 # ---------------------------------------------------------------------------------------------- N-best
-def whisper_prompt(generation_config) -> list[int]:
+def whisper_prompt(generation_config, vocab_size: int = 51864) -> list[int]:
     """The decoder prompt of English transcription without timestamps: ``<|startoftranscript|>`` (+ ``<|en|>
-    <|transcribe|>`` for a multilingual model) + ``<|notimestamps|>``."""
+    <|transcribe|>`` for a multilingual model) + ``<|notimestamps|>``. Ids missing from the generation config (a
+    directory saved without Whisper's generation settings) follow from the vocabulary: English-only models have
+    51864 tokens and ``<|notimestamps|>`` = 50362, multilingual ones 50363."""
     g = generation_config
-    prompt = [g.decoder_start_token_id]
-    if getattr(g, "is_multilingual", False):
+    multilingual = getattr(g, "is_multilingual", None)
+    multilingual = vocab_size >= 51865 if multilingual is None else multilingual
+    prompt = [g.decoder_start_token_id or _EOT + 1]
+    if multilingual:
         prompt += [g.lang_to_id["<|en|>"], g.task_to_id["transcribe"]]
-    return prompt + [g.no_timestamps_token_id]
+    no_ts = getattr(g, "no_timestamps_token_id", None) or (50363 if multilingual else 50362)
+    return prompt + [no_ts]
 
 
 def whisper_nbest(model, features, beam: int = 4, nbest: int = 4, max_new_tokens: int = 128) -> list[list[dict]]:
@@ -363,9 +368,9 @@ def whisper_nbest(model, features, beam: int = 4, nbest: int = 4, max_new_tokens
     if nbest > beam:
         raise ValueError(f"nbest={nbest} exceeds beam={beam}")
     g = model.generation_config
-    prompt = whisper_prompt(g)
+    prompt = whisper_prompt(g, model.config.vocab_size)
     config = transformers.GenerationConfig(
-        decoder_start_token_id=g.decoder_start_token_id, eos_token_id=g.eos_token_id, pad_token_id=g.pad_token_id,
+        decoder_start_token_id=prompt[0], eos_token_id=g.eos_token_id or _EOT, pad_token_id=g.pad_token_id or _EOT,
         num_beams=beam, num_return_sequences=nbest, length_penalty=0.0, max_new_tokens=max_new_tokens,
         output_scores=True, return_dict_in_generate=True, suppress_tokens=g.suppress_tokens,
         begin_suppress_tokens=g.begin_suppress_tokens, do_sample=False,
@@ -375,10 +380,11 @@ def whisper_nbest(model, features, beam: int = 4, nbest: int = 4, max_new_tokens
         out = transformers.GenerationMixin.generate(
             model, inputs=features, decoder_input_ids=torch.tensor([prompt] * n), generation_config=config)
     results: list[list[dict]] = [[] for _ in range(n)]
+    eos = g.eos_token_id or _EOT
     for k, (seq, score) in enumerate(zip(out.sequences.tolist(), out.sequences_scores.tolist())):
         tokens = seq[len(prompt):]
-        if g.eos_token_id in tokens:
-            tokens = tokens[: tokens.index(g.eos_token_id)]
+        if eos in tokens:
+            tokens = tokens[: tokens.index(eos)]
         results[k // nbest].append({"tokens": tokens, "score": float(score)})
     for hyps in results:
         hyps.sort(key=lambda h: -h["score"])
@@ -460,10 +466,14 @@ def encoder_hidden_states(encoder, features, layers: Sequence[int]):
 class WhisperTeacher(Teacher):
     """A Hugging Face Whisper directory (``teacher.whisper_dir``) as the ASR pipeline's teacher: its encoder's hidden
     state ``teacher.layer`` at 20 ms frames, computed on windows fitted to each batch (the longest utterance, not a
-    30 s pad; :func:`encoder_hidden_states`). The pipeline does not decode with it yet (no teacher WER, no N-best).
+    30 s pad; :func:`encoder_hidden_states`), and its beam search's N-best lists for sequence-level KD
+    (:meth:`nbest_decoder`). The pipeline does not evaluate it (no teacher WER row yet).
     Implements :class:`speechkd.teachers.base.Teacher`."""
 
     can_decode = False
+    has_nbest = True
+    #: Utterances per beam-search batch (each is a 30 s log-mel input).
+    NBEST_BATCH = 8
 
     def __init__(self, exp):
         super().__init__(exp)
@@ -543,10 +553,62 @@ class WhisperTeacher(Teacher):
                 bar.update(len(lens))
         bar.close()
 
+    def teacher_id(self) -> str:
+        from speechkd.labels.nbest import model_id
+
+        self.config()
+        return model_id(self.dir)
+
+    def nbest_decoder(self, beam: int, nbest: int, max_duration: float):
+        """Whisper's beam search (:func:`whisper_nbest`, 30 s inputs, :data:`NBEST_BATCH` utterances per batch;
+        ``max_duration`` is unused): each hypothesis decoded by the directory's ``tokenizer.json`` (special tokens
+        dropped), normalised by the recipe's text rule (``data.text``) and encoded with the experiment's tokenizer;
+        ``teacher_tokens`` keeps Whisper's own ids.
+
+        Raises:
+          FileNotFoundError: the directory has no ``tokenizer.json``.
+        """
+        import torch
+        import transformers
+
+        from speechkd.data.classification import WaveformDataset
+        from speechkd.data.text import TextNormalizer
+
+        if not (self.dir / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{self.dir} has no tokenizer.json: Whisper's hypotheses cannot be read as text")
+        model = transformers.WhisperForConditionalGeneration.from_pretrained(self.dir).eval()
+        fe = transformers.WhisperFeatureExtractor.from_pretrained(self.dir) \
+            if (self.dir / "preprocessor_config.json").is_file() \
+            else transformers.WhisperFeatureExtractor(feature_size=self.config().num_mel_bins)
+        wtok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(self.dir / "tokenizer.json"))
+        special = set(range(_EOT, self.config().vocab_size))  # <|endoftext|> and every token after it
+        normalize = TextNormalizer.from_config(self.exp.recipe.data.text)
+        tokenizer = self.exp.tokenizer
+        dataset = WaveformDataset((), sampling_rate=SAMPLE_RATE)
+
+        def decode(chunk):
+            cuts = list(chunk)
+            for start in range(0, len(cuts), self.NBEST_BATCH):
+                group = cuts[start:start + self.NBEST_BATCH]
+                batch = dataset[group]
+                wavs = [batch["wavs"][i, :n].numpy() for i, n in enumerate(batch["lens"].tolist())]
+                feats = fe(wavs, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+                with torch.inference_mode():
+                    lists = whisper_nbest(model, feats.float(), beam=beam, nbest=nbest)
+                for cid, hyps in zip(batch["cut_ids"], lists):
+                    out = []
+                    for h in hyps:
+                        text = normalize(wtok.decode([t for t in h["tokens"] if t not in special]))
+                        out.append({"tokens": tokenizer.encode([text])[0] if text else [], "text": text,
+                                    "score": h["score"], "teacher_tokens": h["tokens"]})
+                    yield cid, out
+
+        return decode
+
     def label_meta(self, layer: int) -> dict[str, str]:
         return {"teacher_layer": str(layer), "teacher_whisper_dir": str(self.dir.resolve())}
 
     def report_note(self) -> Optional[str]:
         return (f"Teacher: the Whisper model `{self.dir}` (encoder hidden state teacher.layer = "
-                f"{self.exp.recipe.teacher.layer}); its decoder is not used by the pipeline yet, so no teacher WER: "
-                "students are compared with the baseline only.")
+                f"{self.exp.recipe.teacher.layer}; N-best lists from its beam search); it is not evaluated here yet, "
+                "so no teacher WER: students are compared with the baseline only.")
