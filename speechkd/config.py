@@ -27,11 +27,14 @@ class TextConfig(Strict):
     ``alphabet``: the characters a normalised transcript may hold besides the space, as the body of a regular
     expression character class (default ``a-z0-9'``: English letters, digits, apostrophes); a transcript with any
     other character (an accent, a symbol) is bad input (see ``on_bad_input``). Null accepts every character.
+    ``spell_digits``: write each digit as its word ("7 5" and "75" -> "seven five"): for connected-digit tasks whose
+    teacher (e.g. Whisper) writes numbers as digits.
     """
 
     lowercase: bool = True
     strip_punctuation: bool = True
     alphabet: Optional[str] = "a-z0-9'"
+    spell_digits: bool = False
 
     @model_validator(mode="after")
     def _check_alphabet(self):

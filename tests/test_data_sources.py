@@ -54,6 +54,9 @@ def test_text_normalisation_rule():
     assert norm.check(norm(" ... ")).startswith("empty")
     assert norm.check(norm("two thousand and one")) is None
     assert TextNormalizer(alphabet=None).check("café") is None
+    assert normalize_text("7 5, 924.", spell_digits=True) == "seven five nine two four"
+    assert normalize_text("room 101b", spell_digits=True) == "room one zero one b"
+    assert TextNormalizer(spell_digits=True)("Nine 2") == "nine two"
 
 
 def test_unknown_data_source_is_refused():

@@ -20,15 +20,19 @@ import unicodedata
 from typing import Optional
 
 _SPACES = re.compile(r"\s+")
+_DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
-def normalize_text(text: str, lowercase: bool = True, strip_punctuation: bool = True) -> str:
+def normalize_text(text: str, lowercase: bool = True, strip_punctuation: bool = True, spell_digits: bool = False
+                   ) -> str:
     """Normalise one transcript by the rule of this module's docstring.
 
     Args:
       text: a raw transcript.
       lowercase: fold to lower case.
       strip_punctuation: replace punctuation and symbols by spaces (in-word apostrophes kept).
+      spell_digits: write every ASCII digit as its word, one word per digit ("924" -> "nine two four"; for
+        connected-digit tasks, where a teacher such as Whisper writes numbers as digits).
 
     Returns:
       the normalised transcript ('' when nothing is left).
@@ -46,6 +50,8 @@ def normalize_text(text: str, lowercase: bool = True, strip_punctuation: bool = 
                 continue
             chars[i] = " "
         text = "".join(chars)
+    if spell_digits:
+        text = "".join(f" {_DIGIT_WORDS[int(ch)]} " if "0" <= ch <= "9" else ch for ch in text)
     return _SPACES.sub(" ", text).strip()
 
 
@@ -56,14 +62,17 @@ class TextNormalizer:
       lowercase / strip_punctuation: as :func:`normalize_text`.
       alphabet: body of a regex character class of the characters allowed besides the space (e.g. ``a-z0-9'``);
         None allows every character.
+      spell_digits: as :func:`normalize_text`.
 
     Raises:
       ValueError: ``alphabet`` is not a valid character-class body.
     """
 
-    def __init__(self, lowercase: bool = True, strip_punctuation: bool = True, alphabet: Optional[str] = "a-z0-9'"):
+    def __init__(self, lowercase: bool = True, strip_punctuation: bool = True, alphabet: Optional[str] = "a-z0-9'",
+                 spell_digits: bool = False):
         self.lowercase = lowercase
         self.strip_punctuation = strip_punctuation
+        self.spell_digits = spell_digits
         self.alphabet = alphabet
         self._outside = None if alphabet is None else re.compile(f"[^{alphabet} ]")
 
@@ -72,11 +81,11 @@ class TextNormalizer:
         """From a :class:`speechkd.config.TextConfig` (None gives the defaults)."""
         if cfg is None:
             return cls()
-        return cls(cfg.lowercase, cfg.strip_punctuation, cfg.alphabet)
+        return cls(cfg.lowercase, cfg.strip_punctuation, cfg.alphabet, cfg.spell_digits)
 
     def __call__(self, text: str) -> str:
         """The normalised transcript (see :func:`normalize_text`)."""
-        return normalize_text(text, self.lowercase, self.strip_punctuation)
+        return normalize_text(text, self.lowercase, self.strip_punctuation, self.spell_digits)
 
     def check(self, normalized: str) -> Optional[str]:
         """Why a normalised transcript is unusable as a training/evaluation target, or None when it is fine.
