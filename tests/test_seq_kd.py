@@ -146,3 +146,31 @@ def test_filter_nbest_drops_bad_hypotheses_and_empty_cuts():
     assert stats == {"cuts_in": 2, "cuts_out": 1, "hyps_in": 4, "hyps_out": 2}
     same, _ = filter_nbest(cuts, None)
     assert len(same) == 2
+
+
+def test_confidence_filter_is_reference_free():
+    """min_logprob keeps hypotheses whose log-probability per teacher token (end of sentence counted) reaches the
+    threshold, on transcribed and untranscribed cuts alike; empty texts go whenever a filter is on."""
+    from lhotse import CutSet, MonoCut, SupervisionSegment
+
+    from speechkd.methods.seq_kd import filter_nbest, token_logprob
+
+    def cut(cid, text, hyps):
+        sup = [SupervisionSegment(id=cid, recording_id=cid, start=0, duration=1.0, text=text)] if text else []
+        c = MonoCut(id=cid, start=0, duration=1.0, channel=0, supervisions=sup)
+        c.custom = {"nbest": [{"tokens": [1] * n, "teacher_tokens": [7] * t, "text": h, "score": s}
+                              for h, n, t, s in hyps]}
+        return c
+
+    # per token: -3 / (2 + 1) = -1.0, -6 / (2 + 1) = -2.0 (teacher tokens count, not the student's)
+    cuts = CutSet.from_cuts([
+        cut("a", "one two", [("one two", 5, 2, -3.0), ("one three", 5, 2, -6.0)]),
+        cut("u", None, [("", 1, 0, -0.1), ("far off", 1, 2, -6.0)]),  # untranscribed: only the confidence filter
+    ])
+    assert token_logprob(cuts["a"].custom["nbest"][0]) == -1.0
+    kept, stats = filter_nbest(cuts, None, min_logprob=-1.5)
+    assert [c.id for c in kept] == ["a"] and [h["text"] for h in kept["a"].custom["nbest"]] == ["one two"]
+    assert stats == {"cuts_in": 2, "cuts_out": 1, "hyps_in": 4, "hyps_out": 1}
+    both, _ = filter_nbest(cuts, 0.0, min_logprob=-2.5)  # the WER filter leaves the untranscribed cut alone
+    assert [h["text"] for h in both["a"].custom["nbest"]] == ["one two"]
+    assert [h["text"] for h in both["u"].custom["nbest"]] == ["far off"]
