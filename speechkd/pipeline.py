@@ -404,10 +404,13 @@ def evaluate(exp: Experiment) -> None:
         from speechkd.labels.nbest import label_bytes as nbest_bytes
 
         label_bytes["seq"] = ("nbest", nbest_bytes(exp.nbest_dir))
-    if not exp.teacher.can_decode:
-        log(f"evaluate: the teacher ({exp.teacher.describe()}) has no ASR head: no WER, skipped")
     splits = {s: exp.cuts(s) for s in ("dev", "test")}
     rtf_cuts = splits["test"].subset(first=min(e.rtf_utts, len(splits["test"])))
+    if not exp.teacher.can_decode:
+        if exp.teacher.can_transcribe:
+            _evaluate_transcribing_teacher(exp, splits, rtf_cuts, normalizer)
+        else:
+            log(f"evaluate: the teacher ({exp.teacher.describe()}) has no ASR head: no WER, skipped")
     for name, group, mdir, method, seed in _models(exp):
         out = exp.dir / "eval" / f"{name}.json"
         if out.is_file():
@@ -444,6 +447,40 @@ def evaluate(exp: Experiment) -> None:
         write_json_atomic(out, result)
         log(f"evaluate: {name}: params {result['params'] / 1e6:.2f} M, dev WER {result['dev_wer']:.2f}%, "
             f"test WER {result['test_wer']:.2f}%, RTF {result['rtf']:.4f}")
+
+
+def _evaluate_transcribing_teacher(exp: Experiment, splits: dict, rtf_cuts, normalizer) -> None:
+    """``eval/teacher.json`` of a teacher that is not the project's ASR model but transcribes (e.g. Whisper): greedy
+    dev/test WER by the data's text rule, parameters, RTF (one utterance at a time, ``eval.rtf_threads``)."""
+    from lhotse import CutSet
+
+    from speechkd.eval.metrics import word_error_rate, write_wer_details
+    from speechkd.eval.speed import count_parameters, real_time_factor
+    from speechkd.utils import set_thread_policy
+
+    out = exp.dir / "eval" / "teacher.json"
+    if out.is_file():
+        log(f"evaluate: {out} exists, skipped")
+        return
+    e = exp.recipe.eval
+    model, transcribe = exp.teacher.transcriber()
+    set_thread_policy(2)
+    result = {"name": "teacher", "group": "teacher", "role": "teacher", "method": "none", "seed": 0,
+              "params": count_parameters(model), "teacher": exp.teacher.describe()}
+    for split, cuts in splits.items():
+        cuts = list(cuts)
+        refs = [normalizer(" ".join(s.text for s in c.supervisions if s.text)) for c in cuts]
+        hyps = transcribe(cuts)
+        result[f"{split}_wer"] = word_error_rate(refs, hyps).wer
+        write_wer_details(exp.dir / "eval" / f"teacher-{split}-errs.txt", [c.id for c in cuts], refs, hyps)
+    set_thread_policy(e.rtf_threads)
+    one = [CutSet.from_cuts([c]) for c in rtf_cuts]
+    result["rtf"] = real_time_factor(transcribe, one, audio_seconds=sum(c.duration for c in rtf_cuts))
+    set_thread_policy(2)
+    result.update(label_kind="none", label_bytes=None, train_seconds=None)
+    write_json_atomic(out, result)
+    log(f"evaluate: teacher ({exp.teacher.describe()}): params {result['params'] / 1e6:.2f} M, dev WER "
+        f"{result['dev_wer']:.2f}%, test WER {result['test_wer']:.2f}%, RTF {result['rtf']:.4f}")
 
 
 def _train_seconds(mdir: Path) -> Optional[float]:

@@ -2,6 +2,8 @@
 transformers' own encoder on the 30 s input, stays close to it on real speech, and drives extract / quantize /
 distill through the Teacher interface."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -21,6 +23,7 @@ def tiny_random_dir(tmp_path_factory):
     torch.manual_seed(0)
     transformers.WhisperForConditionalGeneration(cfg).eval().save_pretrained(d)
     transformers.WhisperFeatureExtractor(feature_size=80).save_pretrained(d)
+    shutil.copy(bundled_tiny_en() / "tokenizer.json", d / "tokenizer.json")  # Whisper's byte-level BPE
     return d
 
 
@@ -86,7 +89,7 @@ def test_whisper_teacher_through_the_pipeline(tiny_random_dir, tmp_path, corpora
     emb = load_frame_labels(c, EMB_KEY)
     assert emb.shape[1] == 32 and abs(emb.shape[0] - c.duration / 0.02) <= 2
     assert (exp.student_dir("mvq", 0) / "model.safetensors").is_file()
-    assert "Whisper model" in (exp.dir / "report.md").read_text()
+    assert (exp.dir / "eval" / "teacher.json").is_file()  # the Whisper teacher's own row (random weights here)
 
 
 def test_nbest_scores_equal_a_forced_rescoring(corpora_dir, tmp_path):
@@ -113,6 +116,13 @@ def test_nbest_scores_equal_a_forced_rescoring(corpora_dir, tmp_path):
                 logits = model(input_features=feats[i:i + 1], decoder_input_ids=torch.tensor([ids[:-1]])).logits[0]
             lp = torch.log_softmax(logits.float(), -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
             assert abs(float(lp[len(prompt) - 1:].sum()) - h["score"]) < 1e-3, (float(lp[len(prompt) - 1:].sum()), h)
+    greedy = whisper_nbest(model, feats, beam=1, nbest=1)  # the score from the raw logits, same definition
+    for i, hyps in enumerate(greedy):
+        ids = prompt + hyps[0]["tokens"] + [eot]
+        with torch.inference_mode():
+            logits = model(input_features=feats[i:i + 1], decoder_input_ids=torch.tensor([ids[:-1]])).logits[0]
+        lp = torch.log_softmax(logits.float(), -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+        assert abs(float(lp[len(prompt) - 1:].sum()) - hyps[0]["score"]) < 1e-3
     with pytest.raises(ValueError, match="exceeds beam"):
         whisper_nbest(model, feats, beam=2, nbest=3)
 
@@ -120,15 +130,12 @@ def test_nbest_scores_equal_a_forced_rescoring(corpora_dir, tmp_path):
 def test_whisper_nbest_labels_train_a_seq_kd_student(tiny_random_dir, tmp_path, corpora_dir):
     """teacher.whisper_dir with a sequence-level KD student: the pseudo-label stage writes Whisper's N-best (text
     normalised, re-encoded with the student's tokenizer, Whisper's ids kept), the student trains on them."""
-    import shutil
-
     from speechkd.config import load_recipe
     from speechkd.data.datamodule import load_cuts
     from speechkd.pipeline import Experiment, run_all
 
     wdir = tmp_path / "whisper"
     shutil.copytree(tiny_random_dir, wdir)
-    shutil.copy(bundled_tiny_en() / "tokenizer.json", wdir / "tokenizer.json")
     raw = load_recipe(REPO / "recipes" / "smoke.yaml", {"exp_dir": str(tmp_path / "exp")}).model_dump()
     raw["data"]["corpora_dir"] = str(corpora_dir)
     raw["teacher"].update(whisper_dir=str(wdir), layer=1)
@@ -175,6 +182,11 @@ def test_smoke_whisper_recipe_runs_from_the_cli(tmp_path, corpora_dir):
     cuts = list(load_cuts(exp / "labels" / "cuts_train_nbest.jsonl.gz"))
     stats = word_error_rate([c.supervisions[0].text for c in cuts], [c.custom["nbest"][0]["text"] for c in cuts])
     assert stats.wer < 40.0, stats  # measured 12.7% on these 24 utterances
+    import json
+
     for name in ("baseline", "mvq", "seq"):
         assert (exp / "eval" / f"{name}-seed0.json").is_file()
-    assert "Whisper model" in (exp / "report.md").read_text()
+    teacher = json.loads((exp / "eval" / "teacher.json").read_text())  # Whisper's own row: greedy WER, params
+    assert teacher["role"] == "teacher" and 37e6 < teacher["params"] < 39e6 and teacher["test_wer"] < 60.0
+    report = (exp / "report.md").read_text()
+    assert "teacher" in report and "Params ratio to teacher" in report

@@ -38,6 +38,8 @@ class Teacher:
     can_decode: bool = False
     #: The teacher writes N-best lists (:meth:`nbest_decoder`): sequence-level KD labels.
     has_nbest: bool = False
+    #: A teacher that is not the project's ASR model but can transcribe (:meth:`transcriber`): evaluated on its own.
+    can_transcribe: bool = False
 
     def __init__(self, exp):
         self.exp = exp
@@ -85,6 +87,15 @@ class Teacher:
           ValueError: the teacher cannot write N-best lists (:attr:`has_nbest` False).
         """
         raise ValueError(f"{self.describe()} cannot write N-best lists")
+
+    def transcriber(self):
+        """``(model, transcribe)`` for the evaluate stage: ``transcribe(cuts) -> [normalised text, ...]`` in cut
+        order (greedy), ``model`` the module whose parameters are counted.
+
+        Raises:
+          ValueError: the teacher cannot transcribe (:attr:`can_transcribe` False).
+        """
+        raise ValueError(f"{self.describe()} cannot transcribe")
 
     def label_meta(self, layer: int) -> dict[str, str]:
         """String metadata stored with the layer outputs: what made them (labels from another teacher or layer are

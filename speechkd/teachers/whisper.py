@@ -372,7 +372,7 @@ def whisper_nbest(model, features, beam: int = 4, nbest: int = 4, max_new_tokens
     config = transformers.GenerationConfig(
         decoder_start_token_id=prompt[0], eos_token_id=g.eos_token_id or _EOT, pad_token_id=g.pad_token_id or _EOT,
         num_beams=beam, num_return_sequences=nbest, length_penalty=0.0, max_new_tokens=max_new_tokens,
-        output_scores=True, return_dict_in_generate=True, suppress_tokens=g.suppress_tokens,
+        output_scores=True, output_logits=beam == 1, return_dict_in_generate=True, suppress_tokens=g.suppress_tokens,
         begin_suppress_tokens=g.begin_suppress_tokens, do_sample=False,
     )
     n = features.shape[0]
@@ -381,7 +381,17 @@ def whisper_nbest(model, features, beam: int = 4, nbest: int = 4, max_new_tokens
             model, inputs=features, decoder_input_ids=torch.tensor([prompt] * n), generation_config=config)
     results: list[list[dict]] = [[] for _ in range(n)]
     eos = g.eos_token_id or _EOT
-    for k, (seq, score) in enumerate(zip(out.sequences.tolist(), out.sequences_scores.tolist())):
+    if beam > 1:
+        scores = out.sequences_scores.tolist()
+    else:  # greedy: the same definition from the raw logits of each step (sum of log-softmax of the chosen tokens)
+        new = out.sequences[:, len(prompt):]  # (N, steps)
+        logp = torch.stack([torch.log_softmax(step.float(), -1) for step in out.logits], dim=1)  # (N, steps, V)
+        picked = logp.gather(2, new[:, : logp.shape[1], None])[..., 0]  # (N, steps)
+        alive = torch.ones_like(picked, dtype=torch.bool)
+        for t in range(1, picked.shape[1]):  # tokens after the first end-of-text are padding
+            alive[:, t] = alive[:, t - 1] & (new[:, t - 1] != eos)
+        scores = (picked * alive).sum(1).tolist()
+    for k, (seq, score) in enumerate(zip(out.sequences.tolist(), scores)):
         tokens = seq[len(prompt):]
         if eos in tokens:
             tokens = tokens[: tokens.index(eos)]
@@ -467,11 +477,12 @@ class WhisperTeacher(Teacher):
     """A Hugging Face Whisper directory (``teacher.whisper_dir``) as the ASR pipeline's teacher: its encoder's hidden
     state ``teacher.layer`` at 20 ms frames, computed on windows fitted to each batch (the longest utterance, not a
     30 s pad; :func:`encoder_hidden_states`), and its beam search's N-best lists for sequence-level KD
-    (:meth:`nbest_decoder`). The pipeline does not evaluate it (no teacher WER row yet).
+    (:meth:`nbest_decoder`); the evaluate stage gives it a teacher row (greedy WER, parameters, RTF).
     Implements :class:`speechkd.teachers.base.Teacher`."""
 
     can_decode = False
     has_nbest = True
+    can_transcribe = True
     #: Utterances per beam-search batch (each is a 30 s log-mel input).
     NBEST_BATCH = 8
 
@@ -559,19 +570,14 @@ class WhisperTeacher(Teacher):
         self.config()
         return model_id(self.dir)
 
-    def nbest_decoder(self, beam: int, nbest: int, max_duration: float):
-        """Whisper's beam search (:func:`whisper_nbest`, 30 s inputs, :data:`NBEST_BATCH` utterances per batch;
-        ``max_duration`` is unused): each hypothesis decoded by the directory's ``tokenizer.json`` (special tokens
-        dropped), normalised by the recipe's text rule (``data.text``) and encoded with the experiment's tokenizer;
-        ``teacher_tokens`` keeps Whisper's own ids.
+    def _decoding_parts(self):
+        """``(model, feature extractor, Whisper tokenizer, special token ids, text normaliser)``.
 
         Raises:
           FileNotFoundError: the directory has no ``tokenizer.json``.
         """
-        import torch
         import transformers
 
-        from speechkd.data.classification import WaveformDataset
         from speechkd.data.text import TextNormalizer
 
         if not (self.dir / "tokenizer.json").is_file():
@@ -582,20 +588,51 @@ class WhisperTeacher(Teacher):
             else transformers.WhisperFeatureExtractor(feature_size=self.config().num_mel_bins)
         wtok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(self.dir / "tokenizer.json"))
         special = set(range(_EOT, self.config().vocab_size))  # <|endoftext|> and every token after it
-        normalize = TextNormalizer.from_config(self.exp.recipe.data.text)
-        tokenizer = self.exp.tokenizer
+        return model, fe, wtok, special, TextNormalizer.from_config(self.exp.recipe.data.text)
+
+    def _batches(self, cuts, fe):
+        """``(cut ids, (N, n_mels, 3000) log-mel)`` per :data:`NBEST_BATCH` cuts."""
+        from speechkd.data.classification import WaveformDataset
+
         dataset = WaveformDataset((), sampling_rate=SAMPLE_RATE)
+        cuts = list(cuts)
+        for start in range(0, len(cuts), self.NBEST_BATCH):
+            batch = dataset[cuts[start:start + self.NBEST_BATCH]]
+            wavs = [batch["wavs"][i, :n].numpy() for i, n in enumerate(batch["lens"].tolist())]
+            yield batch["cut_ids"], fe(wavs, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features.float()
+
+    def transcriber(self):
+        """Greedy decoding (:func:`whisper_nbest` with beam 1) of 30 s inputs, texts normalised by ``data.text``."""
+        model, fe, wtok, special, normalize = self._decoding_parts()
+
+        def transcribe(cuts) -> list[str]:
+            out = []
+            for _, feats in self._batches(cuts, fe):
+                for hyps in whisper_nbest(model, feats, beam=1, nbest=1):
+                    out.append(normalize(wtok.decode([t for t in hyps[0]["tokens"] if t not in special])))
+            return out
+
+        return model, transcribe
+
+    def nbest_decoder(self, beam: int, nbest: int, max_duration: float):
+        """Whisper's beam search (:func:`whisper_nbest`, 30 s inputs, :data:`NBEST_BATCH` utterances per batch;
+        ``max_duration`` is unused): each hypothesis decoded by the directory's ``tokenizer.json`` (special tokens
+        dropped), normalised by the recipe's text rule (``data.text``) and encoded with the experiment's tokenizer;
+        ``teacher_tokens`` keeps Whisper's own ids.
+
+        Raises:
+          FileNotFoundError: the directory has no ``tokenizer.json``.
+        """
+        import torch
+
+        model, fe, wtok, special, normalize = self._decoding_parts()
+        tokenizer = self.exp.tokenizer
 
         def decode(chunk):
-            cuts = list(chunk)
-            for start in range(0, len(cuts), self.NBEST_BATCH):
-                group = cuts[start:start + self.NBEST_BATCH]
-                batch = dataset[group]
-                wavs = [batch["wavs"][i, :n].numpy() for i, n in enumerate(batch["lens"].tolist())]
-                feats = fe(wavs, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+            for ids, feats in self._batches(chunk, fe):
                 with torch.inference_mode():
-                    lists = whisper_nbest(model, feats.float(), beam=beam, nbest=nbest)
-                for cid, hyps in zip(batch["cut_ids"], lists):
+                    lists = whisper_nbest(model, feats, beam=beam, nbest=nbest)
+                for cid, hyps in zip(ids, lists):
                     out = []
                     for h in hyps:
                         text = normalize(wtok.decode([t for t in h["tokens"] if t not in special]))
@@ -609,6 +646,4 @@ class WhisperTeacher(Teacher):
         return {"teacher_layer": str(layer), "teacher_whisper_dir": str(self.dir.resolve())}
 
     def report_note(self) -> Optional[str]:
-        return (f"Teacher: the Whisper model `{self.dir}` (encoder hidden state teacher.layer = "
-                f"{self.exp.recipe.teacher.layer}; N-best lists from its beam search); it is not evaluated here yet, "
-                "so no teacher WER: students are compared with the baseline only.")
+        return None  # evaluated on its own (a teacher row)
