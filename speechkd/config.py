@@ -285,6 +285,8 @@ class KDConfig(Strict):
     ``min_logprob``: the reference-free filter (also for untranscribed utterances): drop hypotheses whose teacher
     log-probability per token (end of sentence included) is below this (nats, <= 0), and utterances left with
     none; hypotheses that normalise to no text are always dropped when a filter is on. Null keeps all.
+    ``max_no_speech``: drop utterances whose teacher gives a no-speech probability above this (Whisper's
+    ``<|nocaptions|>``; a teacher without one never drops any): its text on silence is invented.
     ``kl_scale`` / ``temperature``: token-level KL(teacher/T || student/T) on the reference prefixes, scaled
     by ``kl_scale * T^2`` (Hinton et al. 2015); attention-decoder teacher and student only.
     ``init_from_teacher``: initialise the student from maximally spaced teacher blocks (widths must match).
@@ -310,6 +312,7 @@ class KDConfig(Strict):
     reference_weight: float = Field(0.0, ge=0, le=1)
     max_wer: Optional[float] = Field(None, ge=0)
     min_logprob: Optional[float] = Field(None, le=0)
+    max_no_speech: Optional[float] = Field(None, ge=0, le=1)
     kl_scale: float = Field(0.0, ge=0)
     temperature: float = Field(1.0, gt=0)
     init_from_teacher: bool = False

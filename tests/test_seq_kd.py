@@ -174,3 +174,19 @@ def test_confidence_filter_is_reference_free():
     both, _ = filter_nbest(cuts, 0.0, min_logprob=-2.5)  # the WER filter leaves the untranscribed cut alone
     assert [h["text"] for h in both["a"].custom["nbest"]] == ["one two"]
     assert [h["text"] for h in both["u"].custom["nbest"]] == ["far off"]
+
+
+
+def test_no_speech_filter_drops_the_utterance():
+    from lhotse import CutSet, MonoCut
+
+    from speechkd.methods.seq_kd import filter_nbest
+
+    def cut(cid, p):
+        c = MonoCut(id=cid, start=0, duration=1.0, channel=0)
+        c.custom = {"nbest": [{"tokens": [1], "text": "you", "score": -0.5, "no_speech_prob": p}] * 2}
+        return c
+
+    cuts = CutSet.from_cuts([cut("speech", 0.01), cut("silence", 0.9)])
+    kept, stats = filter_nbest(cuts, None, max_no_speech=0.6)
+    assert [c.id for c in kept] == ["speech"] and stats["hyps_out"] == 2

@@ -125,6 +125,11 @@ def test_nbest_scores_equal_a_forced_rescoring(corpora_dir, tmp_path):
         assert abs(float(lp[len(prompt) - 1:].sum()) - hyps[0]["score"]) < 1e-3
     with pytest.raises(ValueError, match="exceeds beam"):
         whisper_nbest(model, feats, beam=2, nbest=3)
+    # no-speech probability: low on these utterances, higher on silence of the same length
+    assert all(h["no_speech_prob"] < 0.5 for hyps in nbest for h in hyps)
+    silence = fe([np.zeros_like(wavs[0])], sampling_rate=16000, return_tensors="pt").input_features
+    quiet = whisper_nbest(model, silence, beam=1, nbest=1)[0][0]["no_speech_prob"]
+    assert quiet > max(h["no_speech_prob"] for hyps in nbest for h in hyps), quiet
 
 
 def test_whisper_nbest_labels_train_a_seq_kd_student(tiny_random_dir, tmp_path, corpora_dir):

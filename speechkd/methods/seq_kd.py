@@ -170,16 +170,19 @@ def token_logprob(hyp: dict) -> float:
     return float(hyp["score"]) / (len(hyp.get("teacher_tokens", hyp["tokens"])) + 1)
 
 
-def filter_nbest(cuts, max_wer: Optional[float], tokenizer=None, min_logprob: Optional[float] = None):
+def filter_nbest(cuts, max_wer: Optional[float], tokenizer=None, min_logprob: Optional[float] = None,
+                 max_no_speech: Optional[float] = None):
     """Drop hypotheses whose WER against the cut's reference exceeds ``max_wer`` percent (distil-whisper's
     pseudo-label filter, Gandhi et al. 2023, sec. 4.1; a cut without a reference, e.g. from ``data.unlabelled``,
     is not WER-filtered), those whose :func:`token_logprob` is below ``min_logprob`` (reference-free: every cut),
-    those with no text when either filter is on, and the cuts left with none.
+    those with no text when any filter is on, every hypothesis of a cut whose teacher no-speech probability
+    (``no_speech_prob``, e.g. Whisper's) exceeds ``max_no_speech``, and the cuts left with none.
 
     Args:
       cuts: CutSet whose cuts carry ``custom["nbest"]`` (each hypothesis has ``text`` and ``score``).
       max_wer: threshold in percent; None: no WER filter.
       min_logprob: threshold in nats per token (<= 0); None: no confidence filter.
+      max_no_speech: threshold on the no-speech probability; None (or hypotheses without one): no such filter.
 
     Returns:
       ``(cuts, stats)`` with stats ``{"cuts_in", "cuts_out", "hyps_in", "hyps_out"}``.
@@ -190,12 +193,14 @@ def filter_nbest(cuts, max_wer: Optional[float], tokenizer=None, min_logprob: Op
     from speechkd.eval.metrics import word_error_rate
 
     hyps_in = sum(len(c.custom[NBEST_KEY]) for c in cuts)
-    if max_wer is None and min_logprob is None:
+    if max_wer is None and min_logprob is None and max_no_speech is None:
         return cuts, {"cuts_in": len(cuts), "cuts_out": len(cuts), "hyps_in": hyps_in, "hyps_out": hyps_in}
     kept, hyps_out = [], 0
     for c in cuts:
         ref = " ".join(s.text for s in c.supervisions if s.text)
         good = [h for h in c.custom[NBEST_KEY] if h["text"]]
+        if max_no_speech is not None:
+            good = [h for h in good if h.get("no_speech_prob", 0.0) <= max_no_speech]
         if min_logprob is not None:
             good = [h for h in good if token_logprob(h) >= min_logprob]
         if max_wer is not None and ref:  # untranscribed cuts: nothing to measure the WER against
@@ -276,7 +281,8 @@ def _project_teacher(exp, kd_cfg):
 
 def build_seq(exp, run, seed: int = 0):
     """Sequence-level KD for a student run: the teacher's N-best (``pseudo-label`` stage; refused when written by
-    another teacher or settings), filtered by ``kd.max_wer`` and ``kd.min_logprob`` (:func:`filter_nbest`). Returns ``(SequenceKD, CutSet with N-best lists)``.
+    another teacher or settings), filtered by ``kd.max_wer``, ``kd.min_logprob`` and ``kd.max_no_speech``
+    (:func:`filter_nbest`). Returns ``(SequenceKD, CutSet with N-best lists)``.
 
     Raises:
       FileNotFoundError / ValueError: no N-best labels, or labels of another teacher or settings.
@@ -289,10 +295,12 @@ def build_seq(exp, run, seed: int = 0):
     teacher = _project_teacher(exp, kd_cfg)
     cuts = load_cuts(exp.nbest_cuts_path)
     check_label_meta_nbest(exp)
-    cuts, stats = filter_nbest(cuts, kd_cfg.max_wer, min_logprob=kd_cfg.min_logprob)
-    if kd_cfg.max_wer is not None or kd_cfg.min_logprob is not None:
-        log(f"distill: {run.name}: filters (WER <= {kd_cfg.max_wer}%, log-prob per token >= {kd_cfg.min_logprob}) kept "
-            f"{stats['cuts_out']}/{stats['cuts_in']} cuts, {stats['hyps_out']}/{stats['hyps_in']} hypotheses")
+    cuts, stats = filter_nbest(cuts, kd_cfg.max_wer, min_logprob=kd_cfg.min_logprob,
+                               max_no_speech=kd_cfg.max_no_speech)
+    if stats["hyps_out"] != stats["hyps_in"] or kd_cfg.max_wer is not None:
+        log(f"distill: {run.name}: filters (WER <= {kd_cfg.max_wer}%, log-prob per token >= {kd_cfg.min_logprob}, "
+            f"no-speech <= {kd_cfg.max_no_speech}) kept {stats['cuts_out']}/{stats['cuts_in']} cuts, "
+            f"{stats['hyps_out']}/{stats['hyps_in']} hypotheses")
     kd = SequenceKD(use_nbest=True, nbest=kd_cfg.nbest, weighting=kd_cfg.nbest_weights,
                     reference_weight=kd_cfg.reference_weight, teacher=teacher, kl_scale=kd_cfg.kl_scale,
                     temperature=kd_cfg.temperature)

@@ -357,7 +357,9 @@ def whisper_nbest(model, features, beam: int = 4, nbest: int = 4, max_new_tokens
 
     Returns:
       per utterance, up to ``nbest`` dicts ``{"tokens": [ids after the prompt, without end-of-text], "score":
-      float}``, best first.
+      float, "no_speech_prob": float}``, best first; ``no_speech_prob`` is the utterance's probability of
+      ``<|nocaptions|>`` right after ``<|startoftranscript|>`` (OpenAI Whisper's no-speech detection; the token
+      before ``<|notimestamps|>`` in both vocabularies).
 
     Raises:
       ValueError: ``nbest > beam``.
@@ -379,6 +381,9 @@ def whisper_nbest(model, features, beam: int = 4, nbest: int = 4, max_new_tokens
     with torch.inference_mode():
         out = transformers.GenerationMixin.generate(
             model, inputs=features, decoder_input_ids=torch.tensor([prompt] * n), generation_config=config)
+    with torch.inference_mode():  # P(no speech): the first decoding step after <|startoftranscript|>
+        first = model(input_features=features, decoder_input_ids=torch.tensor([prompt[:1]] * n)).logits[:, 0]
+        no_speech = torch.softmax(first.float(), -1)[:, prompt[-1] - 1].tolist()  # (N,)
     results: list[list[dict]] = [[] for _ in range(n)]
     eos = g.eos_token_id or _EOT
     if beam > 1:
@@ -395,7 +400,7 @@ def whisper_nbest(model, features, beam: int = 4, nbest: int = 4, max_new_tokens
         tokens = seq[len(prompt):]
         if eos in tokens:
             tokens = tokens[: tokens.index(eos)]
-        results[k // nbest].append({"tokens": tokens, "score": float(score)})
+        results[k // nbest].append({"tokens": tokens, "score": float(score), "no_speech_prob": no_speech[k // nbest]})
     for hyps in results:
         hyps.sort(key=lambda h: -h["score"])
     return results
@@ -618,7 +623,7 @@ class WhisperTeacher(Teacher):
         """Whisper's beam search (:func:`whisper_nbest`, 30 s inputs, :data:`NBEST_BATCH` utterances per batch;
         ``max_duration`` is unused): each hypothesis decoded by the directory's ``tokenizer.json`` (special tokens
         dropped), normalised by the recipe's text rule (``data.text``) and encoded with the experiment's tokenizer;
-        ``teacher_tokens`` keeps Whisper's own ids.
+        ``teacher_tokens`` keeps Whisper's own ids, ``no_speech_prob`` its no-speech probability.
 
         Raises:
           FileNotFoundError: the directory has no ``tokenizer.json``.
@@ -637,7 +642,8 @@ class WhisperTeacher(Teacher):
                     for h in hyps:
                         text = normalize(wtok.decode([t for t in h["tokens"] if t not in special]))
                         out.append({"tokens": tokenizer.encode([text])[0] if text else [], "text": text,
-                                    "score": h["score"], "teacher_tokens": h["tokens"]})
+                                    "score": h["score"], "teacher_tokens": h["tokens"],
+                                    "no_speech_prob": h["no_speech_prob"]})
                     yield cid, out
 
         return decode
