@@ -60,10 +60,26 @@ class Teacher:
         """Seconds per frame of the layer outputs."""
         raise NotImplementedError
 
+    #: Seconds of audio per batch of :meth:`plan_batches` by default.
+    plan_seconds: float = 200.0
+    #: :meth:`plan_batches` orders the cuts by duration (little padding) rather than keeping the manifest order.
+    plan_by_duration: bool = False
+
     def plan_batches(self, cuts, index: int = 0, count: int = 1, batch_seconds: Optional[float] = None) -> list:
         """Shard ``index`` of ``count`` of the teacher's fixed batch plan over ``cuts`` (lhotse CutSets), for
-        :meth:`layer_outputs`: every cut lands in the same batch whatever the sharding."""
-        raise NotImplementedError
+        :meth:`layer_outputs`: batches of at most ``batch_seconds`` (default :attr:`plan_seconds`) of audio, a longer
+        cut alone, in manifest order or by duration (:attr:`plan_by_duration`); every cut lands in the same batch
+        whatever the sharding."""
+        from lhotse import CutSet
+        from lhotse.dataset import SimpleCutSampler
+
+        from speechkd.labels.shards import every_nth
+
+        if self.plan_by_duration:
+            cuts = CutSet.from_cuts(sorted(cuts, key=lambda c: c.duration))
+        sampler = SimpleCutSampler(cuts, max_duration=batch_seconds or self.plan_seconds, shuffle=False, world_size=1,
+                                   rank=0)
+        return list(every_nth(sampler, index, count))
 
     def layer_outputs(self, batches: list, layer: int) -> Iterator[tuple[str, np.ndarray]]:
         """Yield ``(cut_id, (T, C) float32)`` outputs of layer ``layer`` (the recipe's ``teacher.layer``) for every

@@ -21,6 +21,8 @@ class HfSslTeacher(Teacher):
     standard CNN), normalised as its ``preprocessor_config.json`` says. It has no ASR head (cannot decode)."""
 
     can_decode = False
+    plan_seconds = 100.0
+    plan_by_duration = True
 
     def __init__(self, exp):
         super().__init__(exp)
@@ -52,17 +54,6 @@ class HfSslTeacher(Teacher):
 
     def frame_shift(self) -> float:
         return self.info().frame_shift
-
-    def plan_batches(self, cuts, index: int = 0, count: int = 1, batch_seconds: Optional[float] = None) -> list:
-        """Batches of at most ``batch_seconds`` (default 100) of audio in order of duration (a longer cut alone)."""
-        from lhotse import CutSet
-        from lhotse.dataset import SimpleCutSampler
-
-        from speechkd.labels.shards import every_nth
-
-        ordered = CutSet.from_cuts(sorted(cuts, key=lambda c: c.duration))
-        sampler = SimpleCutSampler(ordered, max_duration=batch_seconds or 100.0, shuffle=False, world_size=1, rank=0)
-        return list(every_nth(sampler, index, count))
 
     def layer_outputs(self, batches: list, layer: int) -> Iterator[tuple[str, np.ndarray]]:
         """Raises ValueError for a cut shorter than the receptive field (no frame), audio that cannot be read or is

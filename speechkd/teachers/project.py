@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ class ProjectTeacher(Teacher):
 
     can_decode = True
     has_nbest = True
+    plan_seconds = 200.0  # fbank batches in manifest order
 
     def describe(self) -> str:
         m = self.exp.recipe.teacher.model
@@ -55,14 +56,6 @@ class ProjectTeacher(Teacher):
         from speechkd.data.datamodule import FRAME_SHIFT
 
         return FRAME_SHIFT * self.exp.recipe.teacher.model.subsampling
-
-    def plan_batches(self, cuts, index: int = 0, count: int = 1, batch_seconds: Optional[float] = None) -> list:
-        """Batches of at most ``batch_seconds`` (default 200) of audio in manifest order."""
-        from speechkd.labels.shards import every_nth
-        from lhotse.dataset import SimpleCutSampler
-
-        sampler = SimpleCutSampler(cuts, max_duration=batch_seconds or 200.0, shuffle=False, world_size=1, rank=0)
-        return list(every_nth(sampler, index, count))
 
     def layer_outputs(self, batches: list, layer: int) -> Iterator[tuple[str, np.ndarray]]:
         from tqdm import tqdm

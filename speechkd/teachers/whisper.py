@@ -488,6 +488,8 @@ class WhisperTeacher(Teacher):
     can_decode = False
     has_nbest = True
     can_transcribe = True
+    plan_seconds = 60.0
+    plan_by_duration = True
     #: Utterances per beam-search batch (each is a 30 s log-mel input).
     NBEST_BATCH = 8
 
@@ -522,32 +524,16 @@ class WhisperTeacher(Teacher):
     def frame_shift(self) -> float:
         return ENCODER_FRAME_SHIFT
 
-    def plan_batches(self, cuts, index: int = 0, count: int = 1, batch_seconds: Optional[float] = None) -> list:
-        """Batches of at most ``batch_seconds`` (default 60) of audio in order of duration (similar lengths: little
-        padding inside a window)."""
-        from lhotse import CutSet
-        from lhotse.dataset import SimpleCutSampler
-
-        from speechkd.labels.shards import every_nth
-
-        ordered = CutSet.from_cuts(sorted(cuts, key=lambda c: c.duration))
-        sampler = SimpleCutSampler(ordered, max_duration=batch_seconds or 60.0, shuffle=False, world_size=1, rank=0)
-        return list(every_nth(sampler, index, count))
-
     def layer_outputs(self, batches: list, layer: int):
         """Raises ValueError: a cut longer than 30 s or shorter than one mel frame, or unreadable audio (naming it);
         a layer out of range (naming ``teacher.layer``)."""
         import torch
-        import transformers
         from tqdm import tqdm
 
         from speechkd.data.classification import WaveformDataset
 
         index = self._layer(layer)
-        model = transformers.WhisperForConditionalGeneration.from_pretrained(self.dir).eval()
-        fe = transformers.WhisperFeatureExtractor.from_pretrained(self.dir) \
-            if (self.dir / "preprocessor_config.json").is_file() \
-            else transformers.WhisperFeatureExtractor(feature_size=self.config().num_mel_bins)
+        model, fe = self._model_and_features()
         hop = fe.hop_length
         dataset = WaveformDataset((), sampling_rate=SAMPLE_RATE)
         bar = tqdm(total=sum(len(b) for b in batches), desc="Whisper encoder", unit="cut",
@@ -575,6 +561,16 @@ class WhisperTeacher(Teacher):
         self.config()
         return model_id(self.dir)
 
+    def _model_and_features(self):
+        """The ``WhisperForConditionalGeneration`` (eval mode) and its ``WhisperFeatureExtractor`` (the directory's
+        ``preprocessor_config.json``, else the defaults for the model's mel bins)."""
+        import transformers
+
+        model = transformers.WhisperForConditionalGeneration.from_pretrained(self.dir).eval()
+        if (self.dir / "preprocessor_config.json").is_file():
+            return model, transformers.WhisperFeatureExtractor.from_pretrained(self.dir)
+        return model, transformers.WhisperFeatureExtractor(feature_size=self.config().num_mel_bins)
+
     def _decoding_parts(self):
         """``(model, feature extractor, Whisper tokenizer, special token ids, text normaliser)``.
 
@@ -587,10 +583,7 @@ class WhisperTeacher(Teacher):
 
         if not (self.dir / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{self.dir} has no tokenizer.json: Whisper's hypotheses cannot be read as text")
-        model = transformers.WhisperForConditionalGeneration.from_pretrained(self.dir).eval()
-        fe = transformers.WhisperFeatureExtractor.from_pretrained(self.dir) \
-            if (self.dir / "preprocessor_config.json").is_file() \
-            else transformers.WhisperFeatureExtractor(feature_size=self.config().num_mel_bins)
+        model, fe = self._model_and_features()
         wtok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(self.dir / "tokenizer.json"))
         special = set(range(_EOT, self.config().vocab_size))  # <|endoftext|> and every token after it
         return model, fe, wtok, special, TextNormalizer.from_config(self.exp.recipe.data.text)
