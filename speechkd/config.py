@@ -658,8 +658,10 @@ class HubertPretrainConfig(Strict):
 
 class SslTeacherConfig(Strict):
     """The SSL teacher: ``dir`` of an existing Hugging Face HuBERT / wav2vec 2.0 / WavLM checkpoint
-    (``config.json`` + ``model.safetensors``), or ``pretrain`` settings to pre-train one here (the default when
-    neither is given)."""
+    (``config.json`` + ``model.safetensors``) or Whisper directory (its encoder, on log-mel of the waveform:
+    :class:`speechkd.teachers.whisper.WhisperSSLEncoder`; e.g. from ``speechkd import-whisper``), or ``pretrain``
+    settings to pre-train a HuBERT here (the default when neither is given). The student copies the teacher's
+    front end (CNN, or Whisper's two convolutions and positions) and its first transformer layers."""
 
     dir: Optional[str] = None
     pretrain: Optional[HubertPretrainConfig] = None

@@ -441,7 +441,7 @@ def evaluate(exp: Experiment) -> None:
         result["rtf"] = real_time_factor(run_one, batches, audio_seconds=sum(c.duration for c in rtf_cuts))
         set_thread_policy(2)
         kind, nbytes = label_bytes.get(method, ("none", None))
-        result.update(label_kind=kind, label_bytes=nbytes, train_seconds=_train_seconds(mdir))
+        result.update(label_kind=kind, label_bytes=nbytes, **_train_times(mdir))
         if kind == "ci" and "l1" in label_bytes:
             result["float32_label_bytes"] = label_bytes["l1"][1]
         write_json_atomic(out, result)
@@ -483,9 +483,11 @@ def _evaluate_transcribing_teacher(exp: Experiment, splits: dict, rtf_cuts, norm
         f"{result['dev_wer']:.2f}%, test WER {result['test_wer']:.2f}%, RTF {result['rtf']:.4f}")
 
 
-def _train_seconds(mdir: Path) -> Optional[float]:
+def _train_times(mdir: Path) -> dict:
+    """``train_seconds`` (wall) and ``train_cpu_seconds`` of a run's ``train_summary.json`` (None when absent)."""
     p = mdir / "train_summary.json"
-    return json.loads(p.read_text()).get("train_seconds") if p.is_file() else None
+    summary = json.loads(p.read_text()) if p.is_file() else {}
+    return {"train_seconds": summary.get("train_seconds"), "train_cpu_seconds": summary.get("train_cpu_seconds")}
 
 
 # ---------------------------------------------------------------- report

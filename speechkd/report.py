@@ -17,6 +17,7 @@ Inputs (all under one experiment directory ``EXP``):
   label_kind     ``"none"`` | ``"ci"`` (codebook indexes) | ``"float32"`` (embeddings)
   label_bytes    int or null, bytes of stored teacher labels the model trained on
   train_seconds  float or null, wall-clock training time in seconds
+  train_cpu_seconds  optional float or null: CPU seconds of the training process (all its threads)
   notes          optional str
   float32_label_bytes  optional int: the same teacher frames stored as float32 (for the storage ratio
                  when the experiment has no L1/L2 student)
@@ -595,9 +596,10 @@ def write_report(exp_dir: PathLike, title: Optional[str] = None, teacher_note: O
     span = first if first == last else f"{first} to {last}"
     out.append(f"- Results written: {span} (eval JSON file times)")
     out.append(f"- Report generated: {_when(datetime.now().timestamp())}")
+    total_cpu = sum(r.get("train_cpu_seconds") or 0.0 for r in results)
     out.append(
         f"- {len(results)} models in {len(rows)} groups; total training time "
-        f"{total_train / 3600:.2f} h"
+        f"{total_train / 3600:.2f} h wall, {total_cpu / 3600:.2f} h CPU"
     )
     out += ["", "## Results", ""]
     header = ["Model", "Role", "Method", "Params (M)", "Params ratio to teacher", "dev WER %",
@@ -682,10 +684,11 @@ def write_report(exp_dir: PathLike, title: Optional[str] = None, teacher_note: O
     order = {r["group"]: i for i, r in enumerate(rows)}
     runs = sorted(results, key=lambda r: (order[r["group"]], r["seed"]))
     out.append(_table(
-        ["Name", "Group", "Seed", "dev WER %", "test WER %", "RTF", "Train time (h)", "Notes"],
+        ["Name", "Group", "Seed", "dev WER %", "test WER %", "RTF", "Train wall (min)", "Train CPU (min)", "Notes"],
         [[r["name"], r["group"], str(r["seed"]), f"{r['dev_wer']:.2f}", f"{r['test_wer']:.2f}",
           _fmt(r["rtf"], ".3f"),
-          _fmt(None if r["train_seconds"] is None else r["train_seconds"] / 3600, ".2f"),
+          _fmt(None if r["train_seconds"] is None else r["train_seconds"] / 60, ".1f"),
+          _fmt(None if r.get("train_cpu_seconds") is None else r["train_cpu_seconds"] / 60, ".1f"),
           r.get("notes") or ""] for r in runs],
     ))
     if notes:

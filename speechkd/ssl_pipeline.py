@@ -415,7 +415,7 @@ def distill(exp: SslExperiment) -> None:
             student.save_pretrained(tmp)
             _write_history(tmp / "metrics.csv", summary.history)
             write_json_atomic(tmp / "train_summary.json", {
-                "steps": summary.steps, "train_seconds": summary.seconds, "target_layers": student.target_layers,
+                "steps": summary.steps, "train_seconds": summary.seconds, "train_cpu_seconds": summary.cpu_seconds, "target_layers": student.target_layers,
                 "teacher": str(exp.teacher_dir), "final": summary.history[-1] if summary.history else None,
                 "world_size": world_size()})
     last = summary.history[-1] if summary.history else {}
@@ -439,11 +439,7 @@ def build_downstream(exp: SslExperiment, run: FinetuneRun) -> DownstreamModel:
         config.layerdrop = c.encoder_layerdrop
         config.apply_spec_augment = c.spec_augment
         if c.freeze_cnn:
-            fe = encoder.model.feature_extractor
-            if hasattr(fe, "_freeze_parameters"):
-                fe._freeze_parameters()  # also stops transformers asking for a gradient of the input
-            else:
-                fe.requires_grad_(False)
+            encoder.freeze_front_end()
     speakers = json.loads(exp.speakers_path.read_text()) if "sv" in run.tasks else []
     torch.manual_seed(c.seed)
     return DownstreamModel(encoder, run.tasks, c, num_speakers=len(speakers))
@@ -472,7 +468,7 @@ def _finetune_run(exp: SslExperiment, run: FinetuneRun) -> None:
     )
     meta = {"encoder": run.encoder, "mode": run.mode, "source": str(exp.encoder_dir(run.encoder)),
             "num_speakers": model.am.num_classes if model.am is not None else 0, "steps": summary.steps,
-            "train_seconds": summary.seconds, "world_size": world_size(), "downstream": c.model_dump(mode="json")}
+            "train_seconds": summary.seconds, "train_cpu_seconds": summary.cpu_seconds, "world_size": world_size(), "downstream": c.model_dump(mode="json")}
     if is_main():  # one writer in a multi-process run
         with atomic_dir(out) as tmp:
             _write_history(tmp / "metrics.csv", summary.history)

@@ -269,9 +269,9 @@ def fit_model(
         enable_model_summary=False,
         deterministic=False,
     )
-    t0 = time.time()
+    t0, cpu0 = time.time(), cpu_seconds()
     trainer.fit(task, datamodule=data, ckpt_path=str(last) if last.is_file() else None, weights_only=True)
-    seconds = time.time() - t0
+    seconds, cpu = time.time() - t0, cpu_seconds() - cpu0
     out = run_dir / "model.safetensors"
     meta = {"seed": seed, "epochs": train_cfg.epochs, "global_step": trainer.global_step,
             "schedule_steps": task.optimizer_steps(), "world_size": trainer.world_size,
@@ -279,12 +279,22 @@ def fit_model(
     if trainer.is_global_zero:  # one writer of logs, summary and export
         _merge_csv_logs(run_dir)
         summary = run_dir / "train_summary.json"
-        previous = json.loads(summary.read_text()).get("train_seconds", 0.0) if summary.is_file() else 0.0
-        meta = {"train_seconds": previous + seconds, **meta}
+        old = json.loads(summary.read_text()) if summary.is_file() else {}
+        meta = {"train_seconds": old.get("train_seconds", 0.0) + seconds,
+                "train_cpu_seconds": old.get("train_cpu_seconds", 0.0) + cpu, **meta}
         write_json_atomic(summary, meta)
         out = save_model(model, run_dir, model_cfg, tokenizer.vocab_size, extra=meta)
     trainer.strategy.barrier("speechkd-export")  # no rank goes on before the export exists
     return out
+
+
+def cpu_seconds() -> float:
+    """CPU seconds (user + system, all threads) used so far by this process and its reaped children (e.g. finished
+    DataLoader workers), from ``getrusage``: beside wall time it shows whether a run had its cores to itself."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def count_batches(sampler) -> int:
@@ -324,13 +334,15 @@ def _merge_csv_logs(run_dir: Path) -> None:
 # ---------------------------------------------------------------------------------------------- step-based fits
 class TrainSummary(NamedTuple):
     """What :func:`fit_steps` returns: total optimiser ``steps``, training ``seconds`` over every resumed fit, the
-    logged ``history`` (one dict per logged step: ``step``, ``lr`` and the loss function's logs) and the step this
-    fit ``resumed_from`` (0 for a fresh one)."""
+    logged ``history`` (one dict per logged step: ``step``, ``lr`` and the loss function's logs), the step this
+    fit ``resumed_from`` (0 for a fresh one) and the CPU seconds of the process (:func:`cpu_seconds`) over every
+    resumed fit."""
 
     steps: int
     seconds: float
     history: list[dict]
     resumed_from: int
+    cpu_seconds: float = 0.0
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
@@ -379,6 +391,7 @@ class StepTask(_lightning().LightningModule):
         self.last_logs: dict = {}
         self.resumed_from = 0
         self.previous_seconds = 0.0
+        self.previous_cpu_seconds = 0.0
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -410,7 +423,8 @@ class StepTask(_lightning().LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["speechkd"] = {"fingerprint": self.fingerprint,
-                                  "seconds": self.previous_seconds + time.time() - self._t0}
+                                  "seconds": self.previous_seconds + time.time() - self._t0,
+                                  "cpu_seconds": self.previous_cpu_seconds + cpu_seconds() - self._cpu0}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("speechkd", {})
@@ -418,6 +432,7 @@ class StepTask(_lightning().LightningModule):
             raise ValueError(f"{self.desc}: the checkpoint was made with other settings than this recipe's: delete "
                              "it to start over")
         self.previous_seconds = float(saved.get("seconds", 0.0))
+        self.previous_cpu_seconds = float(saved.get("cpu_seconds", 0.0))
         self.resumed_from = int(checkpoint.get("global_step", 0))
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
@@ -425,7 +440,7 @@ class StepTask(_lightning().LightningModule):
             self._callback(self.global_step, dict(self.last_logs))
 
     def on_fit_start(self):
-        self._t0 = time.time()
+        self._t0, self._cpu0 = time.time(), cpu_seconds()
         for m in self._frozen:
             m.to(self.device)
 
@@ -526,11 +541,12 @@ def fit_steps(
         gradient_clip_val=grad_clip, accumulate_grad_batches=accumulate_grad_batches, limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=log_every,
         use_distributed_sampler=False, enable_progress_bar=progress, enable_model_summary=False,
     )
-    t0 = time.time()
+    t0, cpu0 = time.time(), cpu_seconds()
     trainer.fit(task, datamodule=data, ckpt_path=str(last) if last.is_file() else None, weights_only=True)
     if trainer.global_step % ckpt_every:  # the end is a checkpoint too: a later call with more steps continues it
         trainer.save_checkpoint(last)
     seconds = task.previous_seconds + time.time() - t0
+    cpu = task.previous_cpu_seconds + cpu_seconds() - cpu0
     if trainer.is_global_zero:
         _merge_csv_logs(run_dir)
     trainer.strategy.barrier("speechkd-fit-steps")
@@ -544,4 +560,4 @@ def fit_steps(
     if task.last_logs and (not history or history[-1]["step"] != trainer.global_step):
         history.append({"step": trainer.global_step, **task.last_logs})  # the last step, as the logger may skip it
     module.cpu().eval()
-    return TrainSummary(trainer.global_step, seconds, history, task.resumed_from)
+    return TrainSummary(trainer.global_step, seconds, history, task.resumed_from, cpu)

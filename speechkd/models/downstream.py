@@ -13,7 +13,6 @@ from torch import nn
 
 from speechkd.config import DownstreamConfig
 from speechkd.data.classification import IGNORE_INDEX
-from speechkd.teachers.hf import write_preprocessor_config
 from speechkd.utils import write_json_atomic
 
 __all__ = ["DOWNSTREAM_META", "HEADS_WEIGHTS", "DownstreamModel", "load_downstream", "save_downstream", "system_infer"]
@@ -130,8 +129,7 @@ def save_downstream(model: DownstreamModel, out_dir: Path, meta: dict) -> None:
 
     out_dir = Path(out_dir)
     enc = out_dir / "encoder"
-    model.encoder.model.save_pretrained(enc)
-    write_preprocessor_config(enc, model.encoder.normalize)
+    model.encoder.save_pretrained(enc)
     heads = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.startswith("encoder.")}
     save_file(heads, out_dir / HEADS_WEIGHTS)
     write_json_atomic(out_dir / DOWNSTREAM_META, {"tasks": list(model.tasks), **meta})

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from speechkd.losses.distill import prediction_loss
-from speechkd.teachers.hf import SSLOutput, SSLTeacher, load_ssl_model, read_normalize, write_preprocessor_config
+from speechkd.teachers.hf import SSLOutput, SSLTeacher, load_ssl_model, read_normalize, wrap_ssl_model
 
 __all__ = [
     "DISTILHUBERT_TARGET_LAYERS",
@@ -93,6 +93,8 @@ def student_config(teacher_config, num_layers: int = 2, **overrides):
     if unknown:
         raise ValueError(f"unknown {type(config).__name__} attribute(s) {unknown}")
     settings = {"num_hidden_layers": int(num_layers), "layerdrop": 0.0, "mask_time_prob": 0.0, "mask_feature_prob": 0.0}
+    if "encoder_layerdrop" in known:  # Whisper's name for it
+        settings["encoder_layerdrop"] = 0.0
     for key, value in {**settings, **overrides}.items():
         setattr(config, key, value)
     return config
@@ -141,14 +143,16 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, layer_map: Sequenc
     num_student, num_teacher = int(student.config.num_hidden_layers), int(teacher.config.num_hidden_layers)
     layer_map = _check_layer_map(layer_map, num_student, num_teacher)
     src = teacher.state_dict()
+    # transformer layers: encoder.layers.<i>.* (HuBERT / wav2vec 2.0 / WavLM), layers.<i>.* (Whisper's encoder)
+    prefix = "encoder.layers." if any(k.startswith("encoder.layers.") for k in src) else "layers."
     copied: list[str] = []
     for key, tensor in student.state_dict().items():
         src_key = key
-        if key.startswith("encoder.layers."):
-            index, rest = key[len("encoder.layers.") :].split(".", 1)
-            src_key = f"encoder.layers.{layer_map[int(index)] - 1}.{rest}"
+        if key.startswith(prefix):
+            index, rest = key[len(prefix) :].split(".", 1)
+            src_key = f"{prefix}{layer_map[int(index)] - 1}.{rest}"
             if src_key not in src and rest in _LAYER0_ONLY_SUFFIXES:
-                src_key = f"encoder.layers.0.{rest}"
+                src_key = f"{prefix}0.{rest}"
         if src_key not in src:
             if any(key.endswith(o) for o in _OPTIONAL_KEYS):
                 continue
@@ -235,7 +239,7 @@ class SSLStudent(nn.Module):
         feature_grad_mult: float = 0.1,
     ):
         super().__init__()
-        self.encoder = SSLTeacher(model, normalize=normalize, exact_padding=exact_padding, frozen=False)
+        self.encoder = wrap_ssl_model(model, normalize=normalize, exact_padding=exact_padding, frozen=False)
         num_layers, hidden = self.encoder.num_layers, self.encoder.hidden_size
         if target_layers is None:
             target_layers = range(1, num_layers + 1) if layer_to_layer else DISTILHUBERT_TARGET_LAYERS
@@ -261,7 +265,7 @@ class SSLStudent(nn.Module):
         self.prediction_heads = nn.ModuleList(
             _make_head(hidden, self.teacher_dim, head_type, self.head_dim) for _ in self.target_layers
         )
-        self.model.feature_extractor.register_forward_hook(self._scale_feature_grad)
+        self.encoder.front_end.register_forward_hook(self._scale_feature_grad)
 
     def _scale_feature_grad(self, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
         """Forward hook on the CNN feature encoder: its ``(N, C_cnn, T)`` output, gradient scaled."""
@@ -425,8 +429,7 @@ class SSLStudent(nn.Module):
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(out_dir)
-        write_preprocessor_config(out_dir, self.encoder.normalize)
+        self.encoder.save_pretrained(out_dir)
         heads = {k: v.detach().contiguous() for k, v in self.prediction_heads.state_dict().items()}
         meta = {"format": "pt", _HEADS_META_KEY: json.dumps(self.heads_config())}
         save_file(heads, out_dir / HEADS_FILE, metadata=meta)

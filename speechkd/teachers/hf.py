@@ -35,6 +35,7 @@ __all__ = [
     "load_ssl_teacher",
     "read_normalize",
     "resolve_layer",
+    "wrap_ssl_model",
     "write_preprocessor_config",
 ]
 
@@ -78,9 +79,10 @@ def _check_model_dir(model_dir: Path) -> str:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{config_path} is not valid JSON: {e}") from e
     model_type = config.get("model_type") if isinstance(config, dict) else None
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in SUPPORTED_MODEL_TYPES and model_type != "whisper":
         raise ValueError(
-            f"{config_path}: unsupported model_type {model_type!r}; supported: {sorted(SUPPORTED_MODEL_TYPES)}"
+            f"{config_path}: unsupported model_type {model_type!r}; supported: "
+            f"{sorted(SUPPORTED_MODEL_TYPES) + ['whisper']}"
         )
     if not (model_dir / "model.safetensors").is_file():
         found = sorted(p.name for p in model_dir.iterdir() if p.suffix in (".bin", ".safetensors", ".json", ".pt"))
@@ -131,6 +133,11 @@ def check_ssl_dir(model_dir: PathLike) -> SSLConfigInfo:
     model_type = _check_model_dir(model_dir)
     import transformers
 
+    if model_type == "whisper":
+        from speechkd.teachers.whisper import check_whisper_dir
+
+        config = check_whisper_dir(model_dir)
+        return SSLConfigInfo("whisper", int(config.encoder_layers), int(config.d_model), 320, 320 / SAMPLE_RATE)
     cls = getattr(transformers, SUPPORTED_MODEL_TYPES[model_type].replace("Model", "Config"))
     config = cls.from_pretrained(str(model_dir), local_files_only=True)
     samples = _samples_per_frame(config.conv_stride)
@@ -226,6 +233,10 @@ def load_ssl_model(model_dir: PathLike) -> nn.Module:
     """
     model_dir = Path(model_dir)
     model_type = _check_model_dir(model_dir)
+    if model_type == "whisper":
+        from speechkd.teachers.whisper import load_whisper_encoder
+
+        return load_whisper_encoder(model_dir)
     import transformers
 
     cls = getattr(transformers, SUPPORTED_MODEL_TYPES[model_type])
@@ -348,6 +359,27 @@ class SSLTeacher(nn.Module):
     def frame_shift(self) -> float:
         """Frame shift in seconds at 16 kHz (0.02 for the standard CNN)."""
         return self.samples_per_frame / SAMPLE_RATE
+
+    @property
+    def front_end(self) -> nn.Module:
+        """The CNN feature encoder (its output is the front end's: DistilHuBERT scales its gradient)."""
+        return self.model.feature_extractor
+
+    def freeze_front_end(self) -> None:
+        """Stop training the CNN feature encoder (``transformers``' own freeze where the model has one)."""
+        fe = self.model.feature_extractor
+        if hasattr(fe, "_freeze_parameters"):
+            fe._freeze_parameters()  # also stops transformers asking for a gradient of the input
+        else:
+            fe.requires_grad_(False)
+
+    def save_pretrained(self, out_dir: PathLike) -> Path:
+        """Write the model (``save_pretrained``: ``config.json`` + ``model.safetensors``) and
+        :data:`PREPROCESSOR_FILE` (its ``do_normalize``) into ``out_dir``, which :func:`load_ssl_teacher` loads."""
+        out_dir = Path(out_dir)
+        self.model.save_pretrained(out_dir)
+        write_preprocessor_config(out_dir, self.normalize)
+        return out_dir
 
     def train(self, mode: bool = True) -> "SSLTeacher":
         """As :meth:`nn.Module.train`, except that a frozen teacher always stays in eval mode."""
@@ -483,4 +515,22 @@ def load_ssl_teacher(
     model = load_ssl_model(model_dir)
     if normalize is None:
         normalize = read_normalize(model_dir)
-    return SSLTeacher(model, layers=layers, normalize=normalize, exact_padding=exact_padding, frozen=frozen)
+    return wrap_ssl_model(model, layers=layers, normalize=normalize, exact_padding=exact_padding, frozen=frozen)
+
+
+def wrap_ssl_model(model: nn.Module, **kwargs) -> "SSLTeacher":
+    """The SSL encoder interface around a model: :class:`SSLTeacher` for HuBERT / wav2vec 2.0 / WavLM,
+    :class:`speechkd.teachers.whisper.WhisperSSLEncoder` for Whisper's encoder (``config.model_type == "whisper"``).
+
+    Args:
+        model: the ``transformers`` model (see :func:`load_ssl_model`).
+        **kwargs: ``layers``, ``normalize``, ``exact_padding``, ``frozen`` as for :class:`SSLTeacher`.
+
+    Raises:
+        ValueError: as the wrapper's constructor.
+    """
+    if getattr(model.config, "model_type", None) == "whisper":
+        from speechkd.teachers.whisper import WhisperSSLEncoder
+
+        return WhisperSSLEncoder(model, **kwargs)
+    return SSLTeacher(model, **kwargs)

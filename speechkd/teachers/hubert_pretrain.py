@@ -1022,6 +1022,7 @@ def pretrain_hubert(
         "max_batch_samples": int(max_batch_samples),
         "train_seconds_this_run": round(time.time() - t0, 1),
         "train_seconds": round(summary.seconds, 1),
+        "train_cpu_seconds": round(summary.cpu_seconds, 1),
         "history": summary.history,
     }
     model_dir = out_dir

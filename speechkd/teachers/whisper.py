@@ -28,10 +28,12 @@ from typing import Optional, Sequence
 import numpy as np
 
 from speechkd.teachers.base import Teacher
+from speechkd.teachers.hf import SSLTeacher
 from speechkd.utils import Pathlike, atomic_dir
 
 __all__ = ["CT2FormatError", "WhisperTeacher", "bundled_tiny_en", "check_whisper_dir", "compare_with_ctranslate2",
-           "ct2_to_hf", "encoder_hidden_states", "import_whisper", "read_ct2_model", "whisper_nbest", "whisper_prompt"]
+           "ct2_to_hf", "encoder_hidden_states", "import_whisper", "load_whisper_encoder", "log_mel", "read_ct2_model",
+           "WhisperSSLEncoder", "whisper_nbest", "whisper_prompt"]
 
 _DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: "bfloat16"}
 #: Whisper's special tokens in the English-only vocabulary (51864 tokens) and the multilingual one (51865+).
@@ -646,3 +648,160 @@ class WhisperTeacher(Teacher):
 
     def report_note(self) -> Optional[str]:
         return None  # evaluated on its own (a teacher row)
+
+
+# ---------------------------------------------------------------------------------------------- SSL encoder
+def load_whisper_encoder(model_dir: Pathlike):
+    """Whisper's encoder alone (``transformers``' ``WhisperEncoder``, eval mode, float32) from a local directory: a
+    full ``WhisperForConditionalGeneration`` / ``WhisperModel`` checkpoint (tensors ``model.encoder.*`` /
+    ``encoder.*``; the decoder's are ignored) or an encoder saved alone (e.g. a distilled student, bare names).
+
+    Args:
+      model_dir: directory with ``config.json`` (``model_type: whisper``) and ``model.safetensors``.
+
+    Returns:
+      The ``WhisperEncoder`` (``config.encoder_layers`` layers of ``config.d_model``).
+
+    Raises:
+      FileNotFoundError / NotADirectoryError / ValueError: as :func:`check_whisper_dir`; ValueError when
+        ``model.safetensors`` lacks encoder tensors or holds them with other shapes (naming the file and tensors).
+    """
+    import torch
+    from safetensors import safe_open
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    config = check_whisper_dir(model_dir)
+    path = Path(model_dir) / "model.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        names = list(f.keys())
+        prefix = next((p for p in ("model.encoder.", "encoder.") if any(n.startswith(p) for n in names)), "")
+        state = {n[len(prefix):]: f.get_tensor(n) for n in names if n.startswith(prefix)}
+    encoder = WhisperEncoder(config)
+    own = encoder.state_dict()
+    missing = sorted(k for k in own if k not in state)
+    mismatched = sorted(k for k in own if k in state and state[k].shape != own[k].shape)
+    if missing or mismatched:
+        raise ValueError(f"{path} does not hold the encoder its config.json describes: missing "
+                         f"{[prefix + k for k in missing[:5]]}{' ...' if len(missing) > 5 else ''}, other shapes "
+                         f"{[prefix + k for k in mismatched[:5]]}")
+    encoder.load_state_dict({k: state[k].to(torch.float32) for k in own})
+    return encoder.eval()
+
+
+def log_mel(wavs, lens, mel_filters, n_fft: int = 400, hop: int = 160):
+    """Whisper's log-mel frames of a batch of waveforms, in torch (``WhisperFeatureExtractor``'s computation on the
+    waveforms as given, without its 30 s pad): |STFT|^2 (Hann window of ``n_fft``, centred, reflect-padded; the last
+    frame dropped) -> mel -> log10 (floor 1e-10) -> at most 8 below the utterance's maximum -> ``(x + 4) / 4``.
+
+    Args:
+      wavs: ``(N, S)`` float waveforms at 16 kHz; samples at and after ``lens[n]`` are set to zero first, so a padded
+        utterance gives what ``WhisperFeatureExtractor(padding="longest")`` gives it.
+      lens: ``(N,)`` integer valid samples.
+      mel_filters: ``(n_mels, n_fft // 2 + 1)`` filter bank (the feature extractor's ``mel_filters.T``).
+      n_fft, hop: STFT size and hop in samples (Whisper: 400 and 160, i.e. 25 ms and 10 ms).
+
+    Returns:
+      ``(N, n_mels, S // hop)`` float log-mel frames, 10 ms apart.
+    """
+    import torch
+
+    valid = torch.arange(wavs.shape[1], device=wavs.device)[None, :] < lens[:, None]  # (N, S)
+    wavs = wavs * valid
+    window = torch.hann_window(n_fft, device=wavs.device, dtype=wavs.dtype)
+    stft = torch.stft(wavs, n_fft, hop, window=window, return_complex=True)  # (N, n_fft/2+1, S//hop + 1)
+    power = stft[..., :-1].abs() ** 2  # (N, F, M)
+    mel = torch.matmul(mel_filters.to(power.dtype), power)  # (N, n_mels, M)
+    logs = torch.clamp(mel, min=1e-10).log10()
+    peak = logs.amax(dim=(1, 2), keepdim=True)  # (N, 1, 1) per utterance
+    return (torch.maximum(logs, peak - 8.0) + 4.0) / 4.0
+
+
+class WhisperSSLEncoder(SSLTeacher):
+    """Whisper's encoder behind the SSL encoder interface of :class:`speechkd.teachers.hf.SSLTeacher` (waveforms in,
+    hidden states per layer and frame counts out), so the SSL pipeline (DistilHuBERT-style distillation, KWS / SV
+    fine-tuning, arXiv 2210.16611) takes a Whisper teacher beside HuBERT / wav2vec 2.0 / WavLM.
+
+    Input: 16 kHz waveforms -> Whisper log-mel (:func:`log_mel`, 10 ms hop) -> the encoder on a window fitted to the
+    batch (:func:`encoder_hidden_states`; positions sliced, not the 30 s pad: on 1 s clips the last layer's outputs
+    differ from the pad's (cosine 0.87 measured on Speech Commands), the middle layers less). An utterance of S
+    samples has ``M = S // 160`` mel frames and ``ceil(M / 2)`` encoder frames of 20 ms.
+
+    Layers: 0 = the input of the first transformer layer (convolutions + positions), i = the output of layer i, L =
+    the last after the final LayerNorm (as ``transformers``' ``output_hidden_states``).
+
+    Padding: Whisper has no attention mask, so padding changes every frame; with ``exact_padding=True`` (default) a
+    batch runs as one unpadded sub-batch per distinct length, which gives exactly the per-utterance outputs; with
+    ``False`` it runs padded (zeros, i.e. what Whisper's own pad is).
+
+    The front end (:attr:`front_end`, frozen by :meth:`freeze_front_end`) is the two convolutions. Waveform
+    normalisation does not apply (Whisper's log-mel is scale-normalised per utterance); fine-tuning's layerdrop and
+    time masking (``downstream.encoder_layerdrop``, ``spec_augment``) do not reach Whisper's encoder.
+
+    Args:
+      model: a ``WhisperEncoder`` (:func:`load_whisper_encoder`).
+      layers, exact_padding, frozen: as for ``SSLTeacher``. ``normalize`` must be False.
+
+    Raises:
+      ValueError: ``normalize=True``; at forward, as ``SSLTeacher.forward``, and inputs longer than 30 s.
+    """
+
+    def __init__(self, model, layers=None, normalize: bool = False, exact_padding: bool = True, frozen: bool = True):
+        import torch
+        import transformers
+
+        if normalize:
+            raise ValueError("Whisper's encoder takes no waveform normalisation (normalize=True)")
+        super().__init__(model, layers=layers, normalize=False, exact_padding=exact_padding, frozen=frozen)
+        self._group_norm = True  # padding changes the outputs: SSLTeacher runs one sub-batch per length
+        fe = transformers.WhisperFeatureExtractor(feature_size=int(model.config.num_mel_bins))
+        self.n_fft, self.hop = int(fe.n_fft), int(fe.hop_length)
+        self.register_buffer("mel_filters", torch.from_numpy(np.asarray(fe.mel_filters.T, dtype=np.float32)),
+                             persistent=False)  # (n_mels, n_fft // 2 + 1)
+
+    @property
+    def min_samples(self) -> int:
+        """Shortest input in samples: one mel frame (160 samples = 10 ms)."""
+        return self.hop
+
+    @property
+    def max_samples(self) -> int:
+        """Longest input in samples: Whisper's 30 s window (``2 * max_source_positions`` mel frames)."""
+        return 2 * int(self.model.config.max_source_positions) * self.hop
+
+    @property
+    def samples_per_frame(self) -> int:
+        """Samples between encoder frames: 320 (20 ms)."""
+        return 2 * self.hop
+
+    @property
+    def front_end(self):
+        """The module whose output is the front end's (the second convolution; its gradient reaches both)."""
+        return self.model.conv2
+
+    def freeze_front_end(self) -> None:
+        """Stop training the two convolutions."""
+        self.model.conv1.requires_grad_(False)
+        self.model.conv2.requires_grad_(False)
+
+    def frame_lens(self, lens):
+        """Encoder frames ``(N,)`` int64 for ``lens: (N,)`` samples: ``ceil((S // 160) / 2)``."""
+        import torch
+
+        return torch.div(lens.to(torch.long) // self.hop + 1, 2, rounding_mode="floor")
+
+    def _run(self, wavs, mask, layers):
+        import torch
+
+        if wavs.shape[1] > self.max_samples:
+            raise ValueError(f"an utterance of {wavs.shape[1]} samples is longer than Whisper's 30 s window")
+        lens = torch.full((wavs.shape[0],), wavs.shape[1], dtype=torch.long, device=wavs.device)
+        if mask is not None:
+            lens = mask.sum(1)
+        feats = log_mel(wavs, lens, self.mel_filters, self.n_fft, self.hop)  # (N, n_mels, M)
+        return encoder_hidden_states(self.model, feats.to(wavs.dtype), layers)
+
+    def save_pretrained(self, out_dir: Pathlike) -> Path:
+        """Write the encoder (``config.json`` + ``model.safetensors``, :func:`load_whisper_encoder` reads it)."""
+        out_dir = Path(out_dir)
+        self.model.save_pretrained(out_dir)
+        return out_dir
