@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, SerializeAsAny, Tag, ValidationError, field_validator,
+                      model_validator)
 
 from speechkd.data.sources import LHOTSE_RECIPES
 from speechkd.utils import Pathlike
@@ -260,79 +261,72 @@ class QuantizerConfig(Strict):
     refine_iters: Optional[int] = None
 
 
-class KDConfig(Strict):
-    """Which KD method a student trains with and its settings.
+class KDSettings(Strict):
+    """A student run's ``kd:`` section: the base of every KD method's settings.
 
-    ``method``: ``none`` (baseline), ``mvq`` (predict the teacher's codebook indexes, Guo et al. 2023),
-    ``l1`` / ``l2`` (regress the stored float embeddings: the paper's comparison), ``seq`` (sequence-level
-    KD: train on the teacher's N-best from ``speechkd pseudo-label``, Mun'im et al. 2019), ``word``
-    (references plus token-level KL to the teacher's attention-decoder distributions, Kim & Rush 2016).
+    ``method`` names the method (``none`` = the baseline, ``mvq``, ``l1``, ``l2``, ``seq``, ``word``, ``codert`` as
+    registered in :mod:`speechkd.methods`) and picks the class the rest of the section is validated against: each
+    method module declares its own settings class (a subclass of this one, registered with the method), so the
+    section is a union discriminated by ``method`` and a key of another method is an error naming it. Their fields:
+    :class:`speechkd.methods.baseline.NoKDConfig`, :class:`speechkd.methods.mvq_kd.FrameKDConfig` (mvq, l1, l2),
+    :class:`speechkd.methods.seq_kd.SeqKDConfig`, :class:`speechkd.methods.seq_kd.WordKDConfig`,
+    :class:`speechkd.methods.codert.CodertKDConfig`.
 
-    Frame-level methods (mvq, l1, l2):
-    ``student_layer``: 1-based Conformer block whose output feeds the KD head (-1 = last).
-    ``scale``: weight of the KD loss added to the student's own loss.
-    ``frame_ratio_mode``: when the teacher has 2x the student's frame rate: ``concat`` successive frames'
-    labels or ``truncate`` (keep every other).
-
-    Sequence-level KD (seq; ``kl_scale`` also for word):
-    ``nbest``: teacher hypotheses used per utterance (the first ``nbest`` of the stored list).
-    ``nbest_weights``: ``uniform`` (1/nbest each) or ``posterior`` (the teacher's sequence log-probs
-    renormalised over the hypotheses used, a softmax).
-    ``reference_weight``: lambda in ``lambda * L(reference) + (1 - lambda) * L(pseudo labels)``; 0 = pseudo
-    labels in place of the references.
-    ``max_wer``: drop hypotheses whose WER (percent) against the reference exceeds this, and utterances left
-    with none (distil-whisper's filter); null keeps all.
-    ``min_logprob``: the reference-free filter (also for untranscribed utterances): drop hypotheses whose teacher
-    log-probability per token (end of sentence included) is below this (nats, <= 0), and utterances left with
-    none; hypotheses that normalise to no text are always dropped when a filter is on. Null keeps all.
-    ``max_no_speech``: drop utterances whose teacher gives a no-speech probability above this (Whisper's
-    ``<|nocaptions|>``; a teacher without one never drops any): its text on silence is invented.
-    ``kl_scale`` / ``temperature``: token-level KL(teacher/T || student/T) on the reference prefixes, scaled
-    by ``kl_scale * T^2`` (Hinton et al. 2015); attention-decoder teacher and student only.
-    ``init_from_teacher``: initialise the student from maximally spaced teacher blocks (widths must match).
-
-    CoDERT (``codert``, Swaminathan et al. 2021; transducer teacher and student): the student's encoder logits
-    (its joiner without the predictor) learn the teacher's through ``scale * T^2 * KL(teacher/T || student/T)``
-    over the valid frames, so ``scale`` is the paper's alpha and ``temperature`` its tau.
-    ``codert_mode``: ``static`` (the trained teacher of the ``teacher`` stage, frozen), ``tandem`` (a teacher
-    of the recipe's ``teacher.model`` trained from scratch with the student in the same run, on its own RNN-T
-    (+ CTC) loss) or ``shared`` (tandem, the two encoders sharing the student's predictor and joiner). When the
-    teacher has 2x the student's frame rate, each student frame's target is the mean of the teacher's
-    distributions over its frames (``frame_ratio_mode`` does not apply).
-    ``teacher_lr``: tandem/shared: peak lr of the co-learned teacher, an optimiser group of its own with its own
-    gradient clipping; null: the ``teacher`` stage's ``train.lr`` (the lr its model is tuned for).
+    Common to every method:
+    ``init_from_teacher``: initialise the student from maximally spaced teacher blocks (widths must match; the
+    project's own teacher).
     """
 
-    method: Literal["none", "mvq", "l1", "l2", "seq", "word", "codert"] = "none"
-    student_layer: int = -1
-    scale: float = Field(1.0, ge=0)
-    frame_ratio_mode: Literal["concat", "truncate"] = "concat"
-    nbest: int = Field(1, ge=1)
-    nbest_weights: Literal["uniform", "posterior"] = "uniform"
-    reference_weight: float = Field(0.0, ge=0, le=1)
-    max_wer: Optional[float] = Field(None, ge=0)
-    min_logprob: Optional[float] = Field(None, le=0)
-    max_no_speech: Optional[float] = Field(None, ge=0, le=1)
-    kl_scale: float = Field(0.0, ge=0)
-    temperature: float = Field(1.0, gt=0)
+    method: str = "none"
     init_from_teacher: bool = False
-    codert_mode: Literal["static", "tandem", "shared"] = "static"
-    teacher_lr: Optional[float] = Field(None, gt=0)
 
-    @model_validator(mode="after")
-    def _check_method(self):
-        if self.method == "word" and self.kl_scale <= 0:
-            raise ValueError("method 'word' needs kl_scale > 0")
-        return self
+    def project_teacher_use(self) -> Optional[str]:
+        """What in these settings, beyond the method itself (its registered ``project_teacher``), needs the project's
+        own transducer / AED teacher, in words for an error message; None when nothing does."""
+        if self.init_from_teacher:
+            return "kd.init_from_teacher (copying Conformer blocks of the teacher)"
+        return None
+
+    def check_recipe(self, recipe: "Recipe", run: "StudentRun") -> None:
+        """Check these settings against the rest of the recipe (e.g. N-best sizes, architectures); nothing here.
+
+        Raises:
+            ValueError: naming the student run and the settings that disagree.
+        """
+
+
+def kd_settings(**fields) -> KDSettings:
+    """A ``kd:`` section validated by its method's registered settings class, e.g.
+    ``kd_settings(method="mvq", student_layer=1)``; ``kd_settings()`` is the baseline's.
+
+    Raises:
+        ValueError / pydantic.ValidationError: an unregistered method (listing the registered ones) or settings its
+            class refuses (e.g. a key of another method).
+    """
+    from speechkd.methods import method_spec
+
+    return method_spec(fields.get("method", "none")).config.model_validate(fields)
 
 
 class StudentRun(Strict):
     """One student row of the experiment: a name, a KD method and the seeds it is trained with."""
 
     name: str
-    kd: KDConfig = KDConfig()
+    kd: SerializeAsAny[KDSettings] = Field(default_factory=kd_settings, description="the KD method and its settings "
+                                           "(validated by the method's own settings class)")
     seeds: list[int] = [0]
     model: Optional[ModelConfig] = Field(None, description="this run's student model (default: the recipe's student_model)")
+
+    @field_validator("kd", mode="before")
+    @classmethod
+    def _kd_by_method(cls, value):
+        if isinstance(value, KDSettings) or value is None:
+            return kd_settings() if value is None else value
+        if not isinstance(value, dict):
+            raise ValueError(f"kd must be a mapping with a method, got {value!r}")
+        from speechkd.methods import method_spec
+
+        return method_spec(value.get("method", "none")).config.model_validate(value)
 
     @model_validator(mode="after")
     def _check_name(self):
@@ -499,22 +493,18 @@ class RuntimeConfig(Strict):
                 "strategy": strategy, "precision": self.precision}
 
 
-def needs_project_teacher(kd: KDConfig, teacher_has_nbest: bool = False) -> Optional[str]:
-    """What in ``kd`` needs the project's own (transducer / AED) teacher rather than an SSL one
-    (``teacher.hf_dir``), in words for an error message: the method itself (its registered
+def needs_project_teacher(kd: KDSettings, teacher_has_nbest: bool = False) -> Optional[str]:
+    """What in ``kd`` needs the project's own (transducer / AED) teacher rather than a pretrained one
+    (``teacher.hf_dir`` / ``whisper_dir``), in words for an error message: the method itself (its registered
     :attr:`speechkd.methods.MethodSpec.project_teacher`, unless the teacher writes N-best lists and the method takes
-    any such teacher, ``teacher_has_nbest``), token-level KL or ``init_from_teacher``; None when nothing does (mvq,
-    l1, l2, none; seq with an N-best teacher)."""
+    any such teacher, ``teacher_has_nbest``), else what its settings use (:meth:`KDSettings.project_teacher_use`:
+    token-level KL, ``init_from_teacher``); None when nothing does (mvq, l1, l2, none; seq with an N-best teacher)."""
     from speechkd.methods import method_spec
 
     spec = method_spec(kd.method)
     if spec.project_teacher and not (spec.nbest_teacher and teacher_has_nbest):
         return spec.project_teacher
-    if kd.kl_scale > 0:
-        return "token-level KL (kd.method 'word' / kd.kl_scale > 0: the teacher's decoder distributions)"
-    if kd.init_from_teacher:
-        return "kd.init_from_teacher (copying Conformer blocks of the teacher)"
-    return None
+    return kd.project_teacher_use()
 
 
 class Recipe(Strict):
@@ -556,11 +546,7 @@ class Recipe(Strict):
                         f"'{run.name}' uses {needs}, which needs the project's transducer/AED teacher trained by the "
                         f"teacher stage: remove teacher.{key} or that student (it serves kd.method mvq, l1, l2 and "
                         "none)")
-            if run.kd.method == "seq" and run.kd.nbest > self.pseudo_label.nbest:
-                raise ValueError(f"student '{run.name}' uses nbest={run.kd.nbest} but pseudo_label.nbest="
-                                 f"{self.pseudo_label.nbest} hypotheses are stored")
-            if run.kd.kl_scale > 0 and (self.teacher.model.arch != "aed" or self.student_model_of(run).arch != "aed"):
-                raise ValueError(f"student '{run.name}': token-level KL (kl_scale > 0) needs an aed teacher and student")
+            run.kd.check_recipe(self, run)
         return self
 
     def student_model_of(self, run: "StudentRun") -> ModelConfig:

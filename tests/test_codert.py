@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from speechkd.config import KDConfig, ModelConfig
+from speechkd.config import ModelConfig, kd_settings
 from speechkd.methods.codert import CodertKD, align_teacher_logits
 from speechkd.models.build import build_model
 from speechkd.models.transducer import Decoder, Joiner
@@ -252,17 +252,17 @@ def test_errors_and_config():
         CodertKD("shared", _model())
     with pytest.raises(ValueError, match="KDContext"):
         CodertKD("static", _model())(_batch(), torch.zeros(2, 3, 16), torch.tensor([3, 3]), [])
-    assert KDConfig(method="codert").codert_mode == "static"
-    assert KDConfig(method="codert", codert_mode="shared").codert_mode == "shared"
+    assert kd_settings(method="codert").codert_mode == "static"
+    assert kd_settings(method="codert", codert_mode="shared").codert_mode == "shared"
     with pytest.raises(ValueError):
-        KDConfig(method="codert", codert_mode="online")
+        kd_settings(method="codert", codert_mode="online")
 
 
 def test_make_kd_refuses_a_non_transducer_teacher_naming_the_run(tmp_path):
     from speechkd.config import Recipe, StudentRun, TeacherConfig
     from speechkd.pipeline import Experiment, make_kd
 
-    run = StudentRun(name="codert-x", kd=KDConfig(method="codert", codert_mode="tandem"))
+    run = StudentRun(name="codert-x", kd=kd_settings(method="codert", codert_mode="tandem"))
     recipe = Recipe(name="t", exp_dir=str(tmp_path), teacher=TeacherConfig(model=ModelConfig(arch="aed")),
                     students=[run])
     with pytest.raises(ValueError, match="codert-x"):

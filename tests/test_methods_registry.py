@@ -1,25 +1,54 @@
-"""The KD-method registry: every kd.method of the recipe schema is registered, the stages a recipe needs and the
-methods that need the project's teacher come from the declarations."""
+"""The KD-method registry: every method is registered with its settings class (the kd: section is validated by the
+class of its method), the stages a recipe needs and the methods that need the project's teacher come from the
+declarations."""
 
 import typing
 
 import pytest
 
-from speechkd.config import KDConfig, Recipe, needs_project_teacher
-from speechkd.methods import LABEL_STAGES, method_spec, register
+from pydantic import ValidationError
+
+from speechkd.config import KDSettings, Recipe, RecipeError, kd_settings, load_recipe, needs_project_teacher
+from speechkd.methods import LABEL_STAGES, method_names, method_spec, register
 from speechkd.pipeline import needed_stages
 
 
-def test_every_schema_method_is_registered():
-    names = typing.get_args(KDConfig.model_fields["method"].annotation)
+def test_every_method_is_registered_with_its_settings_class():
+    names = method_names()
     assert set(names) == {"none", "mvq", "l1", "l2", "seq", "word", "codert"}
     for name in names:
         spec = method_spec(name)
         assert callable(spec.build) and set(spec.label_stages) <= set(LABEL_STAGES)
+        assert issubclass(spec.config, KDSettings)
+        assert name in typing.get_args(spec.config.model_fields["method"].annotation)
+        assert type(kd_settings(method=name)) is spec.config
     with pytest.raises(ValueError, match="no KD method 'nope'"):
         method_spec("nope")
     with pytest.raises(ValueError, match="registered twice"):
-        register("mvq", lambda exp, run, seed: None)
+        register("mvq", lambda exp, run, seed: None, method_spec("mvq").config)
+    with pytest.raises(ValueError, match="settings class"):
+        register("other", lambda exp, run, seed: None, method_spec("mvq").config)  # its method Literal lacks it
+
+
+def test_kd_section_is_validated_by_its_methods_class(tmp_path):
+    r = Recipe.model_validate({"name": "x", "exp_dir": "e", "students": [
+        {"name": "a"}, {"name": "b", "kd": {"method": "mvq", "student_layer": 1}},
+        {"name": "c", "kd": {"method": "seq", "nbest": 2}}], "pseudo_label": {"beam": 4, "nbest": 4}})
+    assert [type(s.kd).__name__ for s in r.students] == ["NoKDConfig", "FrameKDConfig", "SeqKDConfig"]
+    assert r.model_dump()["students"][2]["kd"]["nbest"] == 2  # every field of the method's class is dumped
+    assert Recipe.model_validate(r.model_dump()).students[2].kd == r.students[2].kd
+    with pytest.raises(ValidationError, match=r"nbest"):
+        kd_settings(method="mvq", nbest=3)  # a key of another method
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nexp_dir: e\nstudents:\n  - {name: a, kd: {method: mvq, kl_scale: 1.0}}\n")
+    with pytest.raises(RecipeError, match=r"students.0.kd.kl_scale"):
+        load_recipe(bad)
+    bad.write_text("name: x\nexp_dir: e\nstudents:\n  - {name: a, kd: {method: mvqq}}\n")
+    with pytest.raises(RecipeError, match=r"no KD method 'mvqq'"):
+        load_recipe(bad)
+    with pytest.raises(ValidationError, match="pseudo_label.nbest"):
+        Recipe.model_validate({"name": "x", "exp_dir": "e", "students": [{"name": "c", "kd": {"method": "seq",
+                                                                                              "nbest": 9}}]})
 
 
 @pytest.mark.parametrize("methods, stages", [
@@ -31,16 +60,17 @@ def test_every_schema_method_is_registered():
 ])
 def test_needed_stages_follow_the_declared_label_stages(methods, stages):
     r = Recipe.model_validate({"name": "x", "exp_dir": "e", "students": [
-        {"name": f"s{i}", "kd": {"method": m, "student_layer": 1}} for i, m in enumerate(methods)]})
+        {"name": f"s{i}", "kd": {"method": m}} for i, m in enumerate(methods)]})
     assert needed_stages(r) == ["prepare", "teacher", *stages, "distill", "evaluate", "report"]
 
 
 def test_project_teacher_needs_come_from_the_methods_and_options():
-    assert needs_project_teacher(KDConfig(method="mvq")) is None
-    assert "seq" in needs_project_teacher(KDConfig(method="seq"))
-    assert "CoDERT" in needs_project_teacher(KDConfig(method="codert"))
-    assert "kl_scale" in needs_project_teacher(KDConfig(method="mvq", kl_scale=1.0))
-    assert "init_from_teacher" in needs_project_teacher(KDConfig(method="none", init_from_teacher=True))
+    assert needs_project_teacher(kd_settings(method="mvq")) is None
+    assert "seq" in needs_project_teacher(kd_settings(method="seq"))
+    assert needs_project_teacher(kd_settings(method="seq"), teacher_has_nbest=True) is None  # e.g. Whisper
+    assert "kl_scale" in needs_project_teacher(kd_settings(method="seq", kl_scale=1.0), teacher_has_nbest=True)
+    assert "CoDERT" in needs_project_teacher(kd_settings(method="codert"))
+    assert "init_from_teacher" in needs_project_teacher(kd_settings(method="none", init_from_teacher=True))
 
 
 def test_teacher_kind_comes_from_the_recipe(tmp_path):

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
+from speechkd.config import KDSettings
 from speechkd.methods import register
+
+
+class NoKDConfig(KDSettings):
+    """``kd: {method: none}`` (the default): references only; ``init_from_teacher`` as every method."""
+
+    method: Literal["none"] = "none"
+
 
 
 def build(exp, run, seed: int = 0):
@@ -10,4 +20,4 @@ def build(exp, run, seed: int = 0):
     return None, exp.cuts("train")
 
 
-register("none", build)
+register("none", build, NoKDConfig)

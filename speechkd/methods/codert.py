@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
+from pydantic import Field
 from torch import nn
+
+from speechkd.config import KDSettings
 
 from speechkd.losses.distill import masked_kl
 from speechkd.methods import register
@@ -288,6 +291,27 @@ CODERT_TEACHER_SEED_OFFSET = 10_000
 it the same (the KD method is built before the trainer seeds the global generator)."""
 
 
+class CodertKDConfig(KDSettings):
+    """CoDERT settings (``kd.method: codert``, Swaminathan et al. 2021; transducer teacher and student): the student's
+    encoder logits (its joiner without the predictor) learn the teacher's through
+    ``scale * T^2 * KL(teacher/T || student/T)`` over the valid frames, so ``scale`` is the paper's alpha and
+    ``temperature`` its tau.
+
+    ``codert_mode``: ``static`` (the trained teacher of the ``teacher`` stage, frozen), ``tandem`` (a teacher of the
+    recipe's ``teacher.model`` trained from scratch with the student in the same run, on its own RNN-T (+ CTC) loss)
+    or ``shared`` (tandem, the two encoders sharing the student's predictor and joiner). When the teacher has 2x the
+    student's frame rate, each student frame's target is the mean of the teacher's distributions over its frames.
+    ``teacher_lr``: tandem/shared: peak lr of the co-learned teacher, an optimiser group of its own with its own
+    gradient clipping; null: the ``teacher`` stage's ``train.lr`` (the lr its model is tuned for).
+    """
+
+    method: Literal["codert"] = "codert"
+    scale: float = Field(1.0, ge=0)
+    temperature: float = Field(1.0, gt=0)
+    codert_mode: Literal["static", "tandem", "shared"] = "static"
+    teacher_lr: Optional[float] = Field(None, gt=0)
+
+
 def build(exp, run, seed: int = 0):
     """CoDERT for a student run: the static teacher loaded, or a co-learned one built, under torch seed
     :data:`CODERT_TEACHER_SEED_OFFSET` + ``seed`` (the global random state is left alone). Returns
@@ -317,4 +341,4 @@ def build(exp, run, seed: int = 0):
     return kd, exp.cuts("train")
 
 
-register("codert", build, project_teacher="kd.method 'codert' (CoDERT: the teacher's encoder logits)")
+register("codert", build, CodertKDConfig, project_teacher="kd.method 'codert' (CoDERT: the teacher's encoder logits)")

@@ -8,8 +8,13 @@ Also here: the paper's comparison, L1/L2 regression to the stored float embeddin
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 from torch import nn
+
+from speechkd.config import KDSettings
 
 from speechkd.losses.distill import codebook_ce_loss, frame_regression_loss
 from speechkd.methods import register
@@ -17,6 +22,22 @@ from speechkd.methods.base import KDMethod, align_teacher_frames, pick_layer
 
 CI_KEY = "codebook_indexes"
 EMB_KEY = "teacher_embeddings"
+
+
+class FrameKDConfig(KDSettings):
+    """Frame-level KD settings: ``mvq`` (predict the teacher's codebook indexes, Guo et al. 2023) or ``l1`` / ``l2``
+    (regress the stored float embeddings: the paper's comparison).
+
+    ``student_layer``: 1-based Conformer block whose output feeds the KD head (-1 = last).
+    ``scale``: weight of the KD loss added to the student's own loss.
+    ``frame_ratio_mode``: when the teacher has 2x the student's frame rate: ``concat`` successive frames' labels or
+    ``truncate`` (keep every other).
+    """
+
+    method: Literal["mvq", "l1", "l2"] = "mvq"
+    student_layer: int = -1
+    scale: float = Field(1.0, ge=0)
+    frame_ratio_mode: Literal["concat", "truncate"] = "concat"
 
 
 class MvqKD(KDMethod):
@@ -128,6 +149,6 @@ def build_regression(exp, run, seed: int = 0):
     return kd, cuts
 
 
-register("mvq", build_mvq, label_stages=("extract", "quantize"))
-register("l1", build_regression, label_stages=("extract",))
-register("l2", build_regression, label_stages=("extract",))
+register("mvq", build_mvq, FrameKDConfig, label_stages=("extract", "quantize"))
+register("l1", build_regression, FrameKDConfig, label_stages=("extract",))
+register("l2", build_regression, FrameKDConfig, label_stages=("extract",))

@@ -23,11 +23,13 @@ Also here: :func:`init_from_teacher`, the student initialised from maximally spa
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
+from speechkd.config import KDSettings
 from speechkd.labels.nbest import NBEST_KEY
 from speechkd.losses.distill import masked_kl
 from speechkd.methods import register
@@ -272,6 +274,68 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module) -> dict:
     return mapping
 
 
+class SeqKDConfig(KDSettings):
+    """Sequence-level KD settings (``kd.method: seq``, Mun'im et al. 2019): train on the teacher's N-best from
+    ``speechkd pseudo-label``.
+
+    ``nbest``: teacher hypotheses used per utterance (the first ``nbest`` of the stored list; at most
+    ``pseudo_label.nbest``).
+    ``nbest_weights``: ``uniform`` (1/nbest each) or ``posterior`` (the teacher's sequence log-probs renormalised over
+    the hypotheses used, a softmax).
+    ``reference_weight``: lambda in ``lambda * L(reference) + (1 - lambda) * L(pseudo labels)``; 0 = pseudo labels in
+    place of the references.
+    ``max_wer``: drop hypotheses whose WER (percent) against the reference exceeds this, and utterances left with none
+    (distil-whisper's filter); null keeps all.
+    ``min_logprob``: the reference-free filter (also for untranscribed utterances): drop hypotheses whose teacher
+    log-probability per token (end of sentence included) is below this (nats, <= 0), and utterances left with none;
+    hypotheses that normalise to no text are always dropped when a filter is on. Null keeps all.
+    ``max_no_speech``: drop utterances whose teacher gives a no-speech probability above this (Whisper's
+    ``<|nocaptions|>``; a teacher without one never drops any): its text on silence is invented.
+    ``kl_scale`` / ``temperature``: besides, token-level KL(teacher/T || student/T) on the reference prefixes, scaled
+    by ``kl_scale * T^2`` (Hinton et al. 2015); the project's attention-decoder teacher and an AED student only.
+    """
+
+    method: Literal["seq"] = "seq"
+    nbest: int = Field(1, ge=1)
+    nbest_weights: Literal["uniform", "posterior"] = "uniform"
+    reference_weight: float = Field(0.0, ge=0, le=1)
+    max_wer: Optional[float] = Field(None, ge=0)
+    min_logprob: Optional[float] = Field(None, le=0)
+    max_no_speech: Optional[float] = Field(None, ge=0, le=1)
+    kl_scale: float = Field(0.0, ge=0)
+    temperature: float = Field(1.0, gt=0)
+
+    def project_teacher_use(self) -> Optional[str]:
+        if self.kl_scale > 0:
+            return "token-level KL (kd.kl_scale > 0: the teacher's decoder distributions)"
+        return super().project_teacher_use()
+
+    def check_recipe(self, recipe, run) -> None:
+        """Raises ValueError: more hypotheses than ``pseudo_label.nbest`` stores; KL without AED models."""
+        if self.nbest > recipe.pseudo_label.nbest:
+            raise ValueError(f"student '{run.name}' uses nbest={self.nbest} but pseudo_label.nbest="
+                             f"{recipe.pseudo_label.nbest} hypotheses are stored")
+        _check_kl_archs(self, recipe, run)
+
+
+class WordKDConfig(KDSettings):
+    """Word-level KD settings (``kd.method: word``, Kim & Rush 2016): the references plus token-level
+    KL(teacher/T || student/T) to the project's attention-decoder teacher, scaled by ``kl_scale * T^2``."""
+
+    method: Literal["word"] = "word"
+    kl_scale: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0)
+
+    def check_recipe(self, recipe, run) -> None:
+        """Raises ValueError: a teacher or student that is not an attention encoder-decoder."""
+        _check_kl_archs(self, recipe, run)
+
+
+def _check_kl_archs(cfg, recipe, run) -> None:
+    if cfg.kl_scale > 0 and (recipe.teacher.model.arch != "aed" or recipe.student_model_of(run).arch != "aed"):
+        raise ValueError(f"student '{run.name}': token-level KL (kl_scale > 0) needs an aed teacher and student")
+
+
 def _project_teacher(exp, kd_cfg):
     """The project's teacher for the token-level KL term, or None when ``kd.kl_scale`` is 0."""
     from speechkd.models.build import load_model
@@ -316,7 +380,7 @@ def build_word(exp, run, seed: int = 0):
     return kd, exp.cuts("train")
 
 
-register("seq", build_seq, label_stages=("pseudo-label",),
+register("seq", build_seq, SeqKDConfig, label_stages=("pseudo-label",),
          project_teacher="kd.method 'seq' (sequence-level KD on the teacher's N-best pseudo-labels)", nbest_teacher=True)
-register("word", build_word,
+register("word", build_word, WordKDConfig,
          project_teacher="token-level KL (kd.method 'word' / kd.kl_scale > 0: the teacher's decoder distributions)")
