@@ -10,7 +10,13 @@ The pipeline asks :func:`teacher_of` and never branches on teacher kinds. Today'
 - :class:`speechkd.teachers.hf_ssl.HfSslTeacher`: a Hugging Face HuBERT / wav2vec 2.0 / WavLM directory
   (``teacher.hf_dir``; waveform input, its CNN's frame shift, no ASR head);
 - :class:`speechkd.teachers.whisper.WhisperTeacher`: a Hugging Face Whisper directory (``teacher.whisper_dir``;
-  log-mel input, 20 ms encoder frames; its decoder is not used by the pipeline yet).
+  log-mel input, 20 ms encoder frames; its beam search writes N-best lists for sequence-level KD and it transcribes
+  for its own evaluation row).
+
+The SSL pipeline (:mod:`speechkd.ssl_pipeline`) has its own, smaller interface for encoders that map waveforms to
+per-layer hidden states: :class:`speechkd.teachers.hf.SSLTeacher` (HuBERT / wav2vec 2.0 / WavLM) and
+:class:`speechkd.teachers.whisper.WhisperSSLEncoder` (Whisper's encoder), picked by
+:func:`speechkd.teachers.hf.wrap_ssl_model` from the checkpoint's ``model_type``.
 
 Adding a teacher: implement :class:`Teacher` in one module and add ``(predicate on the recipe's teacher section,
 "module:Class")`` to :data:`TEACHER_KINDS` (before the project teacher, which takes everything else).
