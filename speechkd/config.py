@@ -386,12 +386,21 @@ class PseudoLabelConfig(Strict):
 
     ``beam``: beam width; ``nbest``: hypotheses stored per utterance (<= beam); ``max_duration``: seconds
     of audio per decoding batch; ``chunk_cuts``: utterances per part file (the unit of resuming).
+    ``backend``: ``native`` (the teacher's own beam search: ``transformers`` for Whisper) or ``ctranslate2`` (a
+    Whisper teacher's CTranslate2 model, ``ctranslate2_dir``, at ``ctranslate2_compute_type``; labels record the
+    backend, and labels of the other backend are refused).
     """
 
     beam: int = Field(8, ge=1)
     nbest: int = Field(8, ge=1)
     max_duration: float = Field(200.0, gt=0)
     chunk_cuts: int = Field(500, ge=1)
+    backend: Literal["native", "ctranslate2"] = Field(
+        "native", description="the teacher's own beam search, or (Whisper teachers) the ctranslate2 runtime")
+    ctranslate2_dir: Optional[str] = Field(
+        None, description="backend ctranslate2: the CTranslate2 model of the same Whisper (default: the source "
+                          "`speechkd import-whisper` recorded in the teacher's directory)")
+    ctranslate2_compute_type: str = Field("float32", description="backend ctranslate2: float32, int8, int8_float32, ...")
 
     @model_validator(mode="after")
     def _check(self):

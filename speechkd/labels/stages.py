@@ -299,9 +299,13 @@ def _sample_frames(cuts, key: str, num: int, rng) -> np.ndarray:
 
 # ---------------------------------------------------------------- pseudo-label
 def pseudo_label_meta(exp) -> dict:
-    """What identifies a set of N-best labels: ``{"teacher_id", "beam", "nbest"}`` of the recipe's teacher."""
+    """What identifies a set of N-best labels: ``{"teacher_id", "beam", "nbest"}`` of the recipe's teacher, plus
+    ``backend`` (and its compute type) when it is not the teacher's native beam search."""
     p = exp.recipe.pseudo_label
-    return {"teacher_id": exp.teacher.teacher_id(), "beam": p.beam, "nbest": p.nbest}
+    meta = {"teacher_id": exp.teacher.teacher_id(), "beam": p.beam, "nbest": p.nbest}
+    if p.backend != "native":
+        meta.update(backend=p.backend, compute_type=p.ctranslate2_compute_type)
+    return meta
 
 
 def pseudo_label(exp, shard: Optional[str] = None) -> None:
@@ -327,6 +331,9 @@ def pseudo_label(exp, shard: Optional[str] = None) -> None:
         raise ValueError(f"pseudo-label: the teacher ({exp.teacher.describe()}) has no ASR head: it cannot write "
                          "N-best lists (sequence-level KD needs a teacher that decodes)")
     p = exp.recipe.pseudo_label
+    if p.backend not in exp.teacher.nbest_backends:
+        raise ValueError(f"pseudo_label.backend = {p.backend!r}: the teacher ({exp.teacher.describe()}) decodes with "
+                         f"{', '.join(exp.teacher.nbest_backends)}")
     i, n = stage_shard(shard)
     cuts = exp.label_cuts()
     meta = pseudo_label_meta(exp)

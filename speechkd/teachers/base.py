@@ -46,6 +46,8 @@ class Teacher:
     has_nbest: bool = False
     #: A teacher that is not the project's ASR model but can transcribe (:meth:`transcriber`): evaluated on its own.
     can_transcribe: bool = False
+    #: The ``pseudo_label.backend`` values :meth:`nbest_decoder` serves (``native``: the teacher's own beam search).
+    nbest_backends: tuple[str, ...] = ("native",)
 
     def __init__(self, exp):
         self.exp = exp

