@@ -245,6 +245,55 @@ def run(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpora_dir:
         raise typer.Exit(1)
 
 
+@app.command("export")
+def export_cmd(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpora_dir: Optional[Path] = CorporaOpt,
+               progress: bool = ProgressOpt,
+               student: Optional[str] = typer.Option(None, help="the student run to export (default: the teacher)"),
+               seed: int = typer.Option(0, help="the student run's seed"),
+               int8: bool = typer.Option(False, "--int8", help="also write int8 graphs (onnxruntime dynamic "
+                                                                "quantization)"),
+               out: Optional[Path] = typer.Option(None, help="output directory (default: EXP/export/<run>)"),
+               overwrite: bool = typer.Option(False, help="replace an existing output directory"),
+               check_utts: int = typer.Option(50, help="test utterances decoded by both PyTorch and onnxruntime to "
+                                                       "check the export (0: no check)")):
+    """Export a trained transducer (student run or the project's teacher) to ONNX in sherpa-onnx's layout:
+    encoder.onnx, decoder.onnx, joiner.onnx (+ *.int8.onnx), tokens.txt, metadata sherpa-onnx reads. Then checks
+    onnxruntime against PyTorch on test utterances: encoder frames and greedy hypotheses.
+
+    Use it from sherpa-onnx: OfflineRecognizer.from_transducer(encoder=..., decoder=..., joiner=..., tokens=...)."""
+    from speechkd.export import check_export, export_transducer
+    from speechkd.models.build import load_model
+
+    exp = _experiment(recipe, exp_dir, corpora_dir, progress)
+    if student is None:
+        if not exp.teacher.can_decode:
+            typer.echo(f"error: the teacher ({exp.teacher.describe()}) is not the project's transducer: give "
+                       "--student", err=True)
+            raise typer.Exit(2)
+        src, name = exp.teacher_dir, "teacher"
+    else:
+        if student not in [s.name for s in exp.recipe.students]:
+            typer.echo(f"error: no student run '{student}' in {recipe}", err=True)
+            raise typer.Exit(2)
+        src, name = exp.student_dir(student, seed), f"{student}-seed{seed}"
+    try:
+        model, _ = load_model(src)
+        dst = out or exp.dir / "export" / name
+        export_transducer(model, exp.tokenizer, dst, int8=int8, comment=f"{exp.recipe.name}: {name}",
+                          overwrite=overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"exported {src} -> {dst}")
+    if check_utts > 0:
+        cuts = list(exp.cuts("test"))[:check_utts]
+        for q in ([False, True] if int8 else [False]):
+            res = check_export(model, dst, cuts, int8=q)
+            enc = "" if q else f", encoder frames within {res['encoder_max_abs']:.2e}"
+            typer.echo(f"check ({'int8' if q else 'fp32'}): greedy hypotheses equal to PyTorch's on "
+                       f"{res['same_hypotheses']}/{res['utterances']} test utterances{enc}")
+
+
 @app.command("import-whisper")
 def import_whisper_cmd(
     src: str = typer.Argument(..., help="a CTranslate2 / faster-whisper directory (model.bin, config.json, "

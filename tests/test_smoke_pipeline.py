@@ -148,3 +148,23 @@ def test_training_stopped_mid_fit_resumes_from_last_epoch(smoke_exp, tmp_path, m
     with open(run / "metrics.csv") as fh:
         epochs = [row["epoch"] for row in csv.DictReader(fh) if row.get("val_wer")]
     assert epochs == ["0", "1", "2"]  # epoch 0 once (not retrained), then 1 and 2 after the resume
+
+
+def test_export_cli_writes_a_checked_sherpa_onnx_layout(smoke_exp, tmp_path, corpora_dir):
+    """`speechkd export RECIPE --student mvq --int8`: the graphs, tokens and the check against PyTorch; the teacher
+    exports without --student; an unknown run is refused by name."""
+    pytest.importorskip("onnxruntime")
+    from speechkd.cli import app
+
+    base = ["--exp-dir", str(smoke_exp.dir), "--corpora-dir", str(corpora_dir), "--no-progress"]
+    res = CliRunner().invoke(app, ["export", str(REPO / "recipes" / "smoke.yaml"), "--student", "mvq", "--int8",
+                                   "--check-utts", "4", *base])
+    assert res.exit_code == 0, res.output
+    out = smoke_exp.dir / "export" / "mvq-seed0"
+    assert (out / "encoder.int8.onnx").is_file() and (out / "tokens.txt").is_file()
+    assert "greedy hypotheses equal to PyTorch's on 4/4" in res.output  # fp32
+    res = CliRunner().invoke(app, ["export", str(REPO / "recipes" / "smoke.yaml"), "--out", str(tmp_path / "t"),
+                                   "--check-utts", "0", *base])
+    assert res.exit_code == 0 and (tmp_path / "t" / "joiner.onnx").is_file(), res.output
+    res = CliRunner().invoke(app, ["export", str(REPO / "recipes" / "smoke.yaml"), "--student", "nope", *base])
+    assert res.exit_code == 2 and "nope" in res.output

@@ -15,6 +15,13 @@ import torch
 from torch import nn
 
 
+def tracing() -> bool:
+    """True while a model is being traced or exported (``torch.export`` / the ONNX exporters, TorchScript tracing):
+    forward methods skip their data-dependent input checks then (a check on a tensor's value cannot be traced);
+    the exported graph's inputs are checked by its caller instead."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def make_pad_mask(lens: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
     """``(N, T)`` bool mask, True at padded frames.
 
@@ -199,7 +206,7 @@ class ConformerEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, x_lens: torch.Tensor):
         out_lens = subsampled_lens(x_lens, self.subsampling)
-        if int(out_lens.min()) < 1:
+        if not tracing() and int(out_lens.min()) < 1:
             raise ValueError(f"input of {int(x_lens.min())} frames is too short for {self.subsampling}x subsampling")
         x = self.embed(x)  # (N, T', C)
         x = self.embed_norm(x) + sinusoidal_positions(x.shape[1], self.output_dim, x.device)

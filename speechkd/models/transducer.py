@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speechkd.losses.rnnt import rnnt_loss
+from speechkd.models.conformer import tracing
 
 __all__ = ["Decoder", "Joiner", "Transducer", "ctc_loss_from_head"]
 
@@ -107,7 +108,7 @@ class Decoder(nn.Module):
         """
         if y.dim() != 2 or y.is_floating_point():
             raise ValueError(f"y must be a 2-D integer tensor (N, U), got shape {tuple(y.shape)} dtype {y.dtype}")
-        if y.numel() > 0 and (bool((y < 0).any()) or bool((y >= self.vocab_size).any())):
+        if not tracing() and y.numel() > 0 and (bool((y < 0).any()) or bool((y >= self.vocab_size).any())):
             raise ValueError(f"y contains token ids outside [0, {self.vocab_size})")
         y = y.long()
         c = self.context_size

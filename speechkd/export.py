@@ -1,0 +1,277 @@
+"""Export a transducer (student or teacher) to ONNX in the layout sherpa-onnx loads, and run it with onnxruntime.
+
+The layout is icefall's (``export-onnx.py``) as sherpa-onnx's offline transducer reads it:
+
+- ``encoder.onnx``: ``x (N, T, 80)`` float fbank, ``x_lens (N,)`` int64 frames -> ``encoder_out (N, T', J)`` (the
+  encoder followed by the joiner's encoder projection), ``encoder_out_lens (N,)`` int64;
+- ``decoder.onnx``: ``y (N, context_size)`` int64 -> ``decoder_out (N, J)`` (the stateless predictor's last position
+  followed by the joiner's decoder projection); a negative id is read as blank, since sherpa-onnx starts decoding
+  from the context ``[-1, blank]`` where speechkd starts from ``[blank, blank]``;
+- ``joiner.onnx``: ``encoder_out (N, J)``, ``decoder_out (N, J)`` -> ``logit (N, V)``;
+- ``tokens.txt``: ``piece id`` per line (``<blk> 0`` first);
+- metadata (``onnx`` ``metadata_props``): the decoder's ``vocab_size`` and ``context_size`` (sherpa-onnx requires
+  them), the joiner's ``joiner_dim``, and on every graph ``model_type``, ``model_author``, ``comment``.
+
+With ``int8=True`` each graph also gets an ``*.int8.onnx`` made by onnxruntime's dynamic quantisation (weights int8,
+activations quantised on the fly). Graphs come from ``torch.onnx.export`` (the dynamo exporter, dynamic batch and time
+axes, a sample batch of 2); the model's input checks are skipped while tracing (:func:`speechkd.models.conformer.tracing`)
+and :class:`OnnxTransducer` checks the inputs instead.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from speechkd.utils import Pathlike, atomic_dir
+
+__all__ = ["GRAPHS", "OnnxTransducer", "check_export", "export_transducer", "write_tokens"]
+
+GRAPHS = ("encoder", "decoder", "joiner")
+"""The graphs of an exported transducer, in file order (``<name>.onnx``, ``<name>.int8.onnx``)."""
+
+_OPSET = 18
+
+
+class _EncoderGraph(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.encoder, self.proj = model.encoder, model.joiner.encoder_proj
+
+    def forward(self, x: torch.Tensor, x_lens: torch.Tensor):
+        out, out_lens, _ = self.encoder(x, x_lens)  # (N, T', C), (N,)
+        return self.proj(out), out_lens  # (N, T', J)
+
+
+class _DecoderGraph(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.decoder, self.proj, self.blank = model.decoder, model.joiner.decoder_proj, int(model.blank_id)
+
+    def forward(self, y: torch.Tensor):
+        y = torch.where(y < 0, torch.full_like(y, self.blank), y)  # sherpa-onnx's -1 start context -> blank
+        out = self.decoder(y, need_pad=False)[:, -1]  # (N, D): the predictor after the context
+        return self.proj(out)  # (N, J)
+
+
+class _JoinerGraph(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.output_linear = model.joiner.output_linear
+
+    def forward(self, encoder_out: torch.Tensor, decoder_out: torch.Tensor):
+        return self.output_linear(torch.tanh(encoder_out + decoder_out))  # (N, V)
+
+
+def write_tokens(tokenizer, path: Pathlike) -> Path:
+    """``tokens.txt`` of a :class:`speechkd.data.tokenizer.Tokenizer`: one ``piece id`` line per token (``<blk> 0``
+    first), as sherpa-onnx and icefall read it."""
+    path = Path(path)
+    lines = [f"{tokenizer.sp.id_to_piece(i)} {i}" for i in range(tokenizer.vocab_size)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _add_metadata(path: Path, meta: dict) -> None:
+    """Set the graph's ``metadata_props`` and store its weights inside the file (the exporter may leave them in
+    ``<file>.data``; sherpa-onnx reads one file per graph)."""
+    import onnx
+
+    model = onnx.load(str(path))  # external data loaded too
+    del model.metadata_props[:]
+    for key, value in meta.items():
+        prop = model.metadata_props.add()
+        prop.key, prop.value = str(key), str(value)
+    onnx.save(model, str(path), save_as_external_data=False)
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+
+
+def export_transducer(model, tokenizer, out_dir: Pathlike, int8: bool = False, comment: str = "",
+                      overwrite: bool = False) -> dict[str, Path]:
+    """Export a transducer to ``out_dir`` in sherpa-onnx's offline layout (see the module docs), atomically.
+
+    Args:
+      model: a :class:`speechkd.models.transducer.Transducer` (e.g. ``load_model(student_dir)[0]``), in eval mode.
+      tokenizer: its :class:`speechkd.data.tokenizer.Tokenizer` (``tokens.txt``).
+      out_dir: the directory to write (must not exist unless ``overwrite``).
+      int8: also write dynamically quantised ``*.int8.onnx`` graphs.
+      comment: stored in every graph's metadata (e.g. the run it came from).
+      overwrite: replace an existing ``out_dir``.
+
+    Returns:
+      ``{"encoder": path, "decoder": ..., "joiner": ..., "tokens": ...}`` (plus ``"<graph>.int8"`` with ``int8``).
+
+    Raises:
+      TypeError: ``model`` is not a transducer.
+      ValueError: its vocabulary does not match the tokenizer's.
+      FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
+    """
+    from speechkd.models.transducer import Transducer
+
+    if not isinstance(model, Transducer):
+        raise TypeError(f"export_transducer needs a Transducer, got {type(model).__name__}")
+    if model.vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"the model has {model.vocab_size} output symbols, the tokenizer {tokenizer.vocab_size}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists: pass overwrite=True (--overwrite) to replace it")
+    model = model.eval()
+    c, j = int(model.decoder.context_size), int(model.joiner.joiner_dim)
+    common = {"model_type": "speechkd_conformer_transducer", "model_author": "speechkd", "comment": comment}
+    n_dim, t_dim = torch.export.Dim("N", min=1, max=1024), torch.export.Dim("T", min=16, max=1_000_000)
+    embed = model.encoder.embed
+    x = torch.randn(2, 200, int(embed.conv[0].in_channels if len(embed.conv) else embed.out.in_features))
+    y = torch.zeros(2, c, dtype=torch.long)
+    y[0, 0] = -1  # sherpa-onnx's start context
+    specs = {
+        "encoder": (_EncoderGraph(model), (x, torch.tensor([200, 150])), ["x", "x_lens"],
+                    ["encoder_out", "encoder_out_lens"], {"x": {0: n_dim, 1: t_dim}, "x_lens": {0: n_dim}}, {}),
+        "decoder": (_DecoderGraph(model), (y,), ["y"], ["decoder_out"],
+                    {"y": {0: n_dim}}, {"vocab_size": model.vocab_size, "context_size": c}),
+        "joiner": (_JoinerGraph(model), (torch.randn(2, j), torch.randn(2, j)), ["encoder_out", "decoder_out"],
+                   ["logit"], {"encoder_out": {0: n_dim}, "decoder_out": {0: n_dim}}, {"joiner_dim": j}),
+    }
+    paths: dict[str, Path] = {}
+    with atomic_dir(out_dir) as tmp, torch.no_grad():
+        for name, (graph, args, inputs, outputs, dynamic, meta) in specs.items():
+            path = tmp / f"{name}.onnx"
+            torch.onnx.export(graph, args, str(path), input_names=inputs, output_names=outputs,
+                              dynamic_shapes=dynamic, dynamo=True, opset_version=_OPSET, verbose=False)
+            _add_metadata(path, {**common, **meta})
+            paths[name] = out_dir / path.name
+            if int8:
+                from onnxruntime.quantization import QuantType, quantize_dynamic
+
+                q = tmp / f"{name}.int8.onnx"
+                quantize_dynamic(str(path), str(q), weight_type=QuantType.QInt8)
+                _add_metadata(q, {**common, **meta})
+                paths[f"{name}.int8"] = out_dir / q.name
+        write_tokens(tokenizer, tmp / "tokens.txt")
+        paths["tokens"] = out_dir / "tokens.txt"
+        tmp.chmod(0o755)
+        (tmp / "export.json").write_text(json.dumps({"context_size": c, "joiner_dim": j,
+                                                     "vocab_size": model.vocab_size, "int8": int8,
+                                                     "comment": comment}, indent=2) + "\n")
+    return paths
+
+
+class OnnxTransducer:
+    """An exported transducer run by onnxruntime on the CPU: encoder frames and greedy decoding equal to
+    :func:`speechkd.decoding.transducer.greedy_search` (one symbol per frame, the context starting all blank).
+
+    Args:
+      model_dir: a directory written by :func:`export_transducer`.
+      int8: load the ``*.int8.onnx`` graphs.
+      num_threads: onnxruntime intra-op threads.
+
+    Raises:
+      FileNotFoundError: a graph or ``tokens.txt`` is missing (naming it).
+      ValueError: the decoder's metadata lacks ``vocab_size`` / ``context_size``, or ``tokens.txt`` disagrees with it.
+    """
+
+    def __init__(self, model_dir: Pathlike, int8: bool = False, num_threads: int = 1):
+        import onnxruntime as ort
+
+        self.dir = Path(model_dir)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = opts.inter_op_num_threads = int(num_threads)
+        self.sessions = {}
+        for name in GRAPHS:
+            path = self.dir / (f"{name}.int8.onnx" if int8 else f"{name}.onnx")
+            if not path.is_file():
+                raise FileNotFoundError(f"{self.dir} has no {path.name} (export with speechkd export"
+                                        f"{' --int8' if int8 else ''})")
+            self.sessions[name] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        meta = self.sessions["decoder"].get_modelmeta().custom_metadata_map
+        try:
+            self.vocab_size, self.context_size = int(meta["vocab_size"]), int(meta["context_size"])
+        except KeyError as e:
+            raise ValueError(f"{self.dir}: decoder metadata lacks {e} (not exported by speechkd export)") from None
+        tokens = self.dir / "tokens.txt"
+        if not tokens.is_file():
+            raise FileNotFoundError(f"{self.dir} has no tokens.txt")
+        self.tokens = [line.rsplit(" ", 1)[0] for line in tokens.read_text(encoding="utf-8").splitlines() if line]
+        if len(self.tokens) != self.vocab_size:
+            raise ValueError(f"{tokens} lists {len(self.tokens)} tokens, the decoder has vocab_size {self.vocab_size}")
+
+    def encode(self, x: np.ndarray, x_lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``x (N, T, 80)`` float32 fbank, ``x_lens (N,)`` frames -> ``encoder_out (N, T', J)``, ``lens (N,)``.
+
+        Raises:
+          ValueError: bad shapes, or an utterance too short for the encoder's subsampling.
+        """
+        x, x_lens = np.asarray(x, dtype=np.float32), np.asarray(x_lens, dtype=np.int64)
+        if x.ndim != 3 or x_lens.shape != (x.shape[0],) or (x_lens > x.shape[1]).any():
+            raise ValueError(f"x must be (N, T, F) and x_lens (N,) <= T, got {x.shape} and {x_lens.shape}")
+        out, lens = self.sessions["encoder"].run(None, {"x": x, "x_lens": x_lens})
+        if (lens < 1).any():
+            raise ValueError(f"an input of {int(x_lens.min())} frames is too short for the encoder")
+        return out, lens
+
+    def greedy(self, encoder_out: np.ndarray, lens: np.ndarray) -> list[list[int]]:
+        """Greedy search over projected encoder frames: one symbol per frame at most (speechkd's default)."""
+        n = encoder_out.shape[0]
+        hyps: list[list[int]] = [[] for _ in range(n)]
+        contexts = np.zeros((n, self.context_size), dtype=np.int64)  # blank = 0
+        dec = self.sessions["decoder"].run(None, {"y": contexts})[0]  # (N, J)
+        for t in range(int(lens.max())):
+            logits = self.sessions["joiner"].run(None, {"encoder_out": np.ascontiguousarray(encoder_out[:, t]),
+                                                        "decoder_out": dec})[0]  # (N, V)
+            tokens = logits.argmax(-1)
+            emit = (t < lens) & (tokens != 0)
+            if emit.any():
+                for i in np.nonzero(emit)[0]:
+                    hyps[i].append(int(tokens[i]))
+                contexts = np.where(emit[:, None], np.concatenate([contexts[:, 1:], tokens[:, None]], 1), contexts)
+                dec = np.where(emit[:, None], self.sessions["decoder"].run(None, {"y": contexts})[0], dec)
+        return hyps
+
+    def transcribe_features(self, feats: Sequence[np.ndarray]) -> list[list[int]]:
+        """Token ids of each ``(T, 80)`` fbank matrix (batched, right-padded)."""
+        lens = np.array([f.shape[0] for f in feats], dtype=np.int64)
+        x = np.zeros((len(feats), int(lens.max()), feats[0].shape[1]), dtype=np.float32)
+        for i, f in enumerate(feats):
+            x[i, : f.shape[0]] = f
+        return self.greedy(*self.encode(x, lens))
+
+
+def check_export(model, onnx_dir: Pathlike, cuts, int8: bool = False, batch: int = 16) -> dict:
+    """Compare an export with its PyTorch model on cuts with fbank: encoder frames (fp32 only) and greedy hypotheses.
+
+    Args:
+      model: the :class:`speechkd.models.transducer.Transducer` that was exported.
+      onnx_dir: its export (:func:`export_transducer`).
+      cuts: cuts with the recipe's fbank (e.g. the test split).
+      int8: check the ``*.int8.onnx`` graphs instead.
+      batch: utterances per batch.
+
+    Returns:
+      ``{"utterances", "same_hypotheses", "encoder_max_abs"}`` (``encoder_max_abs`` over valid frames; None for int8).
+    """
+    from speechkd.decoding.transducer import greedy_search
+
+    onnx_model = OnnxTransducer(onnx_dir, int8=int8)
+    cuts = list(cuts)
+    same, worst = 0, 0.0
+    for start in range(0, len(cuts), batch):
+        feats = [c.load_features() for c in cuts[start:start + batch]]
+        lens = torch.tensor([f.shape[0] for f in feats])
+        x = torch.zeros(len(feats), int(lens.max()), feats[0].shape[1])
+        for i, f in enumerate(feats):
+            x[i, : f.shape[0]] = torch.from_numpy(f)
+        with torch.no_grad():
+            enc, enc_lens, _ = model.encode(x, lens)
+            ref = greedy_search(model, enc, enc_lens)
+            proj = model.joiner.encoder_proj(enc).numpy()
+        out, out_lens = onnx_model.encode(x.numpy(), lens.numpy())
+        if not int8:
+            worst = max(worst, max(float(np.abs(out[i, :n] - proj[i, :n]).max()) for i, n in enumerate(out_lens)))
+        same += sum(a == b for a, b in zip(onnx_model.greedy(out, out_lens), ref))
+    return {"utterances": len(cuts), "same_hypotheses": same, "encoder_max_abs": None if int8 else worst}

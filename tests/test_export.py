@@ -1,0 +1,132 @@
+"""ONNX export of transducers in sherpa-onnx's layout: onnxruntime's encoder frames and greedy hypotheses against
+PyTorch's, sherpa-onnx loading the graphs and decoding real audio with its own fbank like onnxruntime does, int8
+graphs that run, and clear errors for damaged export directories."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from speechkd.config import ModelConfig  # noqa: E402
+from speechkd.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from speechkd.decoding.transducer import greedy_search  # noqa: E402
+from speechkd.export import OnnxTransducer, export_transducer  # noqa: E402
+from speechkd.models.build import build_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, corpora_dir):
+    from speechkd.data.corpora import read_metadata, read_split
+
+    d = tmp_path_factory.mktemp("export")
+    cdir = corpora_dir / "speech_commands_v2_test"
+    utts = read_split(cdir, "smoke", read_metadata(cdir))
+    tok = Tokenizer(train_tokenizer([u.text for u in utts if u.text] * 5, d / "tokens.model", vocab_size=24))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(dim=32, num_layers=2, num_heads=2, ff_dim=64, decoder_dim=16, joiner_dim=16,
+                                    dropout=0.0), tok.vocab_size).eval()
+    with torch.no_grad():  # a random model: blank a little less likely, so tokens are emitted; <unk> never (sherpa-onnx
+        model.joiner.output_linear.bias[0] -= 0.3  # reads it as blank, speechkd as a token; a trained model never
+        model.joiner.output_linear.bias[1] -= 10.0  # emits it, its training text having no unknown characters)
+        model.joiner.output_linear.weight *= 4.0  # wider margins, as trained models have: fbank rounding flips fewer
+    paths = export_transducer(model, tok, d / "onnx", int8=True, comment="test")
+    return model, tok, paths, d / "onnx", utts
+
+
+def _fbank(utts, corpora_dir):
+    import soundfile as sf
+
+    from speechkd.data.features import fbank_extractor
+
+    fe = fbank_extractor()
+    out = []
+    for u in utts:
+        wav, sr = sf.read(corpora_dir / "speech_commands_v2_test" / u.path, dtype="float32")
+        assert sr == 16000
+        out.append((wav, fe.extract(wav, 16000)))
+    return out
+
+
+def test_layout_and_metadata(exported):
+    import onnx
+
+    model, tok, paths, d, _ = exported
+    assert {p.name for p in d.iterdir()} == {"encoder.onnx", "decoder.onnx", "joiner.onnx", "tokens.txt",
+                                               "encoder.int8.onnx", "decoder.int8.onnx", "joiner.int8.onnx",
+                                               "export.json"}  # weights inside each graph, no *.data
+    meta = {p.key: p.value for p in onnx.load(str(d / "decoder.onnx")).metadata_props}
+    assert meta["vocab_size"] == str(tok.vocab_size) and meta["context_size"] == str(model.decoder.context_size)
+    lines = (d / "tokens.txt").read_text().splitlines()
+    assert lines[0] == "<blk> 0" and len(lines) == tok.vocab_size
+    assert json.loads((d / "export.json").read_text())["vocab_size"] == tok.vocab_size
+    with pytest.raises(FileExistsError):
+        export_transducer(model, tok, d)
+
+
+def test_onnxruntime_matches_pytorch_on_real_fbank(exported, corpora_dir):
+    model, tok, _, d, utts = exported
+    feats = [f for _, f in _fbank(utts[:12], corpora_dir)]
+    lens = torch.tensor([f.shape[0] for f in feats])
+    x = torch.zeros(len(feats), int(lens.max()), 80)
+    for i, f in enumerate(feats):
+        x[i, : f.shape[0]] = torch.from_numpy(f)
+    with torch.no_grad():
+        enc, enc_lens, _ = model.encode(x, lens)
+        ref = greedy_search(model, enc, enc_lens)
+        proj = model.joiner.encoder_proj(enc)
+    onnx_model = OnnxTransducer(d)
+    out, out_lens = onnx_model.encode(x.numpy(), lens.numpy())
+    assert out_lens.tolist() == enc_lens.tolist()
+    for i, n in enumerate(out_lens):
+        np.testing.assert_allclose(out[i, :n], proj[i, :n].numpy(), rtol=0, atol=1e-4)
+    hyps = onnx_model.greedy(out, out_lens)
+    assert hyps == ref and any(hyps)
+    # the decoder graph reads sherpa-onnx's start context [-1, blank] as [blank, blank]
+    dec = onnx_model.sessions["decoder"]
+    c = model.decoder.context_size
+    np.testing.assert_allclose(dec.run(None, {"y": np.array([[-1] + [0] * (c - 1)])})[0],
+                               dec.run(None, {"y": np.zeros((1, c), dtype=np.int64)})[0], rtol=0, atol=0)
+    q = OnnxTransducer(d, int8=True).transcribe_features(feats)  # int8: runs; equality not asserted
+    assert len(q) == len(feats)
+
+
+def test_sherpa_onnx_decodes_the_export_like_onnxruntime(exported, corpora_dir):
+    """sherpa-onnx (its own fbank from the waveform) and onnxruntime on speechkd's fbank give the same tokens."""
+    sherpa_onnx = pytest.importorskip("sherpa_onnx")
+    model, tok, _, d, utts = exported
+    rec = sherpa_onnx.OfflineRecognizer.from_transducer(
+        encoder=str(d / "encoder.onnx"), decoder=str(d / "decoder.onnx"), joiner=str(d / "joiner.onnx"),
+        tokens=str(d / "tokens.txt"), num_threads=1, sample_rate=16000, feature_dim=80,
+        decoding_method="greedy_search")
+    onnx_model = OnnxTransducer(d)
+    same = 0
+    pairs = _fbank(utts[:20], corpora_dir)
+    for wav, feats in pairs:
+        stream = rec.create_stream()
+        stream.accept_waveform(16000, wav)
+        rec.decode_stream(stream)
+        ours = [onnx_model.tokens[t] for t in onnx_model.transcribe_features([feats])[0]]
+        same += list(stream.result.tokens) == ours
+    assert same >= len(pairs) - 1, f"{same}/{len(pairs)}"
+
+
+def test_damaged_exports_are_named(exported, tmp_path):
+    import shutil
+
+    model, tok, _, d, _ = exported
+    bad = tmp_path / "bad"
+    shutil.copytree(d, bad)
+    (bad / "joiner.onnx").unlink()
+    with pytest.raises(FileNotFoundError, match="joiner.onnx"):
+        OnnxTransducer(bad)
+    shutil.copy(d / "joiner.onnx", bad / "joiner.onnx")
+    (bad / "tokens.txt").write_text("<blk> 0\n")
+    with pytest.raises(ValueError, match="tokens.txt"):
+        OnnxTransducer(bad)
+    other = Tokenizer(train_tokenizer(["yes no"] * 5, tmp_path / "o.model", vocab_size=10))
+    with pytest.raises(ValueError, match="tokenizer"):
+        export_transducer(model, other, tmp_path / "x")
