@@ -294,6 +294,71 @@ def export_cmd(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpo
                        f"{res['same_hypotheses']}/{res['utterances']} test utterances{enc}")
 
 
+def _audio_inputs(inputs: list[str]) -> list[str]:
+    """Files named, files under directories (recursively, audio suffixes), and lines of ``.txt`` / ``.lst`` lists."""
+    from speechkd.data.sources import AUDIO_SUFFIXES
+
+    out: list[str] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            out += sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in AUDIO_SUFFIXES)
+        elif p.suffix.lower() in (".txt", ".lst") and p.is_file():
+            out += [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        else:
+            out.append(item)
+    return out
+
+
+@app.command()
+def transcribe(model_dir: Path = typer.Argument(..., help="a trained run (students/<run>/, teacher/) or a "
+                                                          "`speechkd export` directory"),
+               audio: list[str] = typer.Argument(..., help="audio files, directories (searched recursively) or "
+                                                           ".txt/.lst files listing paths"),
+               onnx: Optional[bool] = typer.Option(None, "--onnx/--pytorch", help="run the ONNX graphs (default: when "
+                                                                                  "MODEL_DIR holds encoder.onnx)"),
+               int8: bool = typer.Option(False, "--int8", help="the int8 ONNX graphs"),
+               out: Optional[Path] = typer.Option(None, help="write JSON lines {audio, text, error} here (default: "
+                                                             "print 'path<TAB>text')"),
+               num_threads: int = typer.Option(1, help="CPU threads"),
+               max_seconds: float = typer.Option(60.0, help="refuse longer files (cut them at pauses first)"),
+               progress: bool = ProgressOpt):
+    """Transcribe audio with a trained transducer (greedy search): any sampling rate (resampled to 16 kHz), mono or
+    downmixed. A file that cannot be read or is too long is reported by name and skipped; the others are
+    transcribed. Exit code 1 when any file failed."""
+    import json
+
+    from tqdm import tqdm
+
+    from speechkd.api import load
+
+    try:
+        model = load(model_dir, onnx=onnx, int8=int8, num_threads=num_threads, max_seconds=max_seconds)
+    except (FileNotFoundError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    paths = _audio_inputs(audio)
+    results, failed = [], 0
+    for path in tqdm(paths, desc="transcribe", unit="file", disable=not progress):
+        try:
+            results.append({"audio": path, "text": model.transcribe(path)})
+        except ValueError as e:
+            failed += 1
+            results.append({"audio": path, "text": None, "error": str(e)})
+            typer.echo(f"error: {e}", err=True)
+    if out is not None:
+        from speechkd.utils import write_text_atomic
+
+        write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
+        typer.echo(f"{len(results) - failed} of {len(results)} files transcribed -> {out}")
+    else:
+        for r in results:
+            if r["text"] is not None:
+                typer.echo(f"{r['audio']}\t{r['text']}")
+    if failed:
+        raise typer.Exit(1)
+
+
 @app.command("import-whisper")
 def import_whisper_cmd(
     src: str = typer.Argument(..., help="a CTranslate2 / faster-whisper directory (model.bin, config.json, "

@@ -130,3 +130,59 @@ def test_damaged_exports_are_named(exported, tmp_path):
     other = Tokenizer(train_tokenizer(["yes no"] * 5, tmp_path / "o.model", vocab_size=10))
     with pytest.raises(ValueError, match="tokenizer"):
         export_transducer(model, other, tmp_path / "x")
+
+
+def test_transcribe_api_and_cli(exported, corpora_dir, tmp_path):
+    """speechkd.load(...).transcribe: PyTorch run and ONNX export give the texts of the PyTorch greedy search; other
+    sampling rates and channel counts are read; a damaged file is reported by name while the others are
+    transcribed (CLI, JSON lines)."""
+    import shutil
+
+    import soundfile as sf
+    from scipy.signal import resample_poly
+    from typer.testing import CliRunner
+
+    import speechkd
+    from speechkd.cli import app
+    from speechkd.models.build import save_model
+
+    model, tok, _, d, utts = exported
+    pt = tmp_path / "run"
+    save_model(model, pt, ModelConfig(dim=32, num_layers=2, num_heads=2, ff_dim=64, decoder_dim=16, joiner_dim=16,
+                                      dropout=0.0), tok.vocab_size)
+    shutil.copy(d.parent / "tokens.model", pt / "tokens.model")
+    paths = [str(corpora_dir / "speech_commands_v2_test" / u.path) for u in utts[:6]]
+    texts = speechkd.load(pt).transcribe(paths)
+    assert texts == speechkd.load(d).transcribe(paths)  # onnx chosen by encoder.onnx
+    pairs = _fbank(utts[:6], corpora_dir)
+    lens = torch.tensor([f.shape[0] for _, f in pairs])
+    x = torch.zeros(len(pairs), int(lens.max()), 80)
+    for i, (_, f) in enumerate(pairs):
+        x[i, : f.shape[0]] = torch.from_numpy(f)
+    with torch.no_grad():
+        enc, enc_lens, _ = model.encode(x, lens)
+    assert texts == [t.strip() for t in tok.decode(greedy_search(model, enc, enc_lens))]
+    wav = pairs[0][0]
+    assert speechkd.load(pt).transcribe(wav, sampling_rate=16000) == texts[0]  # an array
+    stereo = tmp_path / "stereo.wav"
+    sf.write(stereo, np.stack([wav, wav], 1), 16000)
+    assert speechkd.load(pt).transcribe(str(stereo)) == texts[0]  # downmixed
+    low = tmp_path / "low.wav"
+    sf.write(low, resample_poly(wav, 1, 2).astype(np.float32), 8000)
+    assert isinstance(speechkd.load(pt).transcribe(str(low)), str)  # resampled to 16 kHz
+    with pytest.raises(ValueError, match="longer than"):
+        speechkd.load(pt, max_seconds=0.5).transcribe(paths[0])
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for p in paths[:3]:
+        shutil.copy(p, folder)
+    (folder / "broken.flac").write_bytes(b"fLaC not really")
+    res = CliRunner().invoke(app, ["transcribe", str(d), str(folder), "--out", str(tmp_path / "o.jsonl"),
+                                   "--no-progress"])
+    assert res.exit_code == 1 and "broken.flac" in res.output
+    rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and sum(r["text"] is not None for r in rows) == 3
+    assert [r for r in rows if r["text"] is None][0]["audio"].endswith("broken.flac")
+    with pytest.raises(FileNotFoundError, match="tokenizer"):
+        (pt / "tokens.model").unlink()
+        speechkd.load(pt)
