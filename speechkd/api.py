@@ -1,4 +1,4 @@
-"""Use a trained transducer: ``speechkd.load(model_dir).transcribe(audio)``.
+"""Use a trained ASR model (transducer or attention encoder-decoder): ``speechkd.load(model_dir).transcribe(audio)``.
 
 ``model_dir`` is either a trained run (``students/<name>-seed<k>/`` or ``teacher/``: ``model.safetensors`` +
 ``model.json``, run by PyTorch, its tokenizer found beside it or in the experiment's ``lang/``) or an ONNX export
@@ -76,7 +76,7 @@ def _pieces_to_text(pieces: Sequence[str]) -> str:
 
 
 class Transcriber:
-    """A transducer with its tokens, run by PyTorch or onnxruntime (see :func:`load`).
+    """An ASR model with its tokens, run by PyTorch or onnxruntime (see :func:`load`).
 
     Args:
       decode: ``list of (T, 80) fbank -> list of token id lists``.
@@ -127,7 +127,7 @@ def _find_tokenizer(model_dir: Path) -> Path:
 
 def load(model_dir: Pathlike, onnx: Optional[bool] = None, int8: bool = False, num_threads: int = 1,
          max_seconds: float = 60.0) -> Transcriber:
-    """A :class:`Transcriber` from a trained run or an ONNX export.
+    """A :class:`Transcriber` (greedy search) from a trained run or an ONNX export, transducer or AED.
 
     Args:
       model_dir: ``students/<run>/`` / ``teacher/`` of an experiment (PyTorch), or a ``speechkd export`` directory.
@@ -138,7 +138,7 @@ def load(model_dir: Pathlike, onnx: Optional[bool] = None, int8: bool = False, n
 
     Raises:
       FileNotFoundError: no model, graphs or tokenizer in ``model_dir`` (naming what is missing).
-      ValueError: a model that is not a transducer, or tokens that do not fit it.
+      ValueError: a model that is neither a transducer nor an AED, or tokens that do not fit it.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -146,21 +146,25 @@ def load(model_dir: Pathlike, onnx: Optional[bool] = None, int8: bool = False, n
     if onnx is None:
         onnx = (model_dir / "encoder.onnx").is_file()
     if onnx:
-        from speechkd.export import OnnxTransducer
+        from speechkd.export import load_onnx
 
-        m = OnnxTransducer(model_dir, int8=int8, num_threads=num_threads)
+        m = load_onnx(model_dir, int8=int8, num_threads=num_threads)
         return Transcriber(m.transcribe_features, m.tokens, max_seconds, backend="onnx")
     import torch
 
     from speechkd.data.tokenizer import Tokenizer
-    from speechkd.decoding.transducer import greedy_search
+    from speechkd.models.aed import AttentionEncoderDecoder
     from speechkd.models.build import load_model
     from speechkd.models.transducer import Transducer
 
     torch.set_num_threads(int(num_threads))
     model, _ = load_model(model_dir)
-    if not isinstance(model, Transducer):
-        raise ValueError(f"{model_dir} holds a {type(model).__name__}; transcribe takes transducers")
+    if isinstance(model, AttentionEncoderDecoder):
+        from speechkd.decoding.aed import greedy_search
+    elif isinstance(model, Transducer):
+        from speechkd.decoding.transducer import greedy_search
+    else:
+        raise ValueError(f"{model_dir} holds a {type(model).__name__}; transcribe takes transducers and AED models")
     tok = Tokenizer(_find_tokenizer(model_dir))
     if tok.vocab_size != model.vocab_size:
         raise ValueError(f"the tokenizer of {model_dir} has {tok.vocab_size} tokens, the model {model.vocab_size}")

@@ -256,12 +256,13 @@ def export_cmd(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpo
                overwrite: bool = typer.Option(False, help="replace an existing output directory"),
                check_utts: int = typer.Option(50, help="test utterances decoded by both PyTorch and onnxruntime to "
                                                        "check the export (0: no check)")):
-    """Export a trained transducer (student run or the project's teacher) to ONNX in sherpa-onnx's layout:
-    encoder.onnx, decoder.onnx, joiner.onnx (+ *.int8.onnx), tokens.txt, metadata sherpa-onnx reads. Then checks
-    onnxruntime against PyTorch on test utterances: encoder frames and greedy hypotheses.
+    """Export a trained ASR model (student run or the project's teacher) to ONNX. Transducers in sherpa-onnx's layout:
+    encoder.onnx, decoder.onnx, joiner.onnx (+ *.int8.onnx), tokens.txt, metadata sherpa-onnx reads; attention
+    encoder-decoders as encoder.onnx + decoder.onnx. Then checks onnxruntime against PyTorch on test utterances:
+    encoder frames and greedy hypotheses.
 
     Use it from sherpa-onnx: OfflineRecognizer.from_transducer(encoder=..., decoder=..., joiner=..., tokens=...)."""
-    from speechkd.export import check_export, export_transducer
+    from speechkd.export import check_export, export_model
     from speechkd.models.build import load_model
 
     exp = _experiment(recipe, exp_dir, corpora_dir, progress)
@@ -279,8 +280,7 @@ def export_cmd(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpo
     try:
         model, _ = load_model(src)
         dst = out or exp.dir / "export" / name
-        export_transducer(model, exp.tokenizer, dst, int8=int8, comment=f"{exp.recipe.name}: {name}",
-                          overwrite=overwrite)
+        export_model(model, exp.tokenizer, dst, int8=int8, comment=f"{exp.recipe.name}: {name}", overwrite=overwrite)
     except (FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
@@ -323,7 +323,7 @@ def transcribe(model_dir: Path = typer.Argument(..., help="a trained run (studen
                num_threads: int = typer.Option(1, help="CPU threads"),
                max_seconds: float = typer.Option(60.0, help="refuse longer files (cut them at pauses first)"),
                progress: bool = ProgressOpt):
-    """Transcribe audio with a trained transducer (greedy search): any sampling rate (resampled to 16 kHz), mono or
+    """Transcribe audio with a trained transducer or AED model (greedy search): any sampling rate (resampled to 16 kHz), mono or
     downmixed. A file that cannot be read or is too long is reported by name and skipped; the others are
     transcribed. Exit code 1 when any file failed."""
     import json

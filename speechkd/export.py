@@ -30,10 +30,14 @@ from torch import nn
 
 from speechkd.utils import Pathlike, atomic_dir
 
-__all__ = ["GRAPHS", "OnnxTransducer", "check_export", "export_transducer", "write_tokens"]
+__all__ = ["AED_GRAPHS", "GRAPHS", "OnnxAed", "OnnxTransducer", "check_export", "export_aed", "export_model",
+           "export_transducer", "load_onnx", "write_tokens"]
 
 GRAPHS = ("encoder", "decoder", "joiner")
 """The graphs of an exported transducer, in file order (``<name>.onnx``, ``<name>.int8.onnx``)."""
+
+AED_GRAPHS = ("encoder", "decoder")
+"""The graphs of an exported attention encoder-decoder (no sherpa-onnx layout exists for speechkd's AED)."""
 
 _OPSET = 18
 
@@ -120,8 +124,6 @@ def export_transducer(model, tokenizer, out_dir: Pathlike, int8: bool = False, c
     if model.vocab_size != tokenizer.vocab_size:
         raise ValueError(f"the model has {model.vocab_size} output symbols, the tokenizer {tokenizer.vocab_size}")
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists: pass overwrite=True (--overwrite) to replace it")
     model = model.eval()
     c, j = int(model.decoder.context_size), int(model.joiner.joiner_dim)
     common = {"model_type": "speechkd_conformer_transducer", "model_author": "speechkd", "comment": comment}
@@ -138,6 +140,36 @@ def export_transducer(model, tokenizer, out_dir: Pathlike, int8: bool = False, c
         "joiner": (_JoinerGraph(model), (torch.randn(2, j), torch.randn(2, j)), ["encoder_out", "decoder_out"],
                    ["logit"], {"encoder_out": {0: n_dim}, "decoder_out": {0: n_dim}}, {"joiner_dim": j}),
     }
+    return _export_graphs(specs, out_dir, tokenizer, int8, common,
+                          {"arch": "transducer", "context_size": c, "joiner_dim": j, "vocab_size": model.vocab_size},
+                          overwrite)
+
+
+class _AedEncoderGraph(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.encoder = model.encoder
+
+    def forward(self, x: torch.Tensor, x_lens: torch.Tensor):
+        out, out_lens, _ = self.encoder(x, x_lens)
+        return out, out_lens  # (N, T', C), (N,)
+
+
+class _AedDecoderGraph(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.decoder = model.decoder
+
+    def forward(self, encoder_out, encoder_out_lens, ys, ys_lens):
+        return self.decoder(encoder_out, encoder_out_lens, ys, ys_lens)  # (N, U, V)
+
+
+def _export_graphs(specs: dict, out_dir: Path, tokenizer, int8: bool, common: dict, extra: dict,
+                   overwrite: bool) -> dict[str, Path]:
+    """Export each ``name -> (module, sample args, input names, output names, dynamic shapes, metadata)`` into
+    ``out_dir`` atomically (plus ``*.int8.onnx``, ``tokens.txt``, ``export.json``)."""
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists: pass overwrite=True (--overwrite) to replace it")
     paths: dict[str, Path] = {}
     with atomic_dir(out_dir) as tmp, torch.no_grad():
         for name, (graph, args, inputs, outputs, dynamic, meta) in specs.items():
@@ -156,10 +188,101 @@ def export_transducer(model, tokenizer, out_dir: Pathlike, int8: bool = False, c
         write_tokens(tokenizer, tmp / "tokens.txt")
         paths["tokens"] = out_dir / "tokens.txt"
         tmp.chmod(0o755)
-        (tmp / "export.json").write_text(json.dumps({"context_size": c, "joiner_dim": j,
-                                                     "vocab_size": model.vocab_size, "int8": int8,
-                                                     "comment": comment}, indent=2) + "\n")
+        (tmp / "export.json").write_text(json.dumps({**extra, "int8": int8, "comment": common["comment"]},
+                                                    indent=2) + "\n")
     return paths
+
+
+def export_aed(model, tokenizer, out_dir: Pathlike, int8: bool = False, comment: str = "",
+               overwrite: bool = False) -> dict[str, Path]:
+    """Export an attention encoder-decoder: ``encoder.onnx`` (``x (N, T, 80)``, ``x_lens (N,)`` -> ``encoder_out
+    (N, T', C)``, ``encoder_out_lens (N,)``) and ``decoder.onnx`` (``encoder_out``, ``encoder_out_lens``, ``ys (N, U)``
+    int64 with ``[sos] + prefix``, ``ys_lens (N,)`` -> ``logits (N, U, V)``), ``tokens.txt`` (id 0 = sos/eos/blank),
+    optionally int8; metadata ``model_type``, ``vocab_size``, ``sos_id``, ``eos_id``. Atomic.
+
+    Raises:
+      TypeError: not an :class:`speechkd.models.aed.AttentionEncoderDecoder`. ValueError: vocabulary mismatch.
+      FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
+    """
+    from speechkd.models.aed import AttentionEncoderDecoder
+
+    if not isinstance(model, AttentionEncoderDecoder):
+        raise TypeError(f"export_aed needs an AttentionEncoderDecoder, got {type(model).__name__}")
+    if model.vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"the model has {model.vocab_size} output symbols, the tokenizer {tokenizer.vocab_size}")
+    model = model.eval()
+    embed = model.encoder.embed
+    f = int(embed.conv[0].in_channels if len(embed.conv) else embed.out.in_features)
+    n, t, u = (torch.export.Dim("N", min=1, max=1024), torch.export.Dim("T", min=16, max=1_000_000),
+               torch.export.Dim("U", min=1, max=4096))
+    tt = torch.export.Dim("T_enc", min=1, max=1_000_000)
+    c = int(model.decoder.encoder_dim)
+    meta = {"vocab_size": model.vocab_size, "sos_id": model.sos_id, "eos_id": model.eos_id}
+    specs = {
+        "encoder": (_AedEncoderGraph(model), (torch.randn(2, 200, f), torch.tensor([200, 150])), ["x", "x_lens"],
+                    ["encoder_out", "encoder_out_lens"], {"x": {0: n, 1: t}, "x_lens": {0: n}}, {}),
+        "decoder": (_AedDecoderGraph(model), (torch.randn(2, 40, c), torch.tensor([40, 30]),
+                                              torch.tensor([[0, 3, 4], [0, 5, 0]]), torch.tensor([3, 2])),
+                    ["encoder_out", "encoder_out_lens", "ys", "ys_lens"], ["logits"],
+                    {"encoder_out": {0: n, 1: tt}, "encoder_out_lens": {0: n}, "ys": {0: n, 1: u},
+                     "ys_lens": {0: n}}, meta),
+    }
+    common = {"model_type": "speechkd_conformer_aed", "model_author": "speechkd", "comment": comment}
+    return _export_graphs(specs, Path(out_dir), tokenizer, int8, common, {**meta, "arch": "aed"}, overwrite)
+
+
+def export_model(model, tokenizer, out_dir: Pathlike, **kwargs) -> dict[str, Path]:
+    """:func:`export_transducer` or :func:`export_aed`, by the model's class.
+
+    Raises:
+      TypeError: neither a transducer nor an AED; or as the exporter.
+    """
+    from speechkd.models.aed import AttentionEncoderDecoder
+
+    if isinstance(model, AttentionEncoderDecoder):
+        return export_aed(model, tokenizer, out_dir, **kwargs)
+    return export_transducer(model, tokenizer, out_dir, **kwargs)
+
+
+def _sessions(model_dir: Path, graphs: Sequence[str], int8: bool, num_threads: int) -> dict:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = int(num_threads)
+    sessions = {}
+    for name in graphs:
+        path = model_dir / (f"{name}.int8.onnx" if int8 else f"{name}.onnx")
+        if not path.is_file():
+            raise FileNotFoundError(f"{model_dir} has no {path.name} (export with speechkd export"
+                                    f"{' --int8' if int8 else ''})")
+        sessions[name] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return sessions
+
+
+def _tokens(model_dir: Path, vocab_size: int) -> list[str]:
+    tokens = model_dir / "tokens.txt"
+    if not tokens.is_file():
+        raise FileNotFoundError(f"{model_dir} has no tokens.txt")
+    pieces = [line.rsplit(" ", 1)[0] for line in tokens.read_text(encoding="utf-8").splitlines() if line]
+    if len(pieces) != vocab_size:
+        raise ValueError(f"{tokens} lists {len(pieces)} tokens, the decoder has vocab_size {vocab_size}")
+    return pieces
+
+
+def _meta_ints(session, keys: Sequence[str], model_dir: Path) -> list[int]:
+    meta = session.get_modelmeta().custom_metadata_map
+    try:
+        return [int(meta[k]) for k in keys]
+    except KeyError as e:
+        raise ValueError(f"{model_dir}: decoder metadata lacks {e} (not exported by speechkd export)") from None
+
+
+def _pad(feats: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    lens = np.array([f.shape[0] for f in feats], dtype=np.int64)
+    x = np.zeros((len(feats), int(lens.max()), feats[0].shape[1]), dtype=np.float32)
+    for i, f in enumerate(feats):
+        x[i, : f.shape[0]] = f
+    return x, lens
 
 
 class OnnxTransducer:
@@ -177,29 +300,11 @@ class OnnxTransducer:
     """
 
     def __init__(self, model_dir: Pathlike, int8: bool = False, num_threads: int = 1):
-        import onnxruntime as ort
-
         self.dir = Path(model_dir)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = opts.inter_op_num_threads = int(num_threads)
-        self.sessions = {}
-        for name in GRAPHS:
-            path = self.dir / (f"{name}.int8.onnx" if int8 else f"{name}.onnx")
-            if not path.is_file():
-                raise FileNotFoundError(f"{self.dir} has no {path.name} (export with speechkd export"
-                                        f"{' --int8' if int8 else ''})")
-            self.sessions[name] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        meta = self.sessions["decoder"].get_modelmeta().custom_metadata_map
-        try:
-            self.vocab_size, self.context_size = int(meta["vocab_size"]), int(meta["context_size"])
-        except KeyError as e:
-            raise ValueError(f"{self.dir}: decoder metadata lacks {e} (not exported by speechkd export)") from None
-        tokens = self.dir / "tokens.txt"
-        if not tokens.is_file():
-            raise FileNotFoundError(f"{self.dir} has no tokens.txt")
-        self.tokens = [line.rsplit(" ", 1)[0] for line in tokens.read_text(encoding="utf-8").splitlines() if line]
-        if len(self.tokens) != self.vocab_size:
-            raise ValueError(f"{tokens} lists {len(self.tokens)} tokens, the decoder has vocab_size {self.vocab_size}")
+        self.sessions = _sessions(self.dir, GRAPHS, int8, num_threads)
+        self.vocab_size, self.context_size = _meta_ints(self.sessions["decoder"], ("vocab_size", "context_size"),
+                                                        self.dir)
+        self.tokens = _tokens(self.dir, self.vocab_size)
 
     def encode(self, x: np.ndarray, x_lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``x (N, T, 80)`` float32 fbank, ``x_lens (N,)`` frames -> ``encoder_out (N, T', J)``, ``lens (N,)``.
@@ -235,19 +340,81 @@ class OnnxTransducer:
 
     def transcribe_features(self, feats: Sequence[np.ndarray]) -> list[list[int]]:
         """Token ids of each ``(T, 80)`` fbank matrix (batched, right-padded)."""
-        lens = np.array([f.shape[0] for f in feats], dtype=np.int64)
-        x = np.zeros((len(feats), int(lens.max()), feats[0].shape[1]), dtype=np.float32)
-        for i, f in enumerate(feats):
-            x[i, : f.shape[0]] = f
-        return self.greedy(*self.encode(x, lens))
+        return self.greedy(*self.encode(*_pad(feats)))
+
+
+class OnnxAed:
+    """An exported attention encoder-decoder run by onnxruntime: greedy decoding equal to
+    :func:`speechkd.decoding.aed.greedy_search` (argmax until eos, at most one token per encoder frame).
+
+    Args / Raises: as :class:`OnnxTransducer` (metadata ``vocab_size``, ``sos_id``, ``eos_id``).
+    """
+
+    def __init__(self, model_dir: Pathlike, int8: bool = False, num_threads: int = 1):
+        self.dir = Path(model_dir)
+        self.sessions = _sessions(self.dir, AED_GRAPHS, int8, num_threads)
+        self.vocab_size, self.sos_id, self.eos_id = _meta_ints(self.sessions["decoder"],
+                                                               ("vocab_size", "sos_id", "eos_id"), self.dir)
+        self.tokens = _tokens(self.dir, self.vocab_size)
+
+    def encode(self, x: np.ndarray, x_lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``x (N, T, 80)``, ``x_lens (N,)`` -> ``encoder_out (N, T', C)``, ``lens (N,)``.
+
+        Raises:
+          ValueError: bad shapes, or an utterance too short for the encoder's subsampling.
+        """
+        x, x_lens = np.asarray(x, dtype=np.float32), np.asarray(x_lens, dtype=np.int64)
+        if x.ndim != 3 or x_lens.shape != (x.shape[0],) or (x_lens > x.shape[1]).any():
+            raise ValueError(f"x must be (N, T, F) and x_lens (N,) <= T, got {x.shape} and {x_lens.shape}")
+        out, lens = self.sessions["encoder"].run(None, {"x": x, "x_lens": x_lens})
+        if (lens < 1).any():
+            raise ValueError(f"an input of {int(x_lens.min())} frames is too short for the encoder")
+        return out, lens
+
+    def greedy(self, encoder_out: np.ndarray, lens: np.ndarray) -> list[list[int]]:
+        """Argmax decoding until eos, an utterance stopping after as many tokens as it has encoder frames."""
+        n = encoder_out.shape[0]
+        hyps: list[list[int]] = [[] for _ in range(n)]
+        active = lens > 0
+        ys = np.full((n, 1), self.sos_id, dtype=np.int64)
+        while active.any():
+            step = ys.shape[1]
+            logits = self.sessions["decoder"].run(None, {
+                "encoder_out": encoder_out, "encoder_out_lens": lens.astype(np.int64), "ys": ys,
+                "ys_lens": np.full((n,), step, dtype=np.int64)})[0][:, -1]  # (N, V)
+            tokens = logits.argmax(-1)
+            for i in np.nonzero(active)[0]:
+                if tokens[i] == self.eos_id:
+                    active[i] = False
+                else:
+                    hyps[i].append(int(tokens[i]))
+                    active[i] = len(hyps[i]) < lens[i]
+            ys = np.concatenate([ys, np.where(active, tokens, self.eos_id)[:, None]], 1)
+        return hyps
+
+    def transcribe_features(self, feats: Sequence[np.ndarray]) -> list[list[int]]:
+        """Token ids of each ``(T, 80)`` fbank matrix (batched, right-padded)."""
+        return self.greedy(*self.encode(*_pad(feats)))
+
+
+def load_onnx(model_dir: Pathlike, int8: bool = False, num_threads: int = 1):
+    """:class:`OnnxTransducer` or :class:`OnnxAed` by the export's ``export.json`` (``arch``; transducer without).
+
+    Raises:
+      as the class.
+    """
+    info = Path(model_dir) / "export.json"
+    arch = json.loads(info.read_text()).get("arch", "transducer") if info.is_file() else "transducer"
+    cls = OnnxAed if arch == "aed" else OnnxTransducer
+    return cls(model_dir, int8=int8, num_threads=num_threads)
 
 
 def check_export(model, onnx_dir: Pathlike, cuts, int8: bool = False, batch: int = 16) -> dict:
     """Compare an export with its PyTorch model on cuts with fbank: encoder frames (fp32 only) and greedy hypotheses.
 
     Args:
-      model: the :class:`speechkd.models.transducer.Transducer` that was exported.
-      onnx_dir: its export (:func:`export_transducer`).
+      model: the transducer or AED that was exported.
+      onnx_dir: its export (:func:`export_model`).
       cuts: cuts with the recipe's fbank (e.g. the test split).
       int8: check the ``*.int8.onnx`` graphs instead.
       batch: utterances per batch.
@@ -255,23 +422,24 @@ def check_export(model, onnx_dir: Pathlike, cuts, int8: bool = False, batch: int
     Returns:
       ``{"utterances", "same_hypotheses", "encoder_max_abs"}`` (``encoder_max_abs`` over valid frames; None for int8).
     """
-    from speechkd.decoding.transducer import greedy_search
+    from speechkd.models.aed import AttentionEncoderDecoder
 
-    onnx_model = OnnxTransducer(onnx_dir, int8=int8)
+    aed = isinstance(model, AttentionEncoderDecoder)
+    if aed:
+        from speechkd.decoding.aed import greedy_search
+    else:
+        from speechkd.decoding.transducer import greedy_search
+    onnx_model = (OnnxAed if aed else OnnxTransducer)(onnx_dir, int8=int8)
     cuts = list(cuts)
     same, worst = 0, 0.0
     for start in range(0, len(cuts), batch):
-        feats = [c.load_features() for c in cuts[start:start + batch]]
-        lens = torch.tensor([f.shape[0] for f in feats])
-        x = torch.zeros(len(feats), int(lens.max()), feats[0].shape[1])
-        for i, f in enumerate(feats):
-            x[i, : f.shape[0]] = torch.from_numpy(f)
+        x, lens = _pad([c.load_features() for c in cuts[start:start + batch]])
         with torch.no_grad():
-            enc, enc_lens, _ = model.encode(x, lens)
+            enc, enc_lens, _ = model.encode(torch.from_numpy(x), torch.from_numpy(lens))
             ref = greedy_search(model, enc, enc_lens)
-            proj = model.joiner.encoder_proj(enc).numpy()
-        out, out_lens = onnx_model.encode(x.numpy(), lens.numpy())
+            frames = (enc if aed else model.joiner.encoder_proj(enc)).numpy()
+        out, out_lens = onnx_model.encode(x, lens)
         if not int8:
-            worst = max(worst, max(float(np.abs(out[i, :n] - proj[i, :n]).max()) for i, n in enumerate(out_lens)))
+            worst = max(worst, max(float(np.abs(out[i, :k] - frames[i, :k]).max()) for i, k in enumerate(out_lens)))
         same += sum(a == b for a, b in zip(onnx_model.greedy(out, out_lens), ref))
     return {"utterances": len(cuts), "same_hypotheses": same, "encoder_max_abs": None if int8 else worst}

@@ -186,3 +186,37 @@ def test_transcribe_api_and_cli(exported, corpora_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer"):
         (pt / "tokens.model").unlink()
         speechkd.load(pt)
+
+
+def test_aed_export_matches_pytorch(exported, corpora_dir, tmp_path):
+    """An attention encoder-decoder: encoder.onnx + decoder.onnx; onnxruntime's encoder frames and greedy hypotheses
+    equal PyTorch's; speechkd.load picks it from export.json."""
+    import speechkd
+    from speechkd.decoding.aed import greedy_search as aed_greedy
+    from speechkd.export import OnnxAed, export_model, load_onnx
+
+    _, tok, _, d, utts = exported
+    torch.manual_seed(1)
+    aed = build_model(ModelConfig(arch="aed", dim=32, num_layers=2, num_heads=2, ff_dim=64, decoder_dim=32,
+                                  decoder_layers=1, decoder_heads=2, decoder_ff_dim=64, dropout=0.0),
+                      tok.vocab_size).eval()
+    out = tmp_path / "aed"
+    export_model(aed, tok, out, int8=True)
+    assert isinstance(load_onnx(out), OnnxAed) and not (out / "joiner.onnx").exists()
+    pairs = _fbank(utts[:8], corpora_dir)
+    feats = [f for _, f in pairs]
+    lens = torch.tensor([f.shape[0] for f in feats])
+    x = torch.zeros(len(feats), int(lens.max()), 80)
+    for i, f in enumerate(feats):
+        x[i, : f.shape[0]] = torch.from_numpy(f)
+    with torch.no_grad():
+        enc, enc_lens, _ = aed.encode(x, lens)
+        ref = aed_greedy(aed, enc, enc_lens)
+    m = OnnxAed(out)
+    o, ol = m.encode(x.numpy(), lens.numpy())
+    for i, n in enumerate(ol):
+        np.testing.assert_allclose(o[i, :n], enc[i, :n].numpy(), rtol=0, atol=1e-4)
+    assert m.greedy(o, ol) == ref and any(ref)
+    texts = speechkd.load(out).transcribe([w for w, _ in pairs], sampling_rate=16000)
+    assert texts == [t.strip() for t in tok.decode(ref)]
+    assert len(OnnxAed(out, int8=True).transcribe_features(feats)) == len(feats)

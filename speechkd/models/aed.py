@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from speechkd.models.conformer import make_pad_mask, sinusoidal_positions
+from speechkd.models.conformer import make_pad_mask, sinusoidal_positions, tracing
 from speechkd.models.transducer import ctc_loss_from_head
 
 __all__ = ["AttentionDecoder", "AttentionEncoderDecoder"]
@@ -111,19 +111,19 @@ class AttentionDecoder(nn.Module):
         N, T, _ = encoder_out.shape
         if encoder_out_lens.shape != (N,):
             raise ValueError(f"encoder_out_lens must be (N={N},), got {tuple(encoder_out_lens.shape)}")
-        if N and (bool((encoder_out_lens < 1).any()) or bool((encoder_out_lens > T).any())):
+        if not tracing() and N and (bool((encoder_out_lens < 1).any()) or bool((encoder_out_lens > T).any())):
             raise ValueError(f"encoder_out_lens must lie in [1, T={T}], got {encoder_out_lens.tolist()}")
         if ys_in.dim() != 2 or ys_in.is_floating_point() or ys_in.shape[0] != N:
             raise ValueError(f"ys_in must be an integer (N={N}, U) tensor, got {tuple(ys_in.shape)} {ys_in.dtype}")
         U = ys_in.shape[1]
         if ys_in_lens.shape != (N,):
             raise ValueError(f"ys_in_lens must be (N={N},), got {tuple(ys_in_lens.shape)}")
-        if N and (bool((ys_in_lens < 0).any()) or bool((ys_in_lens > U).any())):
+        if not tracing() and N and (bool((ys_in_lens < 0).any()) or bool((ys_in_lens > U).any())):
             raise ValueError(f"ys_in_lens must lie in [0, U={U}], got {ys_in_lens.tolist()}")
         device = encoder_out.device
         valid = ~make_pad_mask(ys_in_lens.to(device), U)  # (N, U) True at valid tokens
         ys_in = torch.where(valid, ys_in.long().to(device), torch.zeros((), dtype=torch.long, device=device))
-        if ys_in.numel() and (bool((ys_in < 0).any()) or bool((ys_in >= self.vocab_size).any())):
+        if not tracing() and ys_in.numel() and (bool((ys_in < 0).any()) or bool((ys_in >= self.vocab_size).any())):
             raise ValueError(f"ys_in contains token ids outside [0, {self.vocab_size}) within ys_in_lens")
 
         x = self.embedding(ys_in) * self.embed_scale  # (N, U, D)
@@ -131,7 +131,9 @@ class AttentionDecoder(nn.Module):
         memory = self.encoder_proj(encoder_out)  # (N, T, D)
         memory_pad = make_pad_mask(encoder_out_lens.to(device), T)  # (N, T) True at padded frames
         causal = torch.ones(U, U, dtype=torch.bool, device=device).triu(1)  # (U, U) True = not allowed
-        x = self.decoder(x, memory, tgt_mask=causal, memory_key_padding_mask=memory_pad)  # (N, U, D)
+        # tgt_is_causal while exporting: torch's check that the mask is causal reads its values (not traceable)
+        x = self.decoder(x, memory, tgt_mask=causal, memory_key_padding_mask=memory_pad,
+                         tgt_is_causal=True if tracing() else None)  # (N, U, D)
         return self.output_linear(x)  # (N, U, V)
 
 
