@@ -255,7 +255,9 @@ def export_cmd(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpo
                out: Optional[Path] = typer.Option(None, help="output directory (default: EXP/export/<run>)"),
                overwrite: bool = typer.Option(False, help="replace an existing output directory"),
                check_utts: int = typer.Option(50, help="test utterances decoded by both PyTorch and onnxruntime to "
-                                                       "check the export (0: no check)")):
+                                                       "check the export (0: no check)"),
+               sherpa: bool = typer.Option(False, "--sherpa", help="transducers: also decode the check utterances' "
+                                                                   "audio with sherpa-onnx (pip install sherpa-onnx)")):
     """Export a trained ASR model (student run or the project's teacher) to ONNX. Transducers in sherpa-onnx's layout:
     encoder.onnx, decoder.onnx, joiner.onnx (+ *.int8.onnx), tokens.txt, metadata sherpa-onnx reads; attention
     encoder-decoders as encoder.onnx + decoder.onnx. Then checks onnxruntime against PyTorch on test utterances:
@@ -292,6 +294,15 @@ def export_cmd(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpo
             enc = "" if q else f", encoder frames within {res['encoder_max_abs']:.2e}"
             typer.echo(f"check ({'int8' if q else 'fp32'}): greedy hypotheses equal to PyTorch's on "
                        f"{res['same_hypotheses']}/{res['utterances']} test utterances{enc}")
+        if sherpa:
+            from speechkd.export import check_sherpa_onnx
+
+            if (dst / "joiner.onnx").is_file():
+                res = check_sherpa_onnx(dst, cuts)
+                typer.echo(f"check (sherpa-onnx, its own fbank from the audio): hypotheses equal to onnxruntime's on "
+                           f"{res['same_hypotheses']}/{res['utterances']} test utterances")
+            else:
+                typer.echo("--sherpa: sherpa-onnx has no layout for this AED model; not checked")
 
 
 def _audio_inputs(inputs: list[str]) -> list[str]:

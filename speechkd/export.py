@@ -30,7 +30,7 @@ from torch import nn
 
 from speechkd.utils import Pathlike, atomic_dir
 
-__all__ = ["AED_GRAPHS", "GRAPHS", "OnnxAed", "OnnxTransducer", "check_export", "export_aed", "export_model",
+__all__ = ["AED_GRAPHS", "GRAPHS", "OnnxAed", "OnnxTransducer", "check_export", "check_sherpa_onnx", "export_aed", "export_model",
            "export_transducer", "load_onnx", "write_tokens"]
 
 GRAPHS = ("encoder", "decoder", "joiner")
@@ -443,3 +443,36 @@ def check_export(model, onnx_dir: Pathlike, cuts, int8: bool = False, batch: int
             worst = max(worst, max(float(np.abs(out[i, :k] - frames[i, :k]).max()) for i, k in enumerate(out_lens)))
         same += sum(a == b for a, b in zip(onnx_model.greedy(out, out_lens), ref))
     return {"utterances": len(cuts), "same_hypotheses": same, "encoder_max_abs": None if int8 else worst}
+
+
+def check_sherpa_onnx(onnx_dir: Pathlike, cuts, num_threads: int = 1) -> dict:
+    """Decode cuts' audio with sherpa-onnx (its own fbank, greedy search) from a transducer export and compare its
+    tokens with onnxruntime's greedy search on speechkd's fbank of the same cuts.
+
+    Args:
+      onnx_dir: a transducer export (:func:`export_transducer`).
+      cuts: cuts with audio (mono; resampled to 16 kHz here) and the recipe's fbank.
+      num_threads: sherpa-onnx threads.
+
+    Returns:
+      ``{"utterances", "same_hypotheses"}``.
+
+    Raises:
+      ImportError: sherpa-onnx is not installed.
+    """
+    import sherpa_onnx
+
+    d = Path(onnx_dir)
+    rec = sherpa_onnx.OfflineRecognizer.from_transducer(
+        encoder=str(d / "encoder.onnx"), decoder=str(d / "decoder.onnx"), joiner=str(d / "joiner.onnx"),
+        tokens=str(d / "tokens.txt"), num_threads=num_threads, sample_rate=16000, feature_dim=80,
+        decoding_method="greedy_search")
+    ours = OnnxTransducer(d, num_threads=num_threads)
+    same, cuts = 0, list(cuts)
+    for cut in cuts:
+        stream = rec.create_stream()
+        stream.accept_waveform(16000, (cut if cut.sampling_rate == 16000 else cut.resample(16000)).load_audio()[0])
+        rec.decode_stream(stream)
+        mine = [ours.tokens[t] for t in ours.transcribe_features([cut.load_features()])[0]]
+        same += list(stream.result.tokens) == mine
+    return {"utterances": len(cuts), "same_hypotheses": same}

@@ -158,8 +158,9 @@ def test_export_cli_writes_a_checked_sherpa_onnx_layout(smoke_exp, tmp_path, cor
 
     base = ["--exp-dir", str(smoke_exp.dir), "--corpora-dir", str(corpora_dir), "--no-progress"]
     res = CliRunner().invoke(app, ["export", str(REPO / "recipes" / "smoke.yaml"), "--student", "mvq", "--int8",
-                                   "--check-utts", "4", *base])
+                                   "--check-utts", "4", "--sherpa", *base])
     assert res.exit_code == 0, res.output
+    assert "check (sherpa-onnx" in res.output
     out = smoke_exp.dir / "export" / "mvq-seed0"
     assert (out / "encoder.int8.onnx").is_file() and (out / "tokens.txt").is_file()
     assert "greedy hypotheses equal to PyTorch's on 4/4" in res.output  # fp32
