@@ -277,6 +277,17 @@ def _meta_ints(session, keys: Sequence[str], model_dir: Path) -> list[int]:
         raise ValueError(f"{model_dir}: decoder metadata lacks {e} (not exported by speechkd export)") from None
 
 
+def _run_encoder(session, x, x_lens) -> tuple[np.ndarray, np.ndarray]:
+    """An exported encoder on ``x (N, T, F)``, ``x_lens (N,)`` (checked) -> ``(encoder_out, encoder_out_lens)``."""
+    x, x_lens = np.asarray(x, dtype=np.float32), np.asarray(x_lens, dtype=np.int64)
+    if x.ndim != 3 or x_lens.shape != (x.shape[0],) or (x_lens > x.shape[1]).any():
+        raise ValueError(f"x must be (N, T, F) and x_lens (N,) <= T, got {x.shape} and {x_lens.shape}")
+    out, lens = session.run(None, {"x": x, "x_lens": x_lens})
+    if (lens < 1).any():
+        raise ValueError(f"an input of {int(x_lens.min())} frames is too short for the encoder")
+    return out, lens
+
+
 def _pad(feats: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     lens = np.array([f.shape[0] for f in feats], dtype=np.int64)
     x = np.zeros((len(feats), int(lens.max()), feats[0].shape[1]), dtype=np.float32)
@@ -312,13 +323,7 @@ class OnnxTransducer:
         Raises:
           ValueError: bad shapes, or an utterance too short for the encoder's subsampling.
         """
-        x, x_lens = np.asarray(x, dtype=np.float32), np.asarray(x_lens, dtype=np.int64)
-        if x.ndim != 3 or x_lens.shape != (x.shape[0],) or (x_lens > x.shape[1]).any():
-            raise ValueError(f"x must be (N, T, F) and x_lens (N,) <= T, got {x.shape} and {x_lens.shape}")
-        out, lens = self.sessions["encoder"].run(None, {"x": x, "x_lens": x_lens})
-        if (lens < 1).any():
-            raise ValueError(f"an input of {int(x_lens.min())} frames is too short for the encoder")
-        return out, lens
+        return _run_encoder(self.sessions["encoder"], x, x_lens)
 
     def greedy(self, encoder_out: np.ndarray, lens: np.ndarray) -> list[list[int]]:
         """Greedy search over projected encoder frames: one symbol per frame at most (speechkd's default)."""
@@ -363,13 +368,7 @@ class OnnxAed:
         Raises:
           ValueError: bad shapes, or an utterance too short for the encoder's subsampling.
         """
-        x, x_lens = np.asarray(x, dtype=np.float32), np.asarray(x_lens, dtype=np.int64)
-        if x.ndim != 3 or x_lens.shape != (x.shape[0],) or (x_lens > x.shape[1]).any():
-            raise ValueError(f"x must be (N, T, F) and x_lens (N,) <= T, got {x.shape} and {x_lens.shape}")
-        out, lens = self.sessions["encoder"].run(None, {"x": x, "x_lens": x_lens})
-        if (lens < 1).any():
-            raise ValueError(f"an input of {int(x_lens.min())} frames is too short for the encoder")
-        return out, lens
+        return _run_encoder(self.sessions["encoder"], x, x_lens)
 
     def greedy(self, encoder_out: np.ndarray, lens: np.ndarray) -> list[list[int]]:
         """Argmax decoding until eos, an utterance stopping after as many tokens as it has encoder frames."""
