@@ -170,12 +170,11 @@ def load(model_dir: Pathlike, onnx: Optional[bool] = None, int8: bool = False, n
         raise ValueError(f"the tokenizer of {model_dir} has {tok.vocab_size} tokens, the model {model.vocab_size}")
 
     def decode(feats):
-        lens = torch.tensor([f.shape[0] for f in feats])
-        x = torch.zeros(len(feats), int(lens.max()), feats[0].shape[1])
-        for i, f in enumerate(feats):
-            x[i, : f.shape[0]] = torch.from_numpy(f)
+        from speechkd.export import pad_features
+
+        x, lens = pad_features(feats)
         with torch.no_grad():
-            enc, enc_lens, _ = model.encode(x, lens)
+            enc, enc_lens, _ = model.encode(torch.from_numpy(x), torch.from_numpy(lens))
             return greedy_search(model, enc, enc_lens)
 
     return Transcriber(decode, [tok.sp.id_to_piece(i) for i in range(tok.vocab_size)], max_seconds)

@@ -30,7 +30,7 @@ from torch import nn
 
 from speechkd.utils import Pathlike, atomic_dir
 
-__all__ = ["AED_GRAPHS", "GRAPHS", "OnnxAed", "OnnxTransducer", "check_export", "check_sherpa_onnx", "export_aed", "export_model",
+__all__ = ["AED_GRAPHS", "GRAPHS", "OnnxAed", "OnnxTransducer", "check_export", "check_sherpa_onnx", "pad_features", "export_aed", "export_model",
            "export_transducer", "load_onnx", "write_tokens"]
 
 GRAPHS = ("encoder", "decoder", "joiner")
@@ -70,6 +70,12 @@ class _JoinerGraph(nn.Module):
 
     def forward(self, encoder_out: torch.Tensor, decoder_out: torch.Tensor):
         return self.output_linear(torch.tanh(encoder_out + decoder_out))  # (N, V)
+
+
+def _input_dim(model) -> int:
+    """Feature dim F the model's Conformer front end takes (80 fbank bins as built by speechkd)."""
+    embed = model.encoder.embed
+    return int(embed.conv[0].in_channels if len(embed.conv) else embed.out.in_features)
 
 
 def write_tokens(tokenizer, path: Pathlike) -> Path:
@@ -128,8 +134,7 @@ def export_transducer(model, tokenizer, out_dir: Pathlike, int8: bool = False, c
     c, j = int(model.decoder.context_size), int(model.joiner.joiner_dim)
     common = {"model_type": "speechkd_conformer_transducer", "model_author": "speechkd", "comment": comment}
     n_dim, t_dim = torch.export.Dim("N", min=1, max=1024), torch.export.Dim("T", min=16, max=1_000_000)
-    embed = model.encoder.embed
-    x = torch.randn(2, 200, int(embed.conv[0].in_channels if len(embed.conv) else embed.out.in_features))
+    x = torch.randn(2, 200, _input_dim(model))
     y = torch.zeros(2, c, dtype=torch.long)
     y[0, 0] = -1  # sherpa-onnx's start context
     specs = {
@@ -211,8 +216,7 @@ def export_aed(model, tokenizer, out_dir: Pathlike, int8: bool = False, comment:
     if model.vocab_size != tokenizer.vocab_size:
         raise ValueError(f"the model has {model.vocab_size} output symbols, the tokenizer {tokenizer.vocab_size}")
     model = model.eval()
-    embed = model.encoder.embed
-    f = int(embed.conv[0].in_channels if len(embed.conv) else embed.out.in_features)
+    f = _input_dim(model)
     n, t, u = (torch.export.Dim("N", min=1, max=1024), torch.export.Dim("T", min=16, max=1_000_000),
                torch.export.Dim("U", min=1, max=4096))
     tt = torch.export.Dim("T_enc", min=1, max=1_000_000)
@@ -288,7 +292,8 @@ def _run_encoder(session, x, x_lens) -> tuple[np.ndarray, np.ndarray]:
     return out, lens
 
 
-def _pad(feats: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def pad_features(feats: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """``(x (N, T_max, F) float32`` right-padded with zeros, ``x_lens (N,) int64)`` from N ``(T_n, F)`` matrices."""
     lens = np.array([f.shape[0] for f in feats], dtype=np.int64)
     x = np.zeros((len(feats), int(lens.max()), feats[0].shape[1]), dtype=np.float32)
     for i, f in enumerate(feats):
@@ -296,7 +301,38 @@ def _pad(feats: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return x, lens
 
 
-class OnnxTransducer:
+class _OnnxAsr:
+    """What both exported runners share: the graphs' sessions, the decoder's integer metadata, the tokens, the encoder
+    call and batching. Subclasses set :attr:`graphs` and :attr:`meta_keys` (read into attributes) and ``greedy``."""
+
+    graphs: tuple[str, ...] = ()
+    meta_keys: tuple[str, ...] = ()
+
+    def __init__(self, model_dir: Pathlike, int8: bool = False, num_threads: int = 1):
+        self.dir = Path(model_dir)
+        self.sessions = _sessions(self.dir, self.graphs, int8, num_threads)
+        for key, value in zip(self.meta_keys, _meta_ints(self.sessions["decoder"], self.meta_keys, self.dir)):
+            setattr(self, key, value)
+        self.tokens = _tokens(self.dir, self.vocab_size)
+
+    def encode(self, x: np.ndarray, x_lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``x (N, T, 80)`` float32 fbank, ``x_lens (N,)`` frames -> ``encoder_out (N, T', D)``, ``lens (N,)`` (for a
+        transducer D is the joiner dim: the encoder projection is in the graph).
+
+        Raises:
+          ValueError: bad shapes, or an utterance too short for the encoder's subsampling.
+        """
+        return _run_encoder(self.sessions["encoder"], x, x_lens)
+
+    def greedy(self, encoder_out: np.ndarray, lens: np.ndarray) -> list[list[int]]:
+        raise NotImplementedError
+
+    def transcribe_features(self, feats: Sequence[np.ndarray]) -> list[list[int]]:
+        """Token ids of each ``(T, 80)`` fbank matrix (batched, right-padded)."""
+        return self.greedy(*self.encode(*pad_features(feats)))
+
+
+class OnnxTransducer(_OnnxAsr):
     """An exported transducer run by onnxruntime on the CPU: encoder frames and greedy decoding equal to
     :func:`speechkd.decoding.transducer.greedy_search` (one symbol per frame, the context starting all blank).
 
@@ -310,20 +346,8 @@ class OnnxTransducer:
       ValueError: the decoder's metadata lacks ``vocab_size`` / ``context_size``, or ``tokens.txt`` disagrees with it.
     """
 
-    def __init__(self, model_dir: Pathlike, int8: bool = False, num_threads: int = 1):
-        self.dir = Path(model_dir)
-        self.sessions = _sessions(self.dir, GRAPHS, int8, num_threads)
-        self.vocab_size, self.context_size = _meta_ints(self.sessions["decoder"], ("vocab_size", "context_size"),
-                                                        self.dir)
-        self.tokens = _tokens(self.dir, self.vocab_size)
-
-    def encode(self, x: np.ndarray, x_lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``x (N, T, 80)`` float32 fbank, ``x_lens (N,)`` frames -> ``encoder_out (N, T', J)``, ``lens (N,)``.
-
-        Raises:
-          ValueError: bad shapes, or an utterance too short for the encoder's subsampling.
-        """
-        return _run_encoder(self.sessions["encoder"], x, x_lens)
+    graphs = GRAPHS
+    meta_keys = ("vocab_size", "context_size")
 
     def greedy(self, encoder_out: np.ndarray, lens: np.ndarray) -> list[list[int]]:
         """Greedy search over projected encoder frames: one symbol per frame at most (speechkd's default)."""
@@ -343,32 +367,17 @@ class OnnxTransducer:
                 dec = np.where(emit[:, None], self.sessions["decoder"].run(None, {"y": contexts})[0], dec)
         return hyps
 
-    def transcribe_features(self, feats: Sequence[np.ndarray]) -> list[list[int]]:
-        """Token ids of each ``(T, 80)`` fbank matrix (batched, right-padded)."""
-        return self.greedy(*self.encode(*_pad(feats)))
 
 
-class OnnxAed:
+class OnnxAed(_OnnxAsr):
     """An exported attention encoder-decoder run by onnxruntime: greedy decoding equal to
     :func:`speechkd.decoding.aed.greedy_search` (argmax until eos, at most one token per encoder frame).
 
     Args / Raises: as :class:`OnnxTransducer` (metadata ``vocab_size``, ``sos_id``, ``eos_id``).
     """
 
-    def __init__(self, model_dir: Pathlike, int8: bool = False, num_threads: int = 1):
-        self.dir = Path(model_dir)
-        self.sessions = _sessions(self.dir, AED_GRAPHS, int8, num_threads)
-        self.vocab_size, self.sos_id, self.eos_id = _meta_ints(self.sessions["decoder"],
-                                                               ("vocab_size", "sos_id", "eos_id"), self.dir)
-        self.tokens = _tokens(self.dir, self.vocab_size)
-
-    def encode(self, x: np.ndarray, x_lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``x (N, T, 80)``, ``x_lens (N,)`` -> ``encoder_out (N, T', C)``, ``lens (N,)``.
-
-        Raises:
-          ValueError: bad shapes, or an utterance too short for the encoder's subsampling.
-        """
-        return _run_encoder(self.sessions["encoder"], x, x_lens)
+    graphs = AED_GRAPHS
+    meta_keys = ("vocab_size", "sos_id", "eos_id")
 
     def greedy(self, encoder_out: np.ndarray, lens: np.ndarray) -> list[list[int]]:
         """Argmax decoding until eos, an utterance stopping after as many tokens as it has encoder frames."""
@@ -391,9 +400,6 @@ class OnnxAed:
             ys = np.concatenate([ys, np.where(active, tokens, self.eos_id)[:, None]], 1)
         return hyps
 
-    def transcribe_features(self, feats: Sequence[np.ndarray]) -> list[list[int]]:
-        """Token ids of each ``(T, 80)`` fbank matrix (batched, right-padded)."""
-        return self.greedy(*self.encode(*_pad(feats)))
 
 
 def load_onnx(model_dir: Pathlike, int8: bool = False, num_threads: int = 1):
@@ -432,7 +438,7 @@ def check_export(model, onnx_dir: Pathlike, cuts, int8: bool = False, batch: int
     cuts = list(cuts)
     same, worst = 0, 0.0
     for start in range(0, len(cuts), batch):
-        x, lens = _pad([c.load_features() for c in cuts[start:start + batch]])
+        x, lens = pad_features([c.load_features() for c in cuts[start:start + batch]])
         with torch.no_grad():
             enc, enc_lens, _ = model.encode(torch.from_numpy(x), torch.from_numpy(lens))
             ref = greedy_search(model, enc, enc_lens)

@@ -51,6 +51,14 @@ def _fbank(utts, corpora_dir):
     return out
 
 
+def _batch(feats):
+    """``(x (N, T, 80), lens (N,))`` tensors of right-padded fbank matrices."""
+    from speechkd.export import pad_features
+
+    x, lens = pad_features(feats)
+    return torch.from_numpy(x), torch.from_numpy(lens)
+
+
 def test_layout_and_metadata(exported):
     import onnx
 
@@ -70,10 +78,7 @@ def test_layout_and_metadata(exported):
 def test_onnxruntime_matches_pytorch_on_real_fbank(exported, corpora_dir):
     model, tok, _, d, utts = exported
     feats = [f for _, f in _fbank(utts[:12], corpora_dir)]
-    lens = torch.tensor([f.shape[0] for f in feats])
-    x = torch.zeros(len(feats), int(lens.max()), 80)
-    for i, f in enumerate(feats):
-        x[i, : f.shape[0]] = torch.from_numpy(f)
+    x, lens = _batch(feats)
     with torch.no_grad():
         enc, enc_lens, _ = model.encode(x, lens)
         ref = greedy_search(model, enc, enc_lens)
@@ -155,10 +160,7 @@ def test_transcribe_api_and_cli(exported, corpora_dir, tmp_path):
     texts = speechkd.load(pt).transcribe(paths)
     assert texts == speechkd.load(d).transcribe(paths)  # onnx chosen by encoder.onnx
     pairs = _fbank(utts[:6], corpora_dir)
-    lens = torch.tensor([f.shape[0] for _, f in pairs])
-    x = torch.zeros(len(pairs), int(lens.max()), 80)
-    for i, (_, f) in enumerate(pairs):
-        x[i, : f.shape[0]] = torch.from_numpy(f)
+    x, lens = _batch([f for _, f in pairs])
     with torch.no_grad():
         enc, enc_lens, _ = model.encode(x, lens)
     assert texts == [t.strip() for t in tok.decode(greedy_search(model, enc, enc_lens))]
@@ -205,10 +207,7 @@ def test_aed_export_matches_pytorch(exported, corpora_dir, tmp_path):
     assert isinstance(load_onnx(out), OnnxAed) and not (out / "joiner.onnx").exists()
     pairs = _fbank(utts[:8], corpora_dir)
     feats = [f for _, f in pairs]
-    lens = torch.tensor([f.shape[0] for f in feats])
-    x = torch.zeros(len(feats), int(lens.max()), 80)
-    for i, f in enumerate(feats):
-        x[i, : f.shape[0]] = torch.from_numpy(f)
+    x, lens = _batch(feats)
     with torch.no_grad():
         enc, enc_lens, _ = aed.encode(x, lens)
         ref = aed_greedy(aed, enc, enc_lens)
