@@ -1,4 +1,6 @@
-"""Use a trained ASR model (transducer or attention encoder-decoder): ``speechkd.load(model_dir).transcribe(audio)``.
+"""Use a trained model: ``speechkd.load(model_dir).transcribe(audio)`` for ASR (transducer or attention
+encoder-decoder), ``.classify(audio)`` / ``.embed(audio)`` / ``.verify(a, b)`` for an SSL recipe's keyword-spotting and
+speaker-verification model (:class:`SslModel`).
 
 ``model_dir`` is either a trained run (``students/<name>-seed<k>/`` or ``teacher/``: ``model.safetensors`` +
 ``model.json``, run by PyTorch, its tokenizer found beside it or in the experiment's ``lang/``) or an ONNX export
@@ -17,7 +19,7 @@ import numpy as np
 
 from speechkd.utils import Pathlike
 
-__all__ = ["SAMPLE_RATE", "Transcriber", "load", "read_audio"]
+__all__ = ["SAMPLE_RATE", "SslModel", "Transcriber", "load", "read_audio"]
 
 SAMPLE_RATE = 16000
 """Hz the models take; other rates are resampled."""
@@ -116,6 +118,108 @@ class Transcriber:
         return texts[0] if single else texts
 
 
+class SslModel:
+    """An SSL recipe's downstream model (an encoder with a keyword-spotting and / or a speaker-embedding head, arXiv
+    2210.16611), run by PyTorch (a ``finetune/<run>/`` directory) or onnxruntime (a ``speechkd export`` of it); see
+    :func:`load`.
+
+    Args:
+      infer: ``list of (S,) 16 kHz float32 waveforms -> {"kws_logits": (N, K), "sv_embeddings": (N, D)}`` (the
+        model's tasks only).
+      tasks: ``("kws",)``, ``("sv",)`` or both.
+      labels: KWS class names by index.
+      min_samples: shortest waveform the model takes (16 kHz samples); max_seconds: longest audio accepted.
+      backend: ``"pytorch"`` or ``"onnx"`` (for messages).
+    """
+
+    def __init__(self, infer, tasks: Sequence[str], labels: Sequence[str], min_samples: int = 1,
+                 max_seconds: float = 30.0, backend: str = "pytorch"):
+        self._infer, self.tasks, self.labels = infer, tuple(tasks), list(labels)
+        self.min_samples, self.max_seconds, self.backend = int(min_samples), float(max_seconds), backend
+
+    def _run(self, audio, sampling_rate, task: str) -> tuple[bool, np.ndarray]:
+        if task not in self.tasks:
+            what = {"kws": "keyword-spotting", "sv": "speaker-embedding"}[task]
+            raise ValueError(f"this model has no {what} head (its tasks: {', '.join(self.tasks)}); load a {task} or "
+                             "multitask run")
+        single = isinstance(audio, (str, os.PathLike)) or (isinstance(audio, np.ndarray) and audio.ndim == 1)
+        items = [audio] if single else list(audio)
+        wavs = []
+        for a in items:
+            w = read_audio(a, sampling_rate, self.max_seconds)
+            if w.size < self.min_samples:
+                name = str(a) if isinstance(a, (str, os.PathLike)) else "array"
+                raise ValueError(f"{name}: {w.size / SAMPLE_RATE:.3f} s of audio is shorter than this model takes "
+                                 f"({self.min_samples / SAMPLE_RATE:.3f} s)")
+            wavs.append(w)
+        key = "kws_logits" if task == "kws" else "sv_embeddings"
+        return single, np.asarray(self._infer(wavs)[key])
+
+    def class_scores(self, audio: Union[Audio, Sequence[Audio]], sampling_rate: Optional[int] = None) -> np.ndarray:
+        """KWS logits: ``(K,)`` for one input, ``(N, K)`` for a list (class order :attr:`labels`).
+
+        Raises:
+          ValueError: no KWS head; or as :func:`read_audio`, and audio shorter than :attr:`min_samples`."""
+        single, logits = self._run(audio, sampling_rate, "kws")
+        return logits[0] if single else logits
+
+    def classify(self, audio: Union[Audio, Sequence[Audio]], sampling_rate: Optional[int] = None
+                 ) -> Union[str, list[str]]:
+        """The keyword (one of :attr:`labels`, e.g. ``"yes"``, ``"_unknown_"``) of one input, or of each of a list.
+
+        Raises:
+          as :meth:`class_scores`."""
+        single, logits = self._run(audio, sampling_rate, "kws")
+        names = [self.labels[int(i)] for i in logits.argmax(-1)]
+        return names[0] if single else names
+
+    def embed(self, audio: Union[Audio, Sequence[Audio]], sampling_rate: Optional[int] = None) -> np.ndarray:
+        """Speaker embedding(s): ``(D,)`` for one input, ``(N, D)`` for a list (x-vector head, not normalised).
+
+        Raises:
+          ValueError: no speaker head; or as :meth:`class_scores`."""
+        single, emb = self._run(audio, sampling_rate, "sv")
+        return emb[0] if single else emb
+
+    def verify(self, enrol: Audio, test: Audio, sampling_rate: Optional[int] = None) -> float:
+        """Cosine similarity in [-1, 1] of two recordings' speaker embeddings (the evaluation's trial score: higher
+        is more likely the same speaker; pick a threshold on your own trials, e.g. at the EER).
+
+        Raises:
+          as :meth:`embed`."""
+        from speechkd.eval.verification import cosine_scores
+
+        emb = self.embed([enrol, test], sampling_rate)
+        return float(cosine_scores(emb[:1].astype(np.float64), emb[1:].astype(np.float64))[0])
+
+
+def _load_ssl(model_dir: Path, onnx: bool, int8: bool, num_threads: int, max_seconds: float) -> SslModel:
+    """:class:`SslModel` of a fine-tuning run directory (PyTorch) or an SSL export (onnxruntime)."""
+    if onnx:
+        from speechkd.export import load_onnx
+
+        m = load_onnx(model_dir, int8=int8, num_threads=num_threads)
+        max_s = max_seconds if m.max_samples is None else min(max_seconds, m.max_samples / SAMPLE_RATE)
+        return SslModel(m.infer, m.tasks, m.labels, m.min_samples, max_s, backend="onnx")
+    import torch
+
+    from speechkd.data.classification import KWS_CLASSES
+    from speechkd.export import pad_features, ssl_min_samples
+    from speechkd.models.downstream import load_downstream
+
+    torch.set_num_threads(int(num_threads))
+    model = load_downstream(model_dir)
+    hi = getattr(model.encoder, "max_samples", None)
+
+    def infer(wavs):
+        x, lens = pad_features([w[:, None] for w in wavs])
+        out = model.infer(torch.from_numpy(x[..., 0]), torch.from_numpy(lens))
+        return {k: v.numpy() for k, v in out.items()}
+
+    max_s = max_seconds if hi is None else min(max_seconds, hi / SAMPLE_RATE)
+    return SslModel(infer, model.tasks, KWS_CLASSES, ssl_min_samples(model), max_s)
+
+
 def _find_tokenizer(model_dir: Path) -> Path:
     for cand in (model_dir / "tokens.model", model_dir.parent.parent / "lang" / "tokens.model",
                  model_dir.parent / "lang" / "tokens.model"):
@@ -126,12 +230,15 @@ def _find_tokenizer(model_dir: Path) -> Path:
 
 
 def load(model_dir: Pathlike, onnx: Optional[bool] = None, int8: bool = False, num_threads: int = 1,
-         max_seconds: float = 60.0) -> Transcriber:
-    """A :class:`Transcriber` (greedy search) from a trained run or an ONNX export, transducer or AED.
+         max_seconds: float = 60.0) -> Union[Transcriber, SslModel]:
+    """A :class:`Transcriber` (greedy search) from a trained ASR run or its ONNX export, transducer or AED; or an
+    :class:`SslModel` (KWS / speaker verification) from an SSL recipe's fine-tuning run (``finetune/<run>/``, with
+    ``downstream.json``) or its export (``model.onnx``).
 
     Args:
-      model_dir: ``students/<run>/`` / ``teacher/`` of an experiment (PyTorch), or a ``speechkd export`` directory.
-      onnx: use the ONNX graphs (default: when the directory holds ``encoder.onnx``).
+      model_dir: ``students/<run>/`` / ``teacher/`` of an experiment, or ``finetune/<run>/`` of an SSL experiment
+        (PyTorch), or a ``speechkd export`` directory.
+      onnx: use the ONNX graphs (default: when the directory holds ``encoder.onnx`` or ``model.onnx``).
       int8: the ``*.int8.onnx`` graphs (ONNX only).
       num_threads: CPU threads.
       max_seconds: longest audio accepted.
@@ -143,8 +250,12 @@ def load(model_dir: Pathlike, onnx: Optional[bool] = None, int8: bool = False, n
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
+    from speechkd.models.downstream import DOWNSTREAM_META
+
     if onnx is None:
-        onnx = (model_dir / "encoder.onnx").is_file()
+        onnx = (model_dir / "encoder.onnx").is_file() or (model_dir / "model.onnx").is_file()
+    if (model_dir / DOWNSTREAM_META).is_file() or (onnx and (model_dir / "model.onnx").is_file()):
+        return _load_ssl(model_dir, onnx, int8, num_threads, max_seconds)
     if onnx:
         from speechkd.export import load_onnx
 

@@ -248,7 +248,9 @@ def run(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpora_dir:
 @app.command("export")
 def export_cmd(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpora_dir: Optional[Path] = CorporaOpt,
                progress: bool = ProgressOpt,
-               student: Optional[str] = typer.Option(None, help="the student run to export (default: the teacher)"),
+               student: Optional[str] = typer.Option(None, help="the run to export: a student's name (with --seed; default: "
+                                                                "the teacher); for SSL recipes a fine-tuning run, e.g. "
+                                                                "student-multitask, teacher-frozen-kws"),
                seed: int = typer.Option(0, help="the student run's seed"),
                int8: bool = typer.Option(False, "--int8", help="also write int8 graphs (onnxruntime dynamic "
                                                                 "quantization)"),
@@ -258,51 +260,27 @@ def export_cmd(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpo
                                                        "check the export (0: no check)"),
                sherpa: bool = typer.Option(False, "--sherpa", help="transducers: also decode the check utterances' "
                                                                    "audio with sherpa-onnx (pip install sherpa-onnx)")):
-    """Export a trained ASR model (student run or the project's teacher) to ONNX. Transducers in sherpa-onnx's layout:
+    """Export a trained model to ONNX. ASR (student run or the project's teacher): transducers in sherpa-onnx's layout,
     encoder.onnx, decoder.onnx, joiner.onnx (+ *.int8.onnx), tokens.txt, metadata sherpa-onnx reads; attention
-    encoder-decoders as encoder.onnx + decoder.onnx. Then checks onnxruntime against PyTorch on test utterances:
-    encoder frames and greedy hypotheses.
+    encoder-decoders as encoder.onnx + decoder.onnx; then checks onnxruntime against PyTorch on test utterances
+    (encoder frames, greedy hypotheses). SSL recipes (--student RUN, a fine-tuning run): model.onnx (16 kHz waveform
+    -> KWS logits and / or speaker embedding), labels.txt; checked on KWS test clips.
 
     Use it from sherpa-onnx: OfflineRecognizer.from_transducer(encoder=..., decoder=..., joiner=..., tokens=...)."""
-    from speechkd.export import check_export, export_model
-    from speechkd.models.build import load_model
+    from speechkd.pipeline import pipeline_module
 
     exp = _experiment(recipe, exp_dir, corpora_dir, progress)
-    if student is None:
-        if not exp.teacher.can_decode:
-            typer.echo(f"error: the teacher ({exp.teacher.describe()}) is not the project's transducer: give "
-                       "--student", err=True)
-            raise typer.Exit(2)
-        src, name = exp.teacher_dir, "teacher"
-    else:
-        if student not in [s.name for s in exp.recipe.students]:
-            typer.echo(f"error: no student run '{student}' in {recipe}", err=True)
-            raise typer.Exit(2)
-        src, name = exp.student_dir(student, seed), f"{student}-seed{seed}"
     try:
-        model, _ = load_model(src)
-        dst = out or exp.dir / "export" / name
-        export_model(model, exp.tokenizer, dst, int8=int8, comment=f"{exp.recipe.name}: {name}", overwrite=overwrite)
+        for line in pipeline_module(exp.recipe.task).export_run(exp, student, seed=seed, out=out, int8=int8,
+                                                                  overwrite=overwrite, check_utts=check_utts,
+                                                                  sherpa=sherpa):
+            typer.echo(line)
+    except LookupError as e:  # no such run, or nothing to export without --student
+        typer.echo(f"error: {e.args[0]}", err=True)
+        raise typer.Exit(2)
     except (FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
-    typer.echo(f"exported {src} -> {dst}")
-    if check_utts > 0:
-        cuts = list(exp.cuts("test"))[:check_utts]
-        for q in ([False, True] if int8 else [False]):
-            res = check_export(model, dst, cuts, int8=q)
-            enc = "" if q else f", encoder frames within {res['encoder_max_abs']:.2e}"
-            typer.echo(f"check ({'int8' if q else 'fp32'}): greedy hypotheses equal to PyTorch's on "
-                       f"{res['same_hypotheses']}/{res['utterances']} test utterances{enc}")
-        if sherpa:
-            from speechkd.export import check_sherpa_onnx
-
-            if (dst / "joiner.onnx").is_file():
-                res = check_sherpa_onnx(dst, cuts)
-                typer.echo(f"check (sherpa-onnx, its own fbank from the audio): hypotheses equal to onnxruntime's on "
-                           f"{res['same_hypotheses']}/{res['utterances']} test utterances")
-            else:
-                typer.echo("--sherpa: sherpa-onnx has no layout for this AED model; not checked")
 
 
 def _audio_inputs(inputs: list[str]) -> list[str]:

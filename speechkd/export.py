@@ -30,8 +30,9 @@ from torch import nn
 
 from speechkd.utils import Pathlike, atomic_dir
 
-__all__ = ["AED_GRAPHS", "GRAPHS", "OnnxAed", "OnnxTransducer", "check_export", "check_sherpa_onnx", "pad_features", "export_aed", "export_model",
-           "export_transducer", "load_onnx", "write_tokens"]
+__all__ = ["AED_GRAPHS", "GRAPHS", "SSL_GRAPH", "SSL_OUTPUTS", "OnnxAed", "OnnxSsl", "OnnxTransducer", "check_export",
+           "check_sherpa_onnx", "check_ssl_export", "export_aed", "export_model", "export_ssl", "export_transducer",
+           "load_onnx", "pad_features", "ssl_min_samples", "write_tokens"]
 
 GRAPHS = ("encoder", "decoder", "joiner")
 """The graphs of an exported transducer, in file order (``<name>.onnx``, ``<name>.int8.onnx``)."""
@@ -170,9 +171,10 @@ class _AedDecoderGraph(nn.Module):
 
 
 def _export_graphs(specs: dict, out_dir: Path, tokenizer, int8: bool, common: dict, extra: dict,
-                   overwrite: bool) -> dict[str, Path]:
+                   overwrite: bool, texts: Optional[dict] = None) -> dict[str, Path]:
     """Export each ``name -> (module, sample args, input names, output names, dynamic shapes, metadata)`` into
-    ``out_dir`` atomically (plus ``*.int8.onnx``, ``tokens.txt``, ``export.json``)."""
+    ``out_dir`` atomically (plus ``*.int8.onnx``, ``tokens.txt`` when a tokenizer is given, each ``texts`` file name
+    -> content, and ``export.json``)."""
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists: pass overwrite=True (--overwrite) to replace it")
     paths: dict[str, Path] = {}
@@ -190,8 +192,12 @@ def _export_graphs(specs: dict, out_dir: Path, tokenizer, int8: bool, common: di
                 quantize_dynamic(str(path), str(q), weight_type=QuantType.QInt8)
                 _add_metadata(q, {**common, **meta})
                 paths[f"{name}.int8"] = out_dir / q.name
-        write_tokens(tokenizer, tmp / "tokens.txt")
-        paths["tokens"] = out_dir / "tokens.txt"
+        if tokenizer is not None:
+            write_tokens(tokenizer, tmp / "tokens.txt")
+            paths["tokens"] = out_dir / "tokens.txt"
+        for fname, text in (texts or {}).items():
+            (tmp / fname).write_text(text, encoding="utf-8")
+            paths[Path(fname).stem] = out_dir / fname
         tmp.chmod(0o755)
         (tmp / "export.json").write_text(json.dumps({**extra, "int8": int8, "comment": common["comment"]},
                                                     indent=2) + "\n")
@@ -246,6 +252,86 @@ def export_model(model, tokenizer, out_dir: Pathlike, **kwargs) -> dict[str, Pat
     if isinstance(model, AttentionEncoderDecoder):
         return export_aed(model, tokenizer, out_dir, **kwargs)
     return export_transducer(model, tokenizer, out_dir, **kwargs)
+
+
+SSL_GRAPH = "model"
+"""The single graph of an exported SSL downstream model (``model.onnx``, ``model.int8.onnx``)."""
+
+SSL_OUTPUTS = {"kws": "kws_logits", "sv": "sv_embeddings"}
+"""The SSL graph's output per task (the names :meth:`speechkd.models.downstream.DownstreamModel.forward` returns)."""
+
+
+class _SslGraph(nn.Module):
+    """``wavs (N, S)`` (one length, no padding) -> each task's output, in :data:`SSL_OUTPUTS` order."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, wavs: torch.Tensor):
+        lens = torch.full((wavs.shape[0],), wavs.shape[1], dtype=torch.long, device=wavs.device)
+        out = self.model(wavs, lens)
+        return tuple(out[SSL_OUTPUTS[t]] for t in SSL_OUTPUTS if SSL_OUTPUTS[t] in out)
+
+
+def ssl_min_samples(model) -> int:
+    """Shortest input (samples at 16 kHz) every head of a downstream model takes: the encoder's one frame, or for
+    an SV head with 'valid' TDNN padding its ``min_frames`` encoder frames."""
+    enc = model.encoder
+    need = int(getattr(model.sv, "min_frames", 1)) if model.sv is not None else 1
+    cand = torch.arange(int(enc.min_samples), int(enc.min_samples) + (need + 1) * int(enc.samples_per_frame) + 1)
+    ok = torch.nonzero(enc.frame_lens(cand) >= need)
+    return int(cand[int(ok[0])])
+
+
+def export_ssl(model, out_dir: Pathlike, int8: bool = False, comment: str = "", overwrite: bool = False,
+               labels: Sequence[str] = ()) -> dict[str, Path]:
+    """Export an SSL downstream model (an encoder with its KWS and / or speaker-embedding head, arXiv 2210.16611) as
+    one graph ``model.onnx``: ``wavs (N, S)`` float 16 kHz samples, N utterances of the same length S (no padding:
+    exact, as the PyTorch model on each utterance alone) -> ``kws_logits (N, 12)`` and / or ``sv_embeddings (N, D)``
+    (x-vector embeddings for cosine scoring). Also ``labels.txt`` (the KWS classes, one per line, with a KWS head),
+    ``export.json`` (``arch: ssl``, tasks, outputs, ``min_samples`` / ``max_samples``) and optionally
+    ``model.int8.onnx``. Atomic. :class:`OnnxSsl` runs it.
+
+    Args:
+      model: a :class:`speechkd.models.downstream.DownstreamModel` (e.g. ``load_downstream(run_dir)``).
+      out_dir: the directory to write (must not exist unless ``overwrite``).
+      int8: also write a dynamically quantised ``model.int8.onnx``.
+      comment: stored in the graph's metadata.
+      overwrite: replace an existing ``out_dir``.
+      labels: the KWS class names by index (default :data:`speechkd.data.classification.KWS_CLASSES`).
+
+    Returns:
+      ``{"model": path, "labels": ...}`` (plus ``"model.int8"``).
+
+    Raises:
+      TypeError: not a DownstreamModel. ValueError: labels that do not match the KWS head.
+      FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
+    """
+    from speechkd.models.downstream import DownstreamModel
+
+    if not isinstance(model, DownstreamModel):
+        raise TypeError(f"export_ssl needs a DownstreamModel, got {type(model).__name__}")
+    model = model.eval()
+    texts = {}
+    if model.kws is not None:
+        if not labels:
+            from speechkd.data.classification import KWS_CLASSES as labels
+        if len(labels) != model.kws.classifier.out_features:
+            raise ValueError(f"{len(labels)} labels for a KWS head of {model.kws.classifier.out_features} classes")
+        texts["labels.txt"] = "".join(f"{c}\n" for c in labels)
+    enc = model.encoder
+    lo, hi = ssl_min_samples(model), getattr(enc, "max_samples", None)
+    s = max(16000, 2 * lo) if hi is None else min(max(16000, 2 * lo), int(hi))
+    outputs = [SSL_OUTPUTS[t] for t in SSL_OUTPUTS if t in model.tasks]
+    auto = torch.export.Dim.AUTO  # explicit Dims fail: export cannot prove the frame arithmetic's guards over a range
+    specs = {SSL_GRAPH: (_SslGraph(model).eval(), (0.1 * torch.randn(2, s),), ["wavs"], outputs,
+                         {"wavs": {0: auto, 1: auto}}, {"tasks": ",".join(model.tasks)})}
+    common = {"model_type": "speechkd_ssl_downstream", "model_author": "speechkd", "comment": comment}
+    extra = {"arch": "ssl", "tasks": list(model.tasks), "outputs": outputs, "sample_rate": 16000,
+             "min_samples": lo, "max_samples": None if hi is None else int(hi),
+             "embed_dim": None if model.sv is None else int(model.sv.embed_dim)}
+    return _export_graphs(specs, Path(out_dir), None, int8, common, extra, overwrite, texts=texts)
 
 
 def _sessions(model_dir: Path, graphs: Sequence[str], int8: bool, num_threads: int) -> dict:
@@ -402,16 +488,128 @@ class OnnxAed(_OnnxAsr):
 
 
 
+class OnnxSsl:
+    """An exported SSL downstream model (:func:`export_ssl`) run by onnxruntime on the CPU.
+
+    Args:
+      model_dir: a directory written by :func:`export_ssl`.
+      int8: load ``model.int8.onnx``.
+      num_threads: onnxruntime intra-op threads.
+
+    Attributes:
+      tasks: ``("kws",)``, ``("sv",)`` or both; labels: the KWS classes by index (empty without KWS);
+      min_samples / max_samples: the input lengths the graph takes (max None: no limit).
+
+    Raises:
+      FileNotFoundError: the graph, ``export.json`` or ``labels.txt`` is missing (naming it).
+      ValueError: ``export.json`` is not an SSL export, or ``labels.txt`` does not fit the graph.
+    """
+
+    def __init__(self, model_dir: Pathlike, int8: bool = False, num_threads: int = 1):
+        self.dir = Path(model_dir)
+        info = _export_info(self.dir)
+        if info.get("arch") != "ssl":
+            raise ValueError(f"{self.dir / 'export.json'} is not an SSL export (arch {info.get('arch')!r})")
+        self.tasks = tuple(info["tasks"])
+        self.outputs = list(info["outputs"])
+        self.min_samples, self.max_samples = int(info["min_samples"]), info.get("max_samples")
+        self.session = _sessions(self.dir, (SSL_GRAPH,), int8, num_threads)[SSL_GRAPH]
+        self.labels: list[str] = []
+        if "kws" in self.tasks:
+            path = self.dir / "labels.txt"
+            if not path.is_file():
+                raise FileNotFoundError(f"{self.dir} has no labels.txt (the KWS classes)")
+            self.labels = [line for line in path.read_text(encoding="utf-8").splitlines() if line]
+            n = self.session.get_outputs()[self.outputs.index("kws_logits")].shape[-1]
+            if isinstance(n, int) and n != len(self.labels):
+                raise ValueError(f"{path} lists {len(self.labels)} classes, the graph has {n}")
+
+    def infer(self, wavs: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        """Each head's output for N waveforms of any lengths (run in groups of equal length: no padding).
+
+        Args:
+          wavs: N ``(S_n,)`` float arrays of 16 kHz samples, each ``min_samples <= S_n <= max_samples``.
+
+        Returns:
+          ``{"kws_logits": (N, 12)}`` and / or ``{"sv_embeddings": (N, D)}`` float32, in input order.
+
+        Raises:
+          ValueError: an input that is not 1-D or is shorter / longer than the graph takes (naming its index).
+        """
+        wavs = [np.asarray(w, dtype=np.float32) for w in wavs]
+        for i, w in enumerate(wavs):
+            if w.ndim != 1:
+                raise ValueError(f"input {i}: expected (S,) samples, got shape {w.shape}")
+            if w.shape[0] < self.min_samples or (self.max_samples is not None and w.shape[0] > self.max_samples):
+                raise ValueError(f"input {i}: {w.shape[0]} samples; this model takes {self.min_samples} to "
+                                 f"{self.max_samples or 'any number of'} samples (16 kHz)")
+        res: dict[str, np.ndarray] = {}
+        for length in sorted({w.shape[0] for w in wavs}):
+            idx = [i for i, w in enumerate(wavs) if w.shape[0] == length]
+            outs = self.session.run(None, {"wavs": np.stack([wavs[i] for i in idx])})
+            for name, out in zip(self.outputs, outs):
+                if name not in res:
+                    res[name] = np.zeros((len(wavs),) + out.shape[1:], dtype=np.float32)
+                res[name][idx] = out
+        return res
+
+
+def _export_info(model_dir: Path) -> dict:
+    path = model_dir / "export.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir} has no export.json (not written by speechkd export)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not JSON: {e}") from None
+
+
 def load_onnx(model_dir: Pathlike, int8: bool = False, num_threads: int = 1):
-    """:class:`OnnxTransducer` or :class:`OnnxAed` by the export's ``export.json`` (``arch``; transducer without).
+    """:class:`OnnxTransducer`, :class:`OnnxAed` or :class:`OnnxSsl` by the export's ``export.json`` (``arch``;
+    transducer without the file).
 
     Raises:
       as the class.
     """
     info = Path(model_dir) / "export.json"
     arch = json.loads(info.read_text()).get("arch", "transducer") if info.is_file() else "transducer"
-    cls = OnnxAed if arch == "aed" else OnnxTransducer
+    cls = {"aed": OnnxAed, "ssl": OnnxSsl}.get(arch, OnnxTransducer)
     return cls(model_dir, int8=int8, num_threads=num_threads)
+
+
+def check_ssl_export(model, onnx_dir: Pathlike, wavs: Sequence[np.ndarray], int8: bool = False) -> dict:
+    """Compare an SSL export with its PyTorch model on waveforms: KWS logits (max abs difference and equal argmax)
+    and speaker embeddings (max abs difference and the smallest cosine similarity between the two).
+
+    Args:
+      model: the :class:`~speechkd.models.downstream.DownstreamModel` that was exported.
+      onnx_dir: its export (:func:`export_ssl`).
+      wavs: ``(S_n,)`` float 16 kHz waveforms (e.g. test clips).
+      int8: check ``model.int8.onnx`` instead.
+
+    Returns:
+      ``{"utterances", "kws_max_abs", "same_class", "sv_max_abs", "sv_min_cosine"}`` (None for an absent task).
+    """
+    from speechkd.eval.verification import cosine_scores
+
+    onnx_model = OnnxSsl(onnx_dir, int8=int8)
+    res = {"utterances": len(wavs), "kws_max_abs": None, "same_class": None, "sv_max_abs": None,
+           "sv_min_cosine": None}
+    out = onnx_model.infer(wavs)
+    ref = {k: [] for k in out}
+    for w in wavs:  # each alone: the reference is the PyTorch model on the utterance by itself
+        r = model.eval().infer(torch.from_numpy(np.asarray(w, dtype=np.float32))[None], torch.tensor([len(w)]))
+        for k in ref:
+            ref[k].append(r[k][0].numpy())
+    if "kws_logits" in out:
+        r = np.stack(ref["kws_logits"])
+        res.update(kws_max_abs=float(np.abs(out["kws_logits"] - r).max()),
+                   same_class=int((out["kws_logits"].argmax(-1) == r.argmax(-1)).sum()))
+    if "sv_embeddings" in out:
+        r = np.stack(ref["sv_embeddings"])
+        res.update(sv_max_abs=float(np.abs(out["sv_embeddings"] - r).max()),
+                   sv_min_cosine=float(cosine_scores(out["sv_embeddings"].astype(np.float64), r.astype(np.float64)).min()))
+    return res
 
 
 def check_export(model, onnx_dir: Pathlike, cuts, int8: bool = False, batch: int = 16) -> dict:

@@ -503,6 +503,52 @@ def report(exp: Experiment) -> Path:
     return path
 
 
+def export_run(exp: Experiment, student: Optional[str] = None, seed: int = 0, out: Optional[Path] = None,
+               int8: bool = False, overwrite: bool = False, check_utts: int = 50, sherpa: bool = False) -> list[str]:
+    """``speechkd export`` for ASR recipes: a student run (or the project's teacher) to ONNX
+    (:func:`speechkd.export.export_model`, into ``out`` or ``EXP/export/<run>``), then checked against PyTorch on the
+    first ``check_utts`` test utterances (fp32, and int8 with ``int8``; with ``sherpa`` also by sherpa-onnx from the
+    audio).
+
+    Returns:
+      the lines to print (what was written, each check's result).
+
+    Raises:
+      LookupError: no such student in the recipe, or no ``student`` while the teacher is not the project's model.
+      FileNotFoundError, FileExistsError, ValueError, TypeError: as :func:`~speechkd.export.export_model`.
+    """
+    from speechkd.export import check_export, check_sherpa_onnx, export_model
+    from speechkd.models.build import load_model
+
+    if student is None:
+        if not exp.teacher.can_decode:
+            raise LookupError(f"the teacher ({exp.teacher.describe()}) is not the project's transducer: give --student")
+        src, name = exp.teacher_dir, "teacher"
+    else:
+        if student not in [s.name for s in exp.recipe.students]:
+            raise LookupError(f"no student run '{student}' in the recipe ({', '.join(s.name for s in exp.recipe.students)})")
+        src, name = exp.student_dir(student, seed), f"{student}-seed{seed}"
+    model, _ = load_model(src)
+    dst = Path(out) if out is not None else exp.dir / "export" / name
+    export_model(model, exp.tokenizer, dst, int8=int8, comment=f"{exp.recipe.name}: {name}", overwrite=overwrite)
+    lines = [f"exported {src} -> {dst}"]
+    if check_utts > 0:
+        cuts = list(exp.cuts("test"))[:check_utts]
+        for q in ([False, True] if int8 else [False]):
+            res = check_export(model, dst, cuts, int8=q)
+            enc = "" if q else f", encoder frames within {res['encoder_max_abs']:.2e}"
+            lines.append(f"check ({'int8' if q else 'fp32'}): greedy hypotheses equal to PyTorch's on "
+                         f"{res['same_hypotheses']}/{res['utterances']} test utterances{enc}")
+        if sherpa:
+            if (dst / "joiner.onnx").is_file():
+                res = check_sherpa_onnx(dst, cuts)
+                lines.append(f"check (sherpa-onnx, its own fbank from the audio): hypotheses equal to onnxruntime's "
+                             f"on {res['same_hypotheses']}/{res['utterances']} test utterances")
+            else:
+                lines.append("--sherpa: sherpa-onnx has no layout for this AED model; not checked")
+    return lines
+
+
 STAGES: dict[str, Callable] = {
     "prepare": prepare,
     "teacher": train_teacher,

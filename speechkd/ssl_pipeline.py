@@ -646,5 +646,47 @@ ALL_RANK_STAGES = frozenset({"hubert-targets", "teacher", "distill", "finetune"}
 sharded by rank, the k-means fitted by rank 0); the others (prepare, evaluate, report) run on rank 0
 while the rest wait."""
 
+def export_run(exp: SslExperiment, student: Optional[str] = None, seed: int = 0, out: Optional[Path] = None,
+               int8: bool = False, overwrite: bool = False, check_utts: int = 50, sherpa: bool = False) -> list[str]:
+    """``speechkd export`` for SSL recipes: a fine-tuning run (``student``, e.g. ``student-multitask``) to ONNX
+    (:func:`speechkd.export.export_ssl`: 16 kHz waveform -> KWS logits and / or speaker embedding, into ``out`` or
+    ``EXP/export/<run>``), then checked against PyTorch on the first ``check_utts`` KWS test clips (fp32, and int8
+    with ``int8``). ``seed`` and ``sherpa`` do not apply (sherpa-onnx has no layout for these models).
+
+    Returns:
+      the lines to print.
+
+    Raises:
+      LookupError: no run given, or none of that name in the recipe.
+      FileNotFoundError: the run has not finished; FileExistsError, ValueError: as :func:`~speechkd.export.export_ssl`.
+    """
+    from speechkd.export import check_ssl_export, export_ssl
+
+    names = [r.name for r in exp.runs()]
+    if student not in names:
+        raise LookupError(f"{'no' if student is None else f'no fine-tuning run {student!r}'} given: an SSL recipe "
+                          f"exports one fine-tuning run, --student one of {', '.join(names)}")
+    src = exp.run_dir(next(r for r in exp.runs() if r.name == student))
+    model = load_downstream(src)
+    dst = Path(out) if out is not None else exp.dir / "export" / student
+    export_ssl(model, dst, int8=int8, comment=f"{exp.recipe.name}: {student}", overwrite=overwrite)
+    lines = [f"exported {src} -> {dst}"]
+    if sherpa:
+        lines.append("--sherpa: sherpa-onnx has no layout for SSL downstream models; not checked")
+    if check_utts > 0:
+        wavs = [c.load_audio()[0].astype(np.float32) for c in list(exp.cuts("kws_test"))[:check_utts]]
+        for q in ([False, True] if int8 else [False]):
+            res = check_ssl_export(model, dst, wavs, int8=q)
+            parts = []
+            if res["kws_max_abs"] is not None:
+                parts.append(f"KWS class equal to PyTorch's on {res['same_class']}/{res['utterances']} test clips, "
+                             f"logits within {res['kws_max_abs']:.2e}")
+            if res["sv_max_abs"] is not None:
+                parts.append(f"speaker embeddings within {res['sv_max_abs']:.2e} (cosine to PyTorch's >= "
+                             f"{res['sv_min_cosine']:.6f})")
+            lines.append(f"check ({'int8' if q else 'fp32'}): " + "; ".join(parts))
+    return lines
+
+
 STAGES = SSL_STAGES
 EXPERIMENT = SslExperiment

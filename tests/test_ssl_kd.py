@@ -257,3 +257,22 @@ def test_cli_dispatches_on_the_recipe_kind(tmp_path):
     bad = _write(tmp_path, {"task": "ssl", "name": "x", "exp_dir": str(tmp_path / "e"), "downstream": {"bta": 1}})
     res = runner.invoke(app, ["run", str(bad)])
     assert res.exit_code == 2 and "bta" in res.output
+
+
+def test_export_cli_exports_a_finetuning_run(ssl_exp, corpora_dir):
+    """`speechkd export SSL_RECIPE --student student-multitask --int8`: model.onnx checked against PyTorch on KWS test
+    clips; no run or an unknown one is refused naming the runs."""
+    pytest.importorskip("onnxruntime")
+    from speechkd.cli import app
+
+    base = [str(REPO / "recipes" / "smoke_ssl.yaml"), "--exp-dir", str(ssl_exp.dir), "--corpora-dir",
+            str(corpora_dir), "--no-progress"]
+    res = CliRunner().invoke(app, ["export", *base, "--student", "student-multitask", "--int8", "--check-utts", "6"])
+    assert res.exit_code == 0, res.output
+    out = ssl_exp.dir / "export" / "student-multitask"
+    assert (out / "model.onnx").is_file() and (out / "model.int8.onnx").is_file() and (out / "labels.txt").is_file()
+    assert "check (fp32): KWS class equal to PyTorch's on 6/6 test clips" in res.output
+    assert "speaker embeddings within" in res.output and "check (int8)" in res.output
+    for args in ([], ["--student", "nope"]):
+        res = CliRunner().invoke(app, ["export", *base, *args])
+        assert res.exit_code == 2 and "student-multitask" in res.output and "teacher-frozen-kws" in res.output

@@ -100,9 +100,9 @@ class DownstreamModel(nn.Module):
             total = hs[-1].sum() * 0.0
         return total, logs
 
-    @torch.inference_mode()
-    def infer(self, wavs: torch.Tensor, lens: torch.Tensor, encoded=None) -> dict:
-        """Every head's output for a batch of waveforms (eval mode).
+    def forward(self, wavs: torch.Tensor, lens: torch.Tensor, encoded=None) -> dict:
+        """Every head's output for a batch of waveforms (what :meth:`infer` runs without gradients, and what
+        :func:`speechkd.export.export_ssl` traces).
 
         Args:
           wavs: ``(N, S)`` 16 kHz samples; lens: ``(N,)`` valid samples.
@@ -119,6 +119,11 @@ class DownstreamModel(nn.Module):
         if self.sv is not None:
             res["sv_embeddings"] = self.sv(out.hidden_states, out.lens)
         return res
+
+    @torch.inference_mode()
+    def infer(self, wavs: torch.Tensor, lens: torch.Tensor, encoded=None) -> dict:
+        """:meth:`forward` in inference mode (call it on a model in eval mode); same arguments and outputs."""
+        return self(wavs, lens, encoded=encoded)
 
 
 def save_downstream(model: DownstreamModel, out_dir: Path, meta: dict) -> None:

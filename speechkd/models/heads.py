@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from speechkd.models.conformer import tracing
+
 __all__ = [
     "KWS_NUM_CLASSES",
     "WeightedLayerSum",
@@ -76,7 +78,7 @@ def _check_lens(lens: torch.Tensor, batch: int, num_frames: int, what: str = "le
         raise ValueError(f"{what} must be a (N,) = ({batch},) tensor, got {shape}")
     if lens.is_floating_point() or lens.is_complex() or lens.dtype == torch.bool:
         raise ValueError(f"{what} must be an integer tensor, got {lens.dtype}")
-    if batch and (int(lens.min()) < 1 or int(lens.max()) > num_frames):
+    if batch and not tracing() and (int(lens.min()) < 1 or int(lens.max()) > num_frames):
         raise ValueError(f"{what} must be in [1, T={num_frames}], got min {int(lens.min())}, max {int(lens.max())}")
     return lens.long()
 
@@ -191,9 +193,9 @@ class WeightedLayerSum(nn.Module):
                 raise ValueError("hidden_states is empty")
             for i, h in enumerate(hidden_states):
                 _check_frames(h, f"hidden_states[{i}]")
-            shapes = {tuple(h.shape) for h in hidden_states}
-            if len(shapes) != 1:
-                raise ValueError(f"all layers must have the same (N, T, C) shape, got {sorted(shapes)}")
+            shapes = [tuple(h.shape) for h in hidden_states]
+            if any(s != shapes[0] for s in shapes[1:]):
+                raise ValueError(f"all layers must have the same (N, T, C) shape, got {sorted(set(shapes))}")
             stacked = torch.stack(hidden_states, dim=0)
         if stacked.shape[0] != self.num_layers:
             raise ValueError(f"expected {self.num_layers} layers, got {stacked.shape[0]}")
@@ -272,6 +274,8 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
             ValueError: (training mode, from torch) a single valid frame in the whole batch.
         """
         mask = frame_mask(lens, x.shape[2])  # (N, T)
+        if not self.training and self.track_running_stats:  # a per-channel affine map: no gather (exportable)
+            return super().forward(x).masked_fill(~mask.unsqueeze(1), 0.0)
         x_t = x.transpose(1, 2)  # (N, T, C)
         valid = super().forward(x_t[mask])  # (M, C), M = lens.sum()
         out = x_t.new_zeros(x_t.shape[:2] + valid.shape[1:])
@@ -399,7 +403,7 @@ class XVectorHead(nn.Module):
         """
         x = self.featurizer(hidden_states)
         lens = _check_lens(lens, x.shape[0], x.shape[1])
-        if int(lens.min()) < self.min_frames:
+        if not tracing() and int(lens.min()) < self.min_frames:
             raise ValueError(f"XVectorHead with 'valid' TDNN padding needs >= {self.min_frames} frames per "
                              f"utterance, got an utterance of {int(lens.min())} (use padding='same')")
         x = self.projector(x).masked_fill(~frame_mask(lens, x.shape[1]).unsqueeze(-1), 0.0)

@@ -24,6 +24,8 @@ from typing import NamedTuple, Sequence, Union
 import torch
 from torch import nn
 
+from speechkd.models.conformer import tracing
+
 __all__ = [
     "SAMPLE_RATE",
     "SUPPORTED_MODEL_TYPES",
@@ -454,14 +456,18 @@ class SSLTeacher(nn.Module):
                 or a layer out of range (the message names the valid range).
         """
         layers = self.layers if layers is None else self._check_layers(layers)
-        lens = self._check_inputs(wavs, lens)
         dtype = next(self.model.parameters()).dtype
-        wavs = wavs[:, : int(lens.max())].to(dtype)
+        if tracing():  # an exported graph takes unpadded batches (one length); its caller checks the inputs
+            lens, padded = lens.to(torch.long), False
+        else:
+            lens = self._check_inputs(wavs, lens)
+            wavs = wavs[:, : int(lens.max())]
+            padded = bool((lens < wavs.shape[1]).any())
+        wavs = wavs.to(dtype)
         frames = self.frame_lens(lens)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             if self.normalize:
                 wavs = self._normalize(wavs, lens)
-            padded = bool((lens < wavs.shape[1]).any())
             if not padded:
                 hiddens = self._run(wavs, None, layers)
             elif self._group_norm and self.exact_padding:
