@@ -37,7 +37,12 @@ def test_connected_words_cuts_equal_the_previous_behaviour(tmp_path, corpora_dir
     exp = _exp(tmp_path, corpora_dir, data, name)
     prepare(exp)
     for split in ("train", "dev", "test"):
-        assert _rows(exp, split) == ref[split], split
+        rows = _rows(exp, split)
+        # Everything but the fbank mean must match exactly. The mean is float32 arithmetic whose last digit
+        # depends on the CPU's vector instructions (CI's machine differed from the writer's by 1e-4), so it is
+        # compared to 1e-3: a changed feature pipeline moves it by far more.
+        assert [r[:5] for r in rows] == [r[:5] for r in ref[split]], split
+        assert [r[5] for r in rows] == pytest.approx([r[5] for r in ref[split]], abs=1e-3), split
 
 
 # ------------------------------------------------------------------------------------------------ text rule
