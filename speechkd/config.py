@@ -416,6 +416,10 @@ class EvalConfig(Strict):
     beam: int = Field(4, ge=1)
     rtf_utts: int = Field(50, ge=1, description="test utterances decoded one at a time for the RTF")
     rtf_threads: int = Field(1, ge=1)
+    deployed: bool = Field(False, description="also measure every model as deployed: its ONNX export in fp32 and int8 "
+                                              "(made in EXP/export/<run> unless there) with file sizes, onnxruntime "
+                                              "RTF on rtf_threads threads and greedy test WER; the report's 'As "
+                                              "deployed' block")
 
 
 class StageRuntime(Strict):
@@ -783,6 +787,9 @@ class SslEvalConfig(Strict):
     rtf_utts: int = Field(50, ge=1)
     rtf_threads: int = Field(1, ge=1)
     num_threads: int = Field(2, ge=1)
+    deployed: bool = Field(False, description="also measure every system as deployed: each run's ONNX export in fp32 "
+                                              "and int8 (made in EXP/export/<run> unless there) with file sizes, KWS "
+                                              "accuracy, EER and onnxruntime RTF; the report's 'As deployed' block")
 
 
 class SslRecipe(Strict):

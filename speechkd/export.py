@@ -32,7 +32,7 @@ from speechkd.utils import Pathlike, atomic_dir
 
 __all__ = ["AED_GRAPHS", "GRAPHS", "SSL_GRAPH", "SSL_OUTPUTS", "OnnxAed", "OnnxSsl", "OnnxTransducer", "check_export",
            "check_sherpa_onnx", "check_ssl_export", "export_aed", "export_model", "export_ssl", "export_transducer",
-           "load_onnx", "pad_features", "ssl_min_samples", "write_tokens"]
+           "graph_bytes", "load_onnx", "measure_deployed", "pad_features", "ssl_min_samples", "write_tokens"]
 
 GRAPHS = ("encoder", "decoder", "joiner")
 """The graphs of an exported transducer, in file order (``<name>.onnx``, ``<name>.int8.onnx``)."""
@@ -679,3 +679,56 @@ def check_sherpa_onnx(onnx_dir: Pathlike, cuts, num_threads: int = 1) -> dict:
         mine = [ours.tokens[t].replace("\u2581", " ") for t in ours.transcribe_features([cut.load_features()])[0]]
         same += list(stream.result.tokens) == mine  # sherpa-onnx writes the word-boundary piece as a space
     return {"utterances": len(cuts), "same_hypotheses": same}
+
+
+def graph_bytes(onnx_dir: Pathlike, int8: bool = False) -> int:
+    """Bytes on disk of an export's fp32 graphs (``*.onnx`` but not ``*.int8.onnx``) or of its int8 graphs.
+
+    Raises:
+      FileNotFoundError: no such graph in ``onnx_dir``.
+    """
+    d = Path(onnx_dir)
+    files = [p for p in d.glob("*.onnx") if p.name.endswith(".int8.onnx") == int8]
+    if not files:
+        raise FileNotFoundError(f"{d} has no {'int8' if int8 else 'fp32'} ONNX graphs")
+    return sum(p.stat().st_size for p in files)
+
+
+def measure_deployed(onnx_dir: Pathlike, tokenizer, test_feats: Sequence[np.ndarray], test_refs: Sequence[str],
+                     rtf_feats: Sequence[np.ndarray], rtf_audio_seconds: float, normalizer=None,
+                     num_threads: int = 1, batch: int = 16) -> dict:
+    """The "as deployed" figures of an ASR export (transducer or AED), in fp32 and in int8: graph bytes, test WER of
+    onnxruntime's greedy search, and its CPU real-time factor one utterance at a time.
+
+    Args:
+      onnx_dir: an export with both precisions (:func:`export_model` with ``int8=True``).
+      tokenizer: the model's :class:`speechkd.data.tokenizer.Tokenizer` (ids -> text).
+      test_feats: ``(T, 80)`` fbank of each test utterance; test_refs: their reference texts (normalised as
+        ``normalizer`` leaves them).
+      rtf_feats: fbank of the utterances timed for the RTF (feature extraction is not timed, as for the PyTorch RTF
+        of ``speechkd evaluate``); rtf_audio_seconds: their total duration in seconds.
+      normalizer: the data's text rule, applied to the hypotheses (None: as decoded).
+      num_threads: onnxruntime threads (RTF and WER).
+      batch: utterances per batch for the WER (right-padded; the encoder masks padding).
+
+    Returns:
+      ``{"fp32": {"bytes", "test_wer", "rtf"}, "int8": {...}}`` (WER in percent).
+
+    Raises:
+      FileNotFoundError: a graph of either precision is missing.
+    """
+    from speechkd.eval.metrics import word_error_rate
+    from speechkd.eval.speed import real_time_factor
+
+    out = {}
+    for name, q in (("fp32", False), ("int8", True)):
+        runner = load_onnx(onnx_dir, int8=q, num_threads=num_threads)
+        hyps = []
+        for start in range(0, len(test_feats), batch):
+            hyps += tokenizer.decode(runner.transcribe_features(test_feats[start:start + batch]))
+        if normalizer is not None:
+            hyps = [normalizer(h) for h in hyps]
+        rtf = real_time_factor(lambda f: runner.transcribe_features([f]), rtf_feats, audio_seconds=rtf_audio_seconds)
+        out[name] = {"bytes": graph_bytes(onnx_dir, int8=q), "test_wer": word_error_rate(list(test_refs), hyps).wer,
+                     "rtf": rtf}
+    return out

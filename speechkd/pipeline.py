@@ -413,13 +413,19 @@ def evaluate(exp: Experiment) -> None:
             log(f"evaluate: the teacher ({exp.teacher.describe()}) has no ASR head: no WER, skipped")
     for name, group, mdir, method, seed in _models(exp):
         out = exp.dir / "eval" / f"{name}.json"
-        if out.is_file():
+        done = json.loads(out.read_text()) if out.is_file() else None
+        if done is not None and (not e.deployed or "deployed" in done):
             log(f"evaluate: {out} exists, skipped")
             continue
         if not (mdir / "model.safetensors").is_file():
             log(f"evaluate: {mdir} has no model yet, skipped")
             continue
         model, meta = load_model(mdir)
+        if done is not None:  # evaluated before eval.deployed was switched on: add the deployed block only
+            done["deployed"] = _evaluate_deployed(exp, name, model, splits["test"], rtf_cuts, normalizer,
+                                                  done["test_wer"] if e.decoding == "greedy" else None)
+            write_json_atomic(out, done)
+            continue
         set_thread_policy(2)
         result = {"name": name, "group": group, "role": meta.get("role", "baseline"), "method": method, "seed": seed,
                   "params": count_parameters(model)}
@@ -444,9 +450,46 @@ def evaluate(exp: Experiment) -> None:
         result.update(label_kind=kind, label_bytes=nbytes, **_train_times(mdir))
         if kind == "ci" and "l1" in label_bytes:
             result["float32_label_bytes"] = label_bytes["l1"][1]
+        if e.deployed:
+            result["deployed"] = _evaluate_deployed(exp, name, model, splits["test"], rtf_cuts, normalizer,
+                                                    result["test_wer"] if e.decoding == "greedy" else None)
         write_json_atomic(out, result)
         log(f"evaluate: {name}: params {result['params'] / 1e6:.2f} M, dev WER {result['dev_wer']:.2f}%, "
             f"test WER {result['test_wer']:.2f}%, RTF {result['rtf']:.4f}")
+
+
+def _evaluate_deployed(exp: Experiment, name: str, model, test_cuts, rtf_cuts, normalizer,
+                       pytorch_greedy_wer: Optional[float] = None) -> dict:
+    """The "as deployed" block of ``eval/<name>.json`` (``eval.deployed``): the model's ONNX export, fp32 and int8, in
+    ``EXP/export/<name>`` (written there unless it already holds both precisions) measured by
+    :func:`speechkd.export.measure_deployed` on the test split (greedy WER) and on ``rtf_cuts`` (onnxruntime RTF, one
+    utterance at a time on ``eval.rtf_threads`` threads), beside the PyTorch model's greedy test WER
+    (``pytorch_greedy_wer``, decoded here when not given, i.e. when ``eval.decoding`` is beam search)."""
+    from speechkd.export import export_model, measure_deployed
+
+    dst = exp.dir / "export" / name
+    has_both = dst.is_dir() and any(dst.glob("*.int8.onnx")) and any(
+        p for p in dst.glob("*.onnx") if not p.name.endswith(".int8.onnx"))
+    if not has_both:
+        export_model(model, exp.tokenizer, dst, int8=True, comment=f"{exp.recipe.name}: {name}",
+                     overwrite=dst.exists())
+    test = list(test_cuts)
+    refs = [" ".join(s.text for s in c.supervisions if s.text) for c in test]
+    if normalizer is not None:
+        refs = [normalizer(r) for r in refs]
+    if pytorch_greedy_wer is None:
+        from speechkd.eval.metrics import word_error_rate
+
+        _, prefs, phyps = decode_cuts(model, test_cuts, exp.tokenizer, "greedy", progress=False, normalizer=normalizer)
+        pytorch_greedy_wer = word_error_rate(prefs, phyps).wer
+    res = measure_deployed(dst, exp.tokenizer, [c.load_features() for c in test], refs,
+                           [c.load_features() for c in rtf_cuts], sum(c.duration for c in rtf_cuts),
+                           normalizer=normalizer, num_threads=exp.recipe.eval.rtf_threads)
+    res.update(export_dir=str(dst), pytorch_greedy_test_wer=pytorch_greedy_wer)
+    log(f"evaluate: {name} as deployed ({dst}): test WER fp32 {res['fp32']['test_wer']:.2f}% / int8 "
+        f"{res['int8']['test_wer']:.2f}% (PyTorch {pytorch_greedy_wer:.2f}%), RTF fp32 {res['fp32']['rtf']:.4f} / "
+        f"int8 {res['int8']['rtf']:.4f}, {res['fp32']['bytes'] / 1e6:.2f} / {res['int8']['bytes'] / 1e6:.2f} MB")
+    return res
 
 
 def _evaluate_transcribing_teacher(exp: Experiment, splits: dict, rtf_cuts, normalizer) -> None:

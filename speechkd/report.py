@@ -76,6 +76,14 @@ REQUIRED_KEYS: dict[str, tuple[tuple[type, ...], bool]] = {
     "train_seconds": (_NUM, True),
 }
 
+DEPLOYED_KEYS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "bytes": ((int,), False),
+    "test_wer": (_NUM, False),
+    "rtf": (_NUM, False),
+}
+"""Keys of each precision (``fp32``, ``int8``) of a result's optional ``deployed`` block (``eval.deployed``, written by
+:func:`speechkd.export.measure_deployed`): ONNX graph bytes, onnxruntime greedy test WER in percent, RTF."""
+
 PathLike = Union[str, os.PathLike]
 
 
@@ -133,6 +141,13 @@ def _validate(res: Any, src: str) -> dict:
             raise ValueError(f"{src}: key {key!r} must be >= 0, got {res[key]!r}")
     if "notes" in res and res["notes"] is not None and not isinstance(res["notes"], str):
         raise ValueError(f"{src}: key 'notes' must be a string, got {res['notes']!r}")
+    if res.get("deployed") is not None:
+        for q in ("fp32", "int8"):
+            d = _check_keys(res["deployed"].get(q) if isinstance(res["deployed"], dict) else None,
+                            f"{src}: deployed.{q}", DEPLOYED_KEYS)
+            for key in DEPLOYED_KEYS:
+                if d[key] < 0:
+                    raise ValueError(f"{src}: deployed.{q}.{key} must be >= 0, got {d[key]!r}")
     return res
 
 
@@ -558,7 +573,8 @@ def write_report(exp_dir: PathLike, title: Optional[str] = None, teacher_note: O
     generated), a table with one row per group (Model, Role, Method, Params (M), params ratio to
     the teacher, dev/test WER % as "mean ± std (n)", relative WER reduction vs the baseline %,
     RTF, label kind, label bytes), a teacher-vs-baseline line (with a warning when the teacher
-    is not better: distillation has nothing to pass on), the label-storage ratio line, the
+    is not better: distillation has nothing to pass on), the label-storage ratio line, with ``eval.deployed`` an
+    "As deployed" table (ONNX fp32 / int8 test WER, RTF and graph sizes beside PyTorch's), the
     plots ``training_curves.png`` and ``wer_vs_label_bytes.png`` and a per-run table.
 
     Args:
@@ -675,6 +691,27 @@ def write_report(exp_dir: PathLike, title: Optional[str] = None, teacher_note: O
         ))
         out.append("")
         out.append("Relative WER increase: (model − teacher) / teacher × 100 on test WER means (lower is better).")
+    deployed = [r for r in results if r.get("deployed")]
+    if deployed:
+        out += ["", "## As deployed", ""]
+        order_d = {r["group"]: i for i, r in enumerate(rows)}
+        body = []
+        for r in sorted(deployed, key=lambda x: (order_d[x["group"]], x["seed"])):
+            d = r["deployed"]
+            f32, i8 = d["fp32"], d["int8"]
+            pt = d.get("pytorch_greedy_test_wer", r["test_wer"])
+            rel = None if not f32["test_wer"] else 100 * (i8["test_wer"] - f32["test_wer"]) / f32["test_wer"]
+            body.append([r["name"], _fmt(pt, ".2f"), f"{f32['test_wer']:.2f}", f"{i8['test_wer']:.2f}", _fmt(rel, "+.1f"),
+                         _fmt(r["rtf"], ".4f"), f"{f32['rtf']:.4f}", f"{i8['rtf']:.4f}",
+                         _fmt(None if not r["rtf"] or not i8["rtf"] else r["rtf"] / i8["rtf"], ".2f"),
+                         f"{f32['bytes'] / 1e6:.2f} / {i8['bytes'] / 1e6:.2f}"])
+        out.append(_table(["Name", "test WER % PyTorch", "ONNX fp32", "ONNX int8", "int8 vs fp32 rel. WER %",
+                           "RTF PyTorch", "RTF ONNX fp32", "RTF ONNX int8", "int8 speed-up vs PyTorch",
+                           "Graphs fp32 / int8 (MB)"], body))
+        out.append("")
+        out.append("Greedy search throughout. ONNX: the `speechkd export` graphs (`EXP/export/<run>`) run by onnxruntime; "
+                   "int8: onnxruntime's dynamic quantization. RTF: one utterance at a time on `eval.rtf_threads` "
+                   "threads, on the same utterances as the PyTorch RTF, fbank not timed.")
     out += ["", "## Plots", "",
             f"![Training curves](plots/{curve_png.name})", "",
             f"![Test WER vs label bytes](plots/{wer_png.name})", ""]
@@ -715,6 +752,15 @@ SSL_REQUIRED_KEYS: dict[str, tuple[tuple[type, ...], bool]] = {
 ``{"eer": percent, "min_dcf": float, "trials": int}``, ``params`` counts what serves every task (encoders and
 heads), ``encoder_params`` one encoder."""
 
+SSL_DEPLOYED_KEYS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "bytes": ((int,), False),
+    "kws_accuracy": (_NUM, True),
+    "sv_eer": (_NUM, True),
+    "rtf": (_NUM, False),
+}
+"""Keys of each precision (``fp32``, ``int8``) of an SSL result's optional ``deployed`` block (``eval.deployed``):
+graph bytes of the system's runs, KWS accuracy and mean EER in percent (null without that task), onnxruntime RTF."""
+
 _SSL_MODES = {"frozen": "frozen encoder, one head per task", "finetune": "fine-tuned encoder per task",
               "multitask": "one encoder fine-tuned for both tasks"}
 
@@ -733,6 +779,10 @@ def load_ssl_results(exp_dir: PathLike) -> list[dict]:
             if not isinstance(v, dict) or not all(isinstance(v.get(k), _NUM) and math.isfinite(v[k])
                                                   for k in ("eer", "min_dcf")):
                 raise ValueError(f"{f}: sv[{spec!r}] needs finite 'eer' and 'min_dcf'")
+        if res.get("deployed") is not None:
+            for q in ("fp32", "int8"):
+                _check_keys(res["deployed"].get(q) if isinstance(res["deployed"], dict) else None,
+                            f"{f}: deployed.{q}", SSL_DEPLOYED_KEYS)
         out.append(res)
     return out
 
@@ -766,7 +816,8 @@ def write_ssl_report(exp_dir: PathLike, title: Optional[str] = None) -> Path:
 
     One row per system (teacher / student encoder x frozen / finetune / multitask mode): parameters serving both
     tasks and of one encoder, KWS accuracy, EER and minDCF per trial list, CPU real-time factor, fine-tuning time;
-    then findings (student vs teacher, multi-task vs single-task) and the plot.
+    then findings (student vs teacher, multi-task vs single-task), with ``eval.deployed`` an "As deployed" table (ONNX
+    fp32 / int8 accuracy, EER, RTF and sizes beside PyTorch's), and the plot.
 
     Raises:
         FileNotFoundError, ValueError: as :func:`load_ssl_results`.
@@ -830,6 +881,26 @@ def write_ssl_report(exp_dir: PathLike, title: Optional[str] = None) -> Path:
         findings.append(f"- {enc}: multi-task vs single-task fine-tuning: " + "; ".join(parts) + ".")
     out += findings or ["- Nothing to compare yet (needs the same mode for teacher and student, or both "
                         "fine-tuning modes for one encoder)."]
+    deployed = [r for r in results if r.get("deployed")]
+    if deployed:
+        out += ["", "## As deployed", ""]
+        body = []
+        for r in deployed:
+            d = r["deployed"]
+            row = [r["name"]]
+            for key in ("kws_accuracy", "sv_eer"):
+                row += [_fmt(r[key], ".2f"), _fmt(d["fp32"].get(key), ".2f"), _fmt(d["int8"].get(key), ".2f")]
+            row += [_fmt(r["rtf"], ".4f"), f"{d['fp32']['rtf']:.4f}", f"{d['int8']['rtf']:.4f}",
+                    f"{d['fp32']['bytes'] / 1e6:.2f} / {d['int8']['bytes'] / 1e6:.2f}"]
+            body.append(row)
+        out.append(_table(["System", "KWS acc % PyTorch", "ONNX fp32", "ONNX int8", "EER % (mean) PyTorch", "ONNX fp32",
+                           "ONNX int8", "RTF PyTorch", "RTF ONNX fp32", "RTF ONNX int8", "Graphs fp32 / int8 (MB)"],
+                          body))
+        out.append("")
+        out.append("ONNX: each run's `speechkd export` graph (`EXP/export/<run>`) run by onnxruntime; int8: onnxruntime's "
+                   "dynamic quantization. EER: mean over the trial lists. RTF: one clip at a time on `eval.rtf_threads` "
+                   "threads; a frozen system deploys one graph per task, each with the encoder, so its ONNX RTF and "
+                   "size count the encoder twice where PyTorch runs it once.")
     plot = exp / "plots" / "ssl_tasks.png"
     _plot_ssl(plot, results, lists)
     out += ["", "## Plots", "", f"![KWS accuracy and SV EER against parameters](plots/{plot.name})", ""]

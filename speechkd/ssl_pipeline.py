@@ -557,7 +557,8 @@ def evaluate(exp: SslExperiment) -> None:
                   for spec in exp.recipe.data.trials}
     for system, runs in exp.systems().items():
         out = exp.dir / "eval" / f"{system}.json"
-        if out.is_file():
+        done = json.loads(out.read_text()) if out.is_file() else None
+        if done is not None and (not e.deployed or "deployed" in done):
             log(f"evaluate: {out} exists, skipped")
             continue
         missing = [r.name for r in runs if not (exp.run_dir(r) / DOWNSTREAM_META).is_file()]
@@ -567,6 +568,11 @@ def evaluate(exp: SslExperiment) -> None:
         set_thread_policy(e.num_threads)
         models = [load_downstream(exp.run_dir(r)) for r in runs]
         first = runs[0]
+        rtf_cuts = kws_test.subset(first=min(e.rtf_utts, len(kws_test)))
+        if done is not None:  # evaluated before eval.deployed was switched on: add the deployed block only
+            done["deployed"] = _evaluate_deployed(exp, system, runs, models, kws_test, trial_sets, rtf_cuts)
+            write_json_atomic(out, done)
+            continue
         encoder_params = _params([models[0].encoder])
         result = {
             "name": system, "encoder": first.encoder, "mode": first.mode, "tasks": list(exp.recipe.downstream.tasks),
@@ -592,7 +598,6 @@ def evaluate(exp: SslExperiment) -> None:
             result["sv_min_dcf"] = float(np.mean([v["min_dcf"] for v in result["sv"].values()]))
         eval_seconds = time.time() - t0
         set_thread_policy(e.rtf_threads)
-        rtf_cuts = kws_test.subset(first=min(e.rtf_utts, len(kws_test)))
         batches = [WaveformDataset(())[CutSet.from_cuts([c])] for c in rtf_cuts]  # one utterance at a time
         result["rtf"] = real_time_factor(lambda b: system_infer(models, first.mode, b["wavs"], b["lens"]), batches,
                                          audio_seconds=sum(c.duration for c in rtf_cuts))
@@ -601,12 +606,81 @@ def evaluate(exp: SslExperiment) -> None:
                                         for r in runs),
                       eval_seconds=eval_seconds)
         set_thread_policy(e.num_threads)
+        if e.deployed:
+            result["deployed"] = _evaluate_deployed(exp, system, runs, models, kws_test, trial_sets, rtf_cuts)
         write_json_atomic(out, result)
         kws = "-" if result["kws_accuracy"] is None else f"{result['kws_accuracy']:.2f}%"
         sv = "-" if result["sv_eer"] is None else f"{result['sv_eer']:.2f}% (minDCF {result['sv_min_dcf']:.3f})"
         log(f"evaluate: {system}: params {result['params'] / 1e6:.2f} M, KWS accuracy {kws}, SV EER {sv}, "
             f"RTF {result['rtf']:.4f}")
 
+
+def _pct(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.2f}%"
+
+
+class _OnnxRun:
+    """An exported run (:class:`speechkd.export.OnnxSsl`) behind :class:`DownstreamModel`'s inference call, so that
+    :func:`kws_accuracy` and :func:`sv_scores` score an export exactly as they score the PyTorch model.
+
+    ``infer(wavs (N, S), lens (N,))`` -> ``{"kws_logits": (N, K)}`` and / or ``{"sv_embeddings": (N, D)}`` torch
+    tensors, each utterance cut to its ``lens`` samples (the graph takes unpadded inputs)."""
+
+    def __init__(self, onnx_model):
+        self.onnx = onnx_model
+        self.kws = True if "kws" in onnx_model.tasks else None
+        self.sv = True if "sv" in onnx_model.tasks else None
+
+    def infer(self, wavs: torch.Tensor, lens: torch.Tensor) -> dict:
+        out = self.onnx.infer([w[: int(n)].numpy() for w, n in zip(wavs, lens)])
+        return {k: torch.from_numpy(v) for k, v in out.items()}
+
+
+def _evaluate_deployed(exp: SslExperiment, system: str, runs, models: Sequence[DownstreamModel], kws_test,
+                       trial_sets: dict, rtf_cuts) -> dict:
+    """The "as deployed" block of ``eval/<system>.json`` (``eval.deployed``): each run's ONNX export
+    (:func:`speechkd.export.export_ssl`, fp32 and int8, in ``EXP/export/<run>``, written unless it holds both), and
+    per precision: graph bytes of the system's runs, KWS accuracy (percent), EER per trial list and their mean
+    (percent), and the system's onnxruntime RTF (every run's graph on each clip, one clip at a time, on
+    ``eval.rtf_threads`` threads; a frozen system's two graphs each hold the shared encoder, so it runs twice)."""
+    from lhotse import CutSet
+
+    from speechkd.data.classification import WaveformDataset
+    from speechkd.eval.metrics import equal_error_rate
+    from speechkd.eval.speed import real_time_factor
+    from speechkd.export import OnnxSsl, export_ssl, graph_bytes
+
+    e = exp.recipe.eval
+    dirs = []
+    for run, model in zip(runs, models):
+        dst = exp.dir / "export" / run.name
+        if not ((dst / "model.onnx").is_file() and (dst / "model.int8.onnx").is_file()):
+            export_ssl(model, dst, int8=True, comment=f"{exp.recipe.name}: {run.name}", overwrite=dst.exists())
+        dirs.append(dst)
+    res = {"export_dirs": [str(d) for d in dirs]}
+    batches = [WaveformDataset(())[CutSet.from_cuts([c])] for c in rtf_cuts]
+    for name, q in (("fp32", False), ("int8", True)):
+        onnx_runs = [_OnnxRun(OnnxSsl(d, int8=q, num_threads=e.num_threads)) for d in dirs]
+        block = {"bytes": sum(graph_bytes(d, int8=q) for d in dirs), "kws_accuracy": None, "sv": {}, "sv_eer": None}
+        for m in onnx_runs:
+            if m.kws is not None:
+                block["kws_accuracy"] = 100.0 * kws_accuracy(m, kws_test, e.batch_seconds, exp.progress)
+            if m.sv is not None:
+                for spec, (trial_cuts, trials) in trial_sets.items():
+                    eer, _ = equal_error_rate(sv_scores(m, trial_cuts, trials, e.batch_seconds, exp.progress),
+                                              trials.labels)
+                    block["sv"][spec] = {"eer": 100.0 * eer}
+        if block["sv"]:
+            block["sv_eer"] = float(np.mean([v["eer"] for v in block["sv"].values()]))
+        timed = [_OnnxRun(OnnxSsl(d, int8=q, num_threads=e.rtf_threads)) for d in dirs]
+        block["rtf"] = real_time_factor(lambda b: [m.infer(b["wavs"], b["lens"]) for m in timed], batches,
+                                        audio_seconds=sum(c.duration for c in rtf_cuts))
+        res[name] = block
+    f32, i8 = res["fp32"], res["int8"]
+    log(f"evaluate: {system} as deployed: KWS accuracy fp32 {_pct(f32['kws_accuracy'])} / int8 "
+        f"{_pct(i8['kws_accuracy'])}, EER fp32 {_pct(f32['sv_eer'])} / int8 {_pct(i8['sv_eer'])}, RTF fp32 {res['fp32']['rtf']:.4f} / int8 "
+        f"{res['int8']['rtf']:.4f}, {res['fp32']['bytes'] / 1e6:.2f} / {res['int8']['bytes'] / 1e6:.2f} MB")
+    return res
 
 
 # ---------------------------------------------------------------------------------------------- report

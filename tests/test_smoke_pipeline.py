@@ -169,3 +169,41 @@ def test_export_cli_writes_a_checked_sherpa_onnx_layout(smoke_exp, tmp_path, cor
     assert res.exit_code == 0 and (tmp_path / "t" / "joiner.onnx").is_file(), res.output
     res = CliRunner().invoke(app, ["export", str(REPO / "recipes" / "smoke.yaml"), "--student", "nope", *base])
     assert res.exit_code == 2 and "nope" in res.output
+
+
+def test_evaluate_deployed_adds_the_as_deployed_block(smoke_exp, tmp_path):
+    """`eval.deployed: true` on an evaluated experiment: each model is exported (fp32 + int8) and its ONNX test WER,
+    RTF and graph sizes join its result; the fp32 WER equals the PyTorch model's (same greedy hypotheses) and the
+    report gets an "As deployed" table. A malformed block is refused by name."""
+    pytest.importorskip("onnxruntime")
+    import shutil
+
+    from speechkd.pipeline import evaluate, report
+    from speechkd.report import load_results
+
+    shutil.copytree(smoke_exp.dir, tmp_path / "exp")
+    recipe = smoke_exp.recipe.model_copy(deep=True)
+    recipe.exp_dir = str(tmp_path / "exp")
+    recipe.eval.deployed = True
+    exp = Experiment(recipe, progress=False)
+    evaluate(exp)
+    results = {p.stem: json.loads(p.read_text()) for p in (exp.dir / "eval").glob("*.json")}
+    assert set(results) == {"teacher", "baseline-seed0", "mvq-seed0", "l1-seed0"}
+    for name, r in results.items():
+        d = r["deployed"]
+        export = exp.dir / "export" / name
+        fp32 = sum((export / f"{g}.onnx").stat().st_size for g in ("encoder", "decoder", "joiner"))
+        int8 = sum((export / f"{g}.int8.onnx").stat().st_size for g in ("encoder", "decoder", "joiner"))
+        assert (d["fp32"]["bytes"], d["int8"]["bytes"]) == (fp32, int8) and int8 < fp32
+        assert d["fp32"]["test_wer"] == pytest.approx(r["test_wer"], abs=1e-9), name  # the PyTorch greedy WER
+        assert d["pytorch_greedy_test_wer"] == r["test_wer"]
+        assert d["fp32"]["rtf"] > 0 and d["int8"]["rtf"] > 0 and d["int8"]["test_wer"] >= 0
+    text = report(exp).read_text()
+    section = text.split("## As deployed", 1)[1].split("## Plots", 1)[0]
+    assert all(f"| {name} |" in section for name in results)
+    evaluate(exp)  # a second pass skips every model: the blocks are there
+    assert json.loads((exp.dir / "eval" / "mvq-seed0.json").read_text()) == results["mvq-seed0"]
+    bad = dict(results["mvq-seed0"], deployed={"fp32": d["fp32"], "int8": {"bytes": 1, "rtf": 0.1}})
+    (exp.dir / "eval" / "mvq-seed0.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"mvq-seed0.json: deployed.int8: missing keys \['test_wer'\]"):
+        load_results(exp.dir)

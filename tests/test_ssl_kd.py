@@ -276,3 +276,32 @@ def test_export_cli_exports_a_finetuning_run(ssl_exp, corpora_dir):
     for args in ([], ["--student", "nope"]):
         res = CliRunner().invoke(app, ["export", *base, *args])
         assert res.exit_code == 2 and "student-multitask" in res.output and "teacher-frozen-kws" in res.output
+
+
+def test_evaluate_deployed_scores_the_exports(ssl_exp, tmp_path):
+    """`eval.deployed: true` on an evaluated SSL experiment (two of its systems): each run exported in fp32 and int8;
+    the fp32 export's KWS accuracy and EER equal PyTorch's (same classes and scores to ~1e-5), the sizes are the
+    graphs' on disk (a frozen system ships one graph per task), and the report gets an "As deployed" table."""
+    pytest.importorskip("onnxruntime")
+    import shutil
+
+    from speechkd.ssl_pipeline import evaluate, report
+
+    shutil.copytree(ssl_exp.dir, tmp_path / "exp")
+    recipe = ssl_exp.recipe.model_copy(deep=True)
+    recipe.exp_dir = str(tmp_path / "exp")
+    recipe.downstream.encoders, recipe.downstream.modes = ["student"], ["frozen", "multitask"]
+    recipe.eval.deployed = True
+    exp = make_experiment(recipe, progress=False)
+    evaluate(exp)
+    for system, runs in (("student-frozen", ["student-frozen-kws", "student-frozen-sv"]),
+                         ("student-multitask", ["student-multitask"])):
+        r = json.loads((exp.dir / "eval" / f"{system}.json").read_text())
+        d = r["deployed"]
+        for q, suffix in (("fp32", ".onnx"), ("int8", ".int8.onnx")):
+            assert d[q]["bytes"] == sum((exp.dir / "export" / run / f"model{suffix}").stat().st_size for run in runs)
+            assert d[q]["rtf"] > 0 and 0 <= d[q]["kws_accuracy"] <= 100 and 0 <= d[q]["sv_eer"] <= 100
+        assert d["fp32"]["kws_accuracy"] == r["kws_accuracy"], system
+        assert d["fp32"]["sv_eer"] == pytest.approx(r["sv_eer"], abs=1e-9), system
+    section = report(exp).read_text().split("## As deployed", 1)[1]
+    assert "| student-frozen |" in section and "| student-multitask |" in section
