@@ -230,10 +230,10 @@ def _find_tokenizer(model_dir: Path) -> Path:
 
 
 def load(model_dir: Pathlike, onnx: Optional[bool] = None, int8: bool = False, num_threads: int = 1,
-         max_seconds: float = 60.0) -> Union[Transcriber, SslModel]:
-    """A :class:`Transcriber` (greedy search) from a trained ASR run or its ONNX export, transducer or AED; or an
-    :class:`SslModel` (KWS / speaker verification) from an SSL recipe's fine-tuning run (``finetune/<run>/``, with
-    ``downstream.json``) or its export (``model.onnx``).
+         max_seconds: float = 60.0, beam: int = 1) -> Union[Transcriber, SslModel]:
+    """A :class:`Transcriber` (greedy search, or beam search with ``beam`` > 1) from a trained ASR run or its ONNX
+    export, transducer or AED; or an :class:`SslModel` (KWS / speaker verification) from an SSL recipe's fine-tuning
+    run (``finetune/<run>/``, with ``downstream.json``) or its export (``model.onnx``).
 
     Args:
       model_dir: ``students/<run>/`` / ``teacher/`` of an experiment, or ``finetune/<run>/`` of an SSL experiment
@@ -242,20 +242,31 @@ def load(model_dir: Pathlike, onnx: Optional[bool] = None, int8: bool = False, n
       int8: the ``*.int8.onnx`` graphs (ONNX only).
       num_threads: CPU threads.
       max_seconds: longest audio accepted.
+      beam: beam width of the search (1: greedy; > 1: the PyTorch model's beam search, modified beam search for a
+        transducer, :func:`speechkd.decoding.nbest_search`; the ONNX runners decode greedily only).
 
     Raises:
       FileNotFoundError: no model, graphs or tokenizer in ``model_dir`` (naming what is missing).
-      ValueError: a model that is neither a transducer nor an AED, or tokens that do not fit it.
+      ValueError: a model that is neither a transducer nor an AED, tokens that do not fit it, ``beam`` < 1, or
+        ``beam`` > 1 with the ONNX graphs or an SSL model.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
+    if beam < 1:
+        raise ValueError(f"beam must be >= 1, got {beam}")
     from speechkd.models.downstream import DOWNSTREAM_META
 
     if onnx is None:
         onnx = (model_dir / "encoder.onnx").is_file() or (model_dir / "model.onnx").is_file()
     if (model_dir / DOWNSTREAM_META).is_file() or (onnx and (model_dir / "model.onnx").is_file()):
+        if beam > 1:
+            raise ValueError(f"{model_dir} is an SSL model (keyword spotting / speaker embeddings): beam search "
+                             "does not apply")
         return _load_ssl(model_dir, onnx, int8, num_threads, max_seconds)
+    if onnx and beam > 1:
+        raise ValueError(f"beam search (beam {beam}) runs on the PyTorch model only; the ONNX graphs of {model_dir} "
+                         "decode greedily: give the trained run's folder, or beam 1")
     if onnx:
         from speechkd.export import load_onnx
 
@@ -286,6 +297,10 @@ def load(model_dir: Pathlike, onnx: Optional[bool] = None, int8: bool = False, n
         x, lens = pad_features(feats)
         with torch.no_grad():
             enc, enc_lens, _ = model.encode(torch.from_numpy(x), torch.from_numpy(lens))
-            return greedy_search(model, enc, enc_lens)
+            if beam == 1:
+                return greedy_search(model, enc, enc_lens)
+            from speechkd.decoding import nbest_search
+
+            return [nb[0][0] for nb in nbest_search(model, enc, enc_lens, beam=beam)]
 
     return Transcriber(decode, [tok.sp.id_to_piece(i) for i in range(tok.vocab_size)], max_seconds)

@@ -309,22 +309,28 @@ def transcribe(model_dir: Path = typer.Argument(..., help="a trained run (studen
                int8: bool = typer.Option(False, "--int8", help="the int8 ONNX graphs"),
                out: Optional[Path] = typer.Option(None, help="write JSON lines {audio, text, error} here (default: "
                                                              "print 'path<TAB>text')"),
+               beam: int = typer.Option(1, help="beam width (1: greedy search; > 1: beam search, PyTorch models "
+                                                "only)"),
                num_threads: int = typer.Option(1, help="CPU threads"),
                max_seconds: float = typer.Option(60.0, help="refuse longer files (cut them at pauses first)"),
                progress: bool = ProgressOpt):
-    """Transcribe audio with a trained transducer or AED model (greedy search): any sampling rate (resampled to 16 kHz), mono or
-    downmixed. A file that cannot be read or is too long is reported by name and skipped; the others are
-    transcribed. Exit code 1 when any file failed."""
+    """Transcribe audio with a trained transducer or AED model (greedy or beam search): any sampling rate (resampled to
+    16 kHz), mono or downmixed. A file that cannot be read or is too long is reported by name and skipped; the others
+    are transcribed. Exit code 1 when any file failed. SSL models (keyword spotting): `speechkd classify`."""
     import json
 
     from tqdm import tqdm
 
-    from speechkd.api import load
+    from speechkd.api import SslModel, load
 
     try:
-        model = load(model_dir, onnx=onnx, int8=int8, num_threads=num_threads, max_seconds=max_seconds)
+        model = load(model_dir, onnx=onnx, int8=int8, num_threads=num_threads, max_seconds=max_seconds, beam=beam)
     except (FileNotFoundError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    if isinstance(model, SslModel):
+        typer.echo(f"error: {model_dir} is an SSL model (keyword spotting / speaker embeddings), not ASR: use "
+                   f"`speechkd classify {model_dir} AUDIO...`", err=True)
         raise typer.Exit(2)
     paths = _audio_inputs(audio)
     results, failed = [], 0
@@ -344,6 +350,62 @@ def transcribe(model_dir: Path = typer.Argument(..., help="a trained run (studen
         for r in results:
             if r["text"] is not None:
                 typer.echo(f"{r['audio']}\t{r['text']}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def classify(model_dir: Path = typer.Argument(..., help="an SSL recipe's fine-tuning run (finetune/<run>/) with a KWS "
+                                                       "head, or its `speechkd export` directory"),
+             audio: list[str] = typer.Argument(..., help="audio files, directories (searched recursively) or "
+                                                         ".txt/.lst files listing paths"),
+             onnx: Optional[bool] = typer.Option(None, "--onnx/--pytorch", help="run the ONNX graph (default: when "
+                                                                                "MODEL_DIR holds model.onnx)"),
+             int8: bool = typer.Option(False, "--int8", help="the int8 ONNX graph"),
+             out: Optional[Path] = typer.Option(None, help="write JSON lines {audio, keyword, scores, error} here "
+                                                           "(default: print 'path<TAB>keyword')"),
+             num_threads: int = typer.Option(1, help="CPU threads"),
+             max_seconds: float = typer.Option(60.0, help="refuse longer files"),
+             progress: bool = ProgressOpt):
+    """Keyword spotting with an SSL model (arXiv 2210.16611): the keyword of each file ("yes", "no", ..., "_silence_",
+    "_unknown_"), with the class logits in the JSONL. Any sampling rate (resampled to 16 kHz). A file that cannot be
+    read, is too short or too long is reported by name and skipped. Exit code 1 when any file failed. Speaker
+    embeddings and verification: `speechkd.load(MODEL_DIR).embed(...)` / `.verify(a, b)`."""
+    import json
+
+    import numpy as np
+    from tqdm import tqdm
+
+    from speechkd.api import SslModel, load
+
+    try:
+        model = load(model_dir, onnx=onnx, int8=int8, num_threads=num_threads, max_seconds=max_seconds)
+    except (FileNotFoundError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    if not isinstance(model, SslModel) or "kws" not in model.tasks:
+        what = "an ASR model: use `speechkd transcribe`" if not isinstance(model, SslModel) else "without a KWS head"
+        typer.echo(f"error: {model_dir} is {what}", err=True)
+        raise typer.Exit(2)
+    results, failed = [], 0
+    for path in tqdm(_audio_inputs(audio), desc="classify", unit="file", disable=not progress):
+        try:
+            scores = model.class_scores(path)
+            results.append({"audio": path, "keyword": model.labels[int(np.argmax(scores))],
+                            "scores": {c: round(float(x), 4) for c, x in zip(model.labels, scores)}})
+        except ValueError as e:
+            failed += 1
+            results.append({"audio": path, "keyword": None, "error": str(e)})
+            typer.echo(f"error: {e}", err=True)
+    if out is not None:
+        from speechkd.utils import write_text_atomic
+
+        write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
+        typer.echo(f"{len(results) - failed} of {len(results)} files classified -> {out}")
+    else:
+        for r in results:
+            if r["keyword"] is not None:
+                typer.echo(f"{r['audio']}\t{r['keyword']}")
     if failed:
         raise typer.Exit(1)
 

@@ -185,6 +185,16 @@ def test_transcribe_api_and_cli(exported, corpora_dir, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and sum(r["text"] is not None for r in rows) == 3
     assert [r for r in rows if r["text"] is None][0]["audio"].endswith("broken.flac")
+    # --beam 3: the PyTorch model's modified beam search, best hypothesis; refused for the ONNX graphs
+    from speechkd.decoding import nbest_search
+
+    with torch.no_grad():
+        best = [nb[0][0] for nb in nbest_search(model, enc, enc_lens, beam=3)]
+    assert speechkd.load(pt, beam=3).transcribe(paths) == [t.strip() for t in tok.decode(best)]
+    res = CliRunner().invoke(app, ["transcribe", str(pt), paths[0], "--beam", "3", "--no-progress"])
+    assert res.exit_code == 0 and res.output.strip() == f"{paths[0]}\t{tok.decode(best)[0].strip()}", res.output
+    res = CliRunner().invoke(app, ["transcribe", str(d), paths[0], "--beam", "3", "--no-progress"])
+    assert res.exit_code == 2 and "PyTorch model only" in res.output
     with pytest.raises(FileNotFoundError, match="tokenizer"):
         (pt / "tokens.model").unlink()
         speechkd.load(pt)

@@ -305,3 +305,36 @@ def test_evaluate_deployed_scores_the_exports(ssl_exp, tmp_path):
         assert d["fp32"]["sv_eer"] == pytest.approx(r["sv_eer"], abs=1e-9), system
     section = report(exp).read_text().split("## As deployed", 1)[1]
     assert "| student-frozen |" in section and "| student-multitask |" in section
+
+
+def test_classify_cli_names_each_files_keyword(ssl_exp, corpora_dir, tmp_path):
+    """`speechkd classify RUN AUDIO... --out F`: each clip's keyword (the KWS head's argmax, as
+    speechkd.load(run).classify gives it) and logits; an unreadable file is reported by name; an ASR model or a
+    transcribe call on an SSL model is refused with the other command's name."""
+    import shutil
+
+    import speechkd
+    from speechkd.cli import app
+
+    run = ssl_exp.dir / "finetune" / "student-multitask"
+    clips = [c.recording.sources[0].source for c in list(ssl_exp.cuts("kws_test"))[:3]]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, c in enumerate(clips):
+        shutil.copy(c, folder / f"{i}.wav")
+    (folder / "broken.wav").write_bytes(b"RIFF not really")
+    res = CliRunner().invoke(app, ["classify", str(run), str(folder), "--out", str(tmp_path / "k.jsonl"),
+                                   "--no-progress"])
+    assert res.exit_code == 1 and "broken.wav" in res.output, res.output
+    rows = {Path(r["audio"]).name: r for r in map(json.loads, (tmp_path / "k.jsonl").read_text().splitlines())}
+    assert rows["broken.wav"]["keyword"] is None and "cannot read audio" in rows["broken.wav"]["error"]
+    api = speechkd.load(run)
+    for i in range(3):
+        r = rows[f"{i}.wav"]
+        assert r["keyword"] == api.classify(str(folder / f"{i}.wav"))
+        assert max(r["scores"], key=r["scores"].get) == r["keyword"] and len(r["scores"]) == 12
+    res = CliRunner().invoke(app, ["transcribe", str(run), str(folder / "0.wav"), "--no-progress"])
+    assert res.exit_code == 2 and "speechkd classify" in res.output
+    kws_less = ssl_exp.dir / "finetune" / "student-frozen-sv"
+    res = CliRunner().invoke(app, ["classify", str(kws_less), str(folder / "0.wav"), "--no-progress"])
+    assert res.exit_code == 2 and "without a KWS head" in res.output
