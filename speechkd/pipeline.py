@@ -37,7 +37,7 @@ import torch
 
 from speechkd.config import Recipe, dump_recipe, needs_project_teacher
 from speechkd.labels.stages import extract, pseudo_label, quantize
-from speechkd.utils import log, write_json_atomic, write_text_atomic
+from speechkd.utils import log, seeded, write_json_atomic, write_text_atomic
 
 
 class Experiment:
@@ -215,7 +215,8 @@ def make_kd(exp: Experiment, run, seed: int = 0):
         mapping = init_from_teacher(student, load_model(exp.teacher_dir)[0])
         log(f"distill: {run.name}: {len(mapping)} tensors initialised from the teacher")
 
-    kd, cuts = method_spec(kd_cfg.method).build(exp, run, seed)
+    with seeded(seed):  # a method's own modules (an MVQ / L1 head, a CoDERT projection) start from the run's seed
+        kd, cuts = method_spec(kd_cfg.method).build(exp, run, seed)
     return kd, cuts, init_from_teacher_fn if kd_cfg.init_from_teacher else None
 
 

@@ -179,6 +179,112 @@ class AsrTask(_lightning().LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+def rng_state() -> dict:
+    """The global random generators' states (Python, NumPy, torch CPU and every CUDA device) as tensors, ints and
+    tuples only, so a checkpoint holding them loads with ``torch.load(weights_only=True)``."""
+    import random
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned (CUDA states only where this process has the same devices)."""
+    import random
+
+    random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _exact_resume_callback():
+    """A Lightning callback that stores :func:`rng_state` in every checkpoint and restores it when a fit resumes, at
+    the start of the first epoch it trains (after Lightning's own set-up, before that epoch's DataLoader draws its
+    workers' seeds), so dropout, SpecAugment (run in the loader's worker, seeded from the main process's torch
+    generator) and every other draw continue exactly as in an uninterrupted fit. Checkpoints are written at epoch
+    ends, so a fit killed mid-epoch redoes that epoch from its start."""
+    from lightning.pytorch.callbacks import Callback
+
+    class ExactResume(Callback):
+        def __init__(self):
+            self.pending = None
+
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+            checkpoint["speechkd_rng"] = rng_state()
+
+        def on_load_checkpoint(self, trainer, pl_module, checkpoint):
+            self.pending = checkpoint.get("speechkd_rng")
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            if self.pending is not None:
+                set_rng_state(self.pending)
+                self.pending = None
+
+    return ExactResume()
+
+
+class TrainClock:
+    """Wall and CPU seconds a run has trained, summed over every fit of it (a fit killed before its checkpoint, a
+    resumed one), kept in ``run_dir/ckpt/clock.json`` and rewritten atomically at most every ``every`` seconds of
+    training and at the end, so a kill loses at most that much of the count.
+
+    Use: ``start()`` at the start of a fit, ``tick()`` after each step, ``stop()`` -> ``(seconds, cpu_seconds)``
+    totals. Only the writing process (global rank 0) should hold one.
+    """
+
+    def __init__(self, run_dir: Pathlike, every: float = 30.0):
+        self.path = Path(run_dir) / "ckpt" / "clock.json"
+        self.every = float(every)
+        self.prev_s = self.prev_cpu = 0.0
+        self._t0 = self._cpu0 = self._last = 0.0
+
+    def start(self) -> None:
+        if self.path.is_file():
+            saved = json.loads(self.path.read_text())
+            self.prev_s, self.prev_cpu = float(saved["seconds"]), float(saved["cpu_seconds"])
+        self._t0, self._cpu0 = time.time(), cpu_seconds()
+        self._last = self._t0
+
+    def totals(self) -> tuple[float, float]:
+        return self.prev_s + time.time() - self._t0, self.prev_cpu + cpu_seconds() - self._cpu0
+
+    def tick(self) -> None:
+        if time.time() - self._last >= self.every:
+            self._write()
+
+    def stop(self) -> tuple[float, float]:
+        return self._write()
+
+    def _write(self) -> tuple[float, float]:
+        s, cpu = self.totals()
+        write_json_atomic(self.path, {"seconds": s, "cpu_seconds": cpu})
+        self._last = time.time()
+        return s, cpu
+
+
+def _clock_callback(clock: TrainClock):
+    """Lightning hooks driving a :class:`TrainClock` (on global rank 0 only)."""
+    from lightning.pytorch.callbacks import Callback
+
+    class Clock(Callback):
+        def on_train_start(self, trainer, pl_module):
+            if trainer.is_global_zero:
+                clock.start()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.is_global_zero:
+                clock.tick()
+
+    return Clock()
+
+
 def fit_model(
     run_dir: Pathlike,
     model_cfg: ModelConfig,
@@ -242,7 +348,7 @@ def fit_model(
         init_fn(model)
     label_keys = kd.label_keys if kd is not None else ()
     data = AsrDataModule(
-        train_cuts, dev_cuts, AsrDataset(tokenizer, label_keys, spec_augment=train_cfg.spec_augment),
+        train_cuts, dev_cuts, AsrDataset(tokenizer, label_keys, spec_augment=train_cfg.spec_augment, seed=seed),
         AsrDataset(tokenizer), train_cfg.max_duration, seed=seed,
         num_workers=1,  # one process loads and augments while the model trains
     )
@@ -250,6 +356,7 @@ def fit_model(
     ckpt_dir = run_dir / "ckpt"
     last = ckpt_dir / "last.ckpt"
     n_fits = len(list(run_dir.glob("csv[0-9]*")))  # a resumed fit logs beside the earlier ones
+    clock = TrainClock(run_dir)
     trainer = L.Trainer(
         max_epochs=train_cfg.epochs,
         **runtime.trainer_kwargs(),
@@ -258,7 +365,7 @@ def fit_model(
         # ckpt/last.ckpt rewritten after every epoch (Lightning 2.6 writes save_last only beside a top-k save, so
         # `save_last=True, save_top_k=0` left nothing to resume from until the fit had finished)
         callbacks=[ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, every_n_epochs=1, save_on_train_epoch_end=True,
-                                   enable_version_counter=False)],
+                                   enable_version_counter=False), _exact_resume_callback(), _clock_callback(clock)],
         gradient_clip_val=train_cfg.grad_clip,
         accumulate_grad_batches=train_cfg.accumulate_grad_batches,
         check_val_every_n_epoch=train_cfg.val_every_epochs,
@@ -269,20 +376,16 @@ def fit_model(
         enable_model_summary=False,
         deterministic=False,
     )
-    t0, cpu0 = time.time(), cpu_seconds()
     trainer.fit(task, datamodule=data, ckpt_path=str(last) if last.is_file() else None, weights_only=True)
-    seconds, cpu = time.time() - t0, cpu_seconds() - cpu0
     out = run_dir / "model.safetensors"
     meta = {"seed": seed, "epochs": train_cfg.epochs, "global_step": trainer.global_step,
             "schedule_steps": task.optimizer_steps(), "world_size": trainer.world_size,
             "batches_per_epoch_per_process": data.batches_per_epoch, **(extra_meta or {})}
     if trainer.is_global_zero:  # one writer of logs, summary and export
         _merge_csv_logs(run_dir)
-        summary = run_dir / "train_summary.json"
-        old = json.loads(summary.read_text()) if summary.is_file() else {}
-        meta = {"train_seconds": old.get("train_seconds", 0.0) + seconds,
-                "train_cpu_seconds": old.get("train_cpu_seconds", 0.0) + cpu, **meta}
-        write_json_atomic(summary, meta)
+        seconds, cpu = clock.stop()  # every fit of this run, a killed one included (ckpt/clock.json)
+        meta = {"train_seconds": seconds, "train_cpu_seconds": cpu, **meta}
+        write_json_atomic(run_dir / "train_summary.json", meta)
         out = save_model(model, run_dir, model_cfg, tokenizer.vocab_size, extra=meta)
     trainer.strategy.barrier("speechkd-export")  # no rank goes on before the export exists
     return out

@@ -8,7 +8,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Optional, Union
 
 Pathlike = Union[str, Path]
 Seconds = float
@@ -34,6 +34,42 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, final_ratio: f
 
 
 @contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run the block with Python's, NumPy's and torch's global generators seeded with ``seed``, then put back the
+    states they had: modules built inside start from the same weights on every run, and the caller's random stream
+    is left alone."""
+    import random
+
+    import numpy as np
+    import torch
+
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+
+
+_UMASK: Optional[int] = None
+
+
+def default_mode(directory: bool = False) -> int:
+    """The permission bits a plain ``open()`` / ``mkdir()`` would give under the process's umask (``0o666`` /
+    ``0o777`` minus it): temporary files from :mod:`tempfile` are 0600 / 0700, so atomic writes set this on the
+    result before it replaces its target (others in the user's group read the outputs as they would any file)."""
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0o022)
+        os.umask(_UMASK)
+    return (0o777 if directory else 0o666) & ~_UMASK
+
+
+@contextlib.contextmanager
 def atomic_path(path: Pathlike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path``.
 
@@ -54,6 +90,8 @@ def atomic_path(path: Pathlike, suffix: str | None = None) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.is_file():
+            os.chmod(tmp_path, default_mode())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -74,6 +112,7 @@ def atomic_dir(path: Pathlike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, default_mode(directory=True))
         old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))

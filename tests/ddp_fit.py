@@ -6,7 +6,9 @@
 CONFIG holds: exp_dir (a prepared smoke experiment), run_dir, devices, accumulate, epochs, max_duration, and
 optionally interleave (``W``: a one-process fit reads the batches of W ranks' samplers in turn, rank 0's batch k,
 rank 1's batch k, ...: the global batch stream of a W-process fit, to be accumulated W at a time) and kill_at
-(``[epoch, batch]``: rank 0 SIGKILLs itself at that training batch, as a crash would).
+(``[epoch, batch]``: rank 0 SIGKILLs itself at that training batch, as a crash would); ``random: true`` trains with
+dropout 0.1 and SpecAugment through the pipeline's own loader (a worker process; no id recording), and
+``no_rng_restore: true`` disables the checkpoint's RNG restore (to show what it changes).
 Each rank appends the ids of the cuts of every training batch it collates to ``run_dir/ids-rank<r>-epoch<e>.txt``.
 """
 
@@ -24,11 +26,12 @@ class RecordingDataset(torch.utils.data.Dataset):
     def __init__(self, inner, out_dir, sampler):
         self.inner, self.out_dir, self.sampler = inner, out_dir, sampler
 
-    def __getitem__(self, cuts):
+    def __getitem__(self, item):
+        cuts = item[1] if isinstance(item, tuple) else item  # (epoch, CutSet) from the pipeline's EpochTagged sampler
         rank = int(os.environ.get("RANK", "0"))
         with open(os.path.join(self.out_dir, f"ids-rank{rank}-epoch{self.sampler.epoch}.txt"), "a") as fh:
             fh.write("\n".join(c.id for c in cuts) + "\n")
-        return self.inner[cuts]
+        return self.inner[item]
 
 
 class Interleaved:
@@ -61,8 +64,12 @@ def main(config_path: str) -> None:
     exp = Experiment(recipe, progress=False)
     train_cfg = recipe.student_train.model_copy(update={
         "epochs": cfg["epochs"], "max_duration": cfg["max_duration"], "accumulate_grad_batches": cfg["accumulate"],
-        "spec_augment": False, "num_threads": 1, "warmup_steps": 2})
-    model_cfg = recipe.student_model.model_copy(update={"dropout": 0.0})
+        "spec_augment": bool(cfg.get("random")), "num_threads": 1, "warmup_steps": 2})
+    model_cfg = recipe.student_model.model_copy(update={"dropout": 0.1 if cfg.get("random") else 0.0})
+    if cfg.get("no_rng_restore"):
+        import speechkd.training as tr
+
+        tr.set_rng_state = lambda state: None
     os.makedirs(cfg["run_dir"], exist_ok=True)
     world = cfg.get("interleave")
     if world:
@@ -83,7 +90,8 @@ def main(config_path: str) -> None:
         return torch.utils.data.DataLoader(RecordingDataset(dl.dataset, cfg["run_dir"], dl.sampler),
                                            sampler=dl.sampler, batch_size=None, num_workers=0)
 
-    AsrDataModule.train_dataloader = train_dataloader
+    if not cfg.get("random"):
+        AsrDataModule.train_dataloader = train_dataloader
 
     kill_at = cfg.get("kill_at")
     if kill_at:

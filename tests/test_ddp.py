@@ -53,9 +53,10 @@ def test_ranks_get_disjoint_cuts_covering_the_epoch(digits_exp):
     assert ids0 | ids1 == {i for b in one for i in b} == {c.id for c in digits_exp.cuts("train")}
 
 
-def _fit(exp, run_dir, devices, accumulate, max_duration=MAX_DURATION, epochs=2, kill_at=None, interleave=None):
+def _fit(exp, run_dir, devices, accumulate, max_duration=MAX_DURATION, epochs=2, kill_at=None, interleave=None,
+         **extra):
     cfg = {"exp_dir": str(exp.dir), "run_dir": str(run_dir), "devices": devices, "accumulate": accumulate,
-           "epochs": epochs, "max_duration": max_duration, "kill_at": kill_at, "interleave": interleave}
+           "epochs": epochs, "max_duration": max_duration, "kill_at": kill_at, "interleave": interleave, **extra}
     path = run_dir.parent / f"{run_dir.name}.json"
     path.write_text(json.dumps(cfg))
     launcher = [] if devices == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={devices}"]
@@ -200,3 +201,24 @@ def test_speechkd_run_ssl_recipe_with_two_processes(corpora_dir, tmp_path):
         assert r["kws_test_utts"] == len(list(__import__("lhotse").CutSet.from_file(exp / "cuts" / "kws_test.jsonl.gz")))
         assert all(v["trials"] == recipe["data"]["max_trials"] for v in r["sv"].values())
     assert (exp / "report.md").is_file()
+
+
+def test_fit_killed_with_sigkill_resumes_to_the_exact_weights(digits_exp, tmp_path):
+    """A one-process fit with dropout and SpecAugment (in the loader's worker) SIGKILLed mid-epoch and resumed ends
+    with the weights of an uninterrupted fit, bit for bit: the checkpoint holds the RNG states and the resume
+    restores them. Without the restore the same resume gives other weights (what this test would catch)."""
+    full, killed, unrestored = tmp_path / "full", tmp_path / "killed", tmp_path / "unrestored"
+    assert _fit(digits_exp, full, 1, 1, epochs=3, random=True).returncode == 0
+    for run, extra in ((killed, {}), (unrestored, {"no_rng_restore": True})):
+        res = _fit(digits_exp, run, 1, 1, epochs=3, kill_at=[1, 3], random=True, **extra)  # epoch 1, batch 3
+        assert res.returncode != 0 and not (run / "model.safetensors").exists()
+        assert (run / "ckpt" / "last.ckpt").is_file()  # epoch 0's checkpoint
+        res = _fit(digits_exp, run, 1, 1, epochs=3, random=True, **extra)
+        assert res.returncode == 0, res.stderr[-3000:]
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(killed / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _max_diff(a, load_file(str(unrestored / "model.safetensors"))) > 1e-5
+    # the training time counts both fits of the killed run (ckpt/clock.json, carried over the kill)
+    clock = json.loads((killed / "ckpt" / "clock.json").read_text())
+    summary = json.loads((killed / "train_summary.json").read_text())
+    assert summary["train_seconds"] == pytest.approx(clock["seconds"]) and summary["train_cpu_seconds"] > 0

@@ -209,3 +209,25 @@ def test_evaluate_deployed_adds_the_as_deployed_block(smoke_exp, tmp_path):
     (exp.dir / "eval" / "mvq-seed0.json").write_text(json.dumps(bad))
     with pytest.raises(ValueError, match=r"mvq-seed0.json: deployed.int8: missing keys \['test_wer'\]"):
         load_results(exp.dir)
+
+
+def test_identical_kd_runs_give_identical_weights(smoke_exp, tmp_path):
+    """An MVQ-KD and an L1 student trained again from the same recipe and seed (here in this process, first in a
+    spawned one) end with the same weights, bit for bit: the KD head is built from the run's seed, not from
+    whatever the global generator held."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from speechkd.pipeline import _train_student
+
+    shutil.copytree(smoke_exp.dir, tmp_path / "exp")
+    recipe = smoke_exp.recipe.model_copy(deep=True)
+    recipe.exp_dir = str(tmp_path / "exp")
+    exp = Experiment(recipe, progress=False)
+    for name in ("mvq", "l1"):
+        shutil.rmtree(exp.student_dir(name, 0))
+        _train_student(exp, name, 0)
+        a = load_file(str(smoke_exp.student_dir(name, 0) / "model.safetensors"))
+        b = load_file(str(exp.student_dir(name, 0) / "model.safetensors"))
+        assert a.keys() == b.keys() and all(__import__("torch").equal(a[k], b[k]) for k in a), name

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -39,8 +39,9 @@ class AsrDataset(torch.utils.data.Dataset):
     only those rows carry a reference loss), ``cut_ids``, ``durations`` (N,) seconds, and ``labels``.
     """
 
-    def __init__(self, tokenizer=None, label_keys: Sequence[str] = (), spec_augment: bool = False):
+    def __init__(self, tokenizer=None, label_keys: Sequence[str] = (), spec_augment: bool = False, seed: int = 0):
         super().__init__()
+        self.seed = int(seed)
         self.tokenizer = tokenizer
         self.label_keys = list(label_keys)
         self.spec_augment = None
@@ -55,13 +56,16 @@ class AsrDataset(torch.utils.data.Dataset):
     def __getitem__(self, cuts) -> dict:
         from lhotse.dataset.collation import collate_custom_field, collate_features
 
+        epoch = None
+        if isinstance(cuts, tuple):  # (epoch, CutSet) from an EpochTagged sampler
+            epoch, cuts = cuts
         cuts = cuts.sort_by_duration(ascending=False)
         for cut in cuts:
             if not cut.has_features:
                 raise ValueError(f"cut '{cut.id}' has no features: run `speechkd prepare` first")
         features, feature_lens = collate_features(cuts)  # features: (N, T, 80)
         if self.spec_augment is not None:
-            features = self.spec_augment(features)
+            features = self._augment(features, epoch, [c.id for c in cuts])
         texts = [" ".join(s.text for s in c.supervisions if s.text) for c in cuts]
         batch = {
             "features": features,
@@ -88,6 +92,56 @@ class AsrDataset(torch.utils.data.Dataset):
                 values[mask] = IGNORE_INDEX
             batch["labels"][key] = (values, lens)
         return batch
+
+
+    def _augment(self, features: torch.Tensor, epoch: Optional[int], cut_ids: list[str]) -> torch.Tensor:
+        """SpecAugment of a batch ``features (N, T, 80)`` drawn from a generator seeded by (dataset seed, epoch, the
+        batch's cut ids): the same masks whichever process or worker collates the batch and however often the fit
+        was stopped and resumed (a worker's own generator would restart at a resume). The caller's global random
+        state is left as it was (with no DataLoader worker this runs in the training process)."""
+        import hashlib
+        import random
+
+        key = f"{self.seed}:{-1 if epoch is None else epoch}:{','.join(cut_ids)}".encode()
+        batch_seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & (2**63 - 1)
+        py_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(batch_seed)
+            torch.manual_seed(batch_seed)
+            try:
+                return self.spec_augment(features)
+            finally:
+                random.setstate(py_state)
+
+
+class EpochTagged:
+    """A sampler view yielding ``(epoch, CutSet)`` so :class:`AsrDataset` can seed each batch's augmentation by its
+    epoch; ``set_epoch`` and ``epoch`` reach the wrapped lhotse sampler."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        for cuts in self.sampler:
+            yield epoch, cuts
+
+
+def _loader_generator(seed: int) -> torch.Generator:
+    """The DataLoader's own generator: its workers' base seed is drawn from it rather than from the global torch
+    generator, so creating an iterator does not shift the training process's random stream (dropout) and a resumed
+    fit draws what an uninterrupted one would."""
+    return torch.Generator().manual_seed(int(seed))
 
 
 def make_sampler(cuts, max_duration: Seconds, shuffle: bool, seed: int = 0, world_size: int = 1, rank: int = 0):
@@ -129,7 +183,8 @@ def make_loader(cuts, dataset: AsrDataset, max_duration: Seconds, shuffle: bool,
     """
     sampler = make_sampler(cuts, max_duration, shuffle, seed=seed, world_size=world_size, rank=rank)
     return torch.utils.data.DataLoader(
-        dataset, sampler=sampler, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0
+        dataset, sampler=sampler, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
+        generator=_loader_generator(seed),
     )
 
 
@@ -198,8 +253,9 @@ class AsrDataModule(_lightning_data_module()):
         # shuffle in its first epoch. Set the epoch Lightning will set (its processed epochs, already restored from
         # the checkpoint here; `current_epoch` lags by one when the checkpoint was written at an epoch's end).
         self.train_sampler.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed if self.trainer else 0)
-        return torch.utils.data.DataLoader(self.train_dataset, sampler=self.train_sampler, batch_size=None,
-                                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return torch.utils.data.DataLoader(self.train_dataset, sampler=EpochTagged(self.train_sampler), batch_size=None,
+                                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                                           generator=_loader_generator(self.seed))
 
     def val_dataloader(self):
         world, rank = self._world()

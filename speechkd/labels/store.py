@@ -133,6 +133,9 @@ def write_frame_labels(
         missing = [c.id for c in cut_list if c.id not in manifests]
         if missing:
             raise ValueError(f"{len(missing)} cut(s) got no labels for '{key}', e.g. '{missing[0]}'")
+        from speechkd.utils import default_mode
+
+        os.chmod(tmp, default_mode())  # mkstemp's 0600 -> what open() would give
         os.replace(tmp, final)
         close_cached_file_handles()  # lhotse caches open HDF5 handles by path: drop any to a replaced file
     finally:
