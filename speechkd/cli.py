@@ -27,6 +27,7 @@ with DDP, labelling stages split the cuts by rank. See docs/scale_out.md.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its OpenMP threads
@@ -55,13 +56,19 @@ app = typer.Typer(
 RecipeArg = typer.Argument(..., exists=True, dir_okay=False, help="recipe YAML, e.g. recipes/digits_mvq.yaml")
 ExpOpt = typer.Option(None, "--exp-dir", help="experiment directory (overrides the recipe's exp_dir)")
 CorporaOpt = typer.Option(
-    None, "--corpora-dir", envvar="SPEECHKD_CORPORA",
-    help="folder of the shared corpora (default: ../shared/corpora)",
+    None, "--corpora-dir",
+    help="folder of the shared corpora. Precedence: this option > the recipe's data.corpora_dir > $SPEECHKD_CORPORA "
+         "> ../shared/corpora beside the working directory or the package",
 )
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="show progress bars")
 
 
-def _experiment(recipe: Path, exp_dir: Optional[Path], corpora_dir: Optional[Path], progress: bool):
+@contextlib.contextmanager
+def _experiment(recipe: Path, exp_dir: Optional[Path], corpora_dir: Optional[Path], progress: bool,
+                scope: Optional[str] = None):
+    """The recipe's experiment, held under its directory lock for the block (:mod:`speechkd.lock`: exclusive, or
+    shared with ``scope`` for a command narrowed to its own outputs; taken by global rank 0). Exit code 3 when
+    another command holds it."""
     from speechkd.config import RecipeError, load_recipe
     from speechkd.pipeline import make_experiment
 
@@ -85,13 +92,20 @@ def _experiment(recipe: Path, exp_dir: Optional[Path], corpora_dir: Optional[Pat
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2)
     exp = make_experiment(r, progress=progress)
+    from speechkd.lock import ExperimentLocked, experiment_lock
     from speechkd.pipeline import start_processes
 
     start_processes(exp)
     exp.dir.mkdir(parents=True, exist_ok=True)
-    if is_main():
-        exp.write_config()
-    return exp
+    with contextlib.ExitStack() as stack:
+        if is_main():
+            try:
+                stack.enter_context(experiment_lock(exp.dir, scope))
+            except ExperimentLocked as e:
+                typer.echo(f"error: {e}", err=True)
+                raise typer.Exit(3)
+            exp.write_config()
+        yield exp
 
 
 SSL_ONLY_OPTIONS = ("runs",)
@@ -99,9 +113,15 @@ SHARED_OPTIONS = ("shard",)  # labelling stages of either kind
 
 
 def _stage(name: str, recipe, exp_dir, corpora_dir, progress, **kw):
+    parts = [f"{k} {','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in kw.items()
+             if v is not None and k in ("only", "seeds", "runs", "shard")]
+    with _experiment(recipe, exp_dir, corpora_dir, progress, scope=" ".join([name, *parts]) if parts else None) as exp:
+        _run_stage_command(exp, name, kw)
+
+
+def _run_stage_command(exp, name: str, kw: dict) -> None:
     from speechkd.pipeline import run_stage, stages_of
 
-    exp = _experiment(recipe, exp_dir, corpora_dir, progress)
     stages = stages_of(exp)
     kind = "an SSL (task: ssl)" if exp.recipe.task == "ssl" else "an ASR"
     if name not in stages:
@@ -237,12 +257,12 @@ def run(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpora_dir:
     """
     from speechkd.pipeline import run_all
 
-    exp = _experiment(recipe, exp_dir, corpora_dir, progress)
-    try:
-        run_all(exp)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1)
+    with _experiment(recipe, exp_dir, corpora_dir, progress) as exp:
+        try:
+            run_all(exp)
+        except (ValueError, FileNotFoundError, RuntimeError) as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1)
 
 
 @app.command("export")
@@ -269,18 +289,18 @@ def export_cmd(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpo
     Use it from sherpa-onnx: OfflineRecognizer.from_transducer(encoder=..., decoder=..., joiner=..., tokens=...)."""
     from speechkd.pipeline import pipeline_module
 
-    exp = _experiment(recipe, exp_dir, corpora_dir, progress)
-    try:
-        for line in pipeline_module(exp.recipe.task).export_run(exp, student, seed=seed, out=out, int8=int8,
-                                                                  overwrite=overwrite, check_utts=check_utts,
-                                                                  sherpa=sherpa):
-            typer.echo(line)
-    except LookupError as e:  # no such run, or nothing to export without --student
-        typer.echo(f"error: {e.args[0]}", err=True)
-        raise typer.Exit(2)
-    except (FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1)
+    with _experiment(recipe, exp_dir, corpora_dir, progress, scope=f"export {student or 'teacher'} seed {seed}") as exp:
+        try:
+            for line in pipeline_module(exp.recipe.task).export_run(exp, student, seed=seed, out=out, int8=int8,
+                                                                      overwrite=overwrite, check_utts=check_utts,
+                                                                      sherpa=sherpa):
+                typer.echo(line)
+        except LookupError as e:  # no such run, or nothing to export without --student
+            typer.echo(f"error: {e.args[0]}", err=True)
+            raise typer.Exit(2)
+        except (FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1)
 
 
 def _audio_inputs(inputs: list[str]) -> list[str]:

@@ -544,6 +544,10 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _unique_students(self):
         self.runtime.check_stages(("teacher", "distill"))
+        n = self.teacher.model.num_layers
+        if self.teacher.external_dir() is None and self.teacher.layer != -1 and not 1 <= self.teacher.layer <= n:
+            raise ValueError(f"teacher.layer {self.teacher.layer}: the teacher has {n} Conformer blocks "
+                             f"(teacher.model.num_layers): give 1..{n} or -1 (the last)")
         names = [s.name for s in self.students]
         if len(set(names)) != len(names):
             raise ValueError(f"student names must be unique, got {names}")

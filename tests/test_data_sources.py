@@ -448,3 +448,84 @@ def test_quantizer_frames_are_sampled_without_loading_the_corpus(tmp_path):
     got = _sample_frames(labelled, "teacher_embeddings", 25, np.random.default_rng(7))
     assert np.array_equal(got, want)
     assert np.array_equal(_sample_frames(labelled, "teacher_embeddings", 10_000, np.random.default_rng(7)), every)
+
+
+# ---------------------------------------------------------------------- the built-in connected-word task's audio
+CW_DAMAGE = {
+    "truncated": "truncated or unreadable audio data",
+    "nan": "non-finite (NaN/inf) samples",
+    "empty": "empty recording",
+    "rate": "declared sample rate 16000 Hz but the file is 8000 Hz",
+}
+CW_DATA = {"corpus": "digits", "smoke": True, "num_train": 24, "num_dev": 6, "num_test": 6, "max_words": 3,
+           "vocab_size": 32, "num_jobs": 1}
+
+
+def _damaged_fsdd(tmp_path, corpora_dir, victims: dict):
+    """A copy of the FSDD smoke rows (real recordings) in tmp_path/corpora/fsdd with the named utterances damaged:
+    ``victims`` maps utterance id -> a CW_DAMAGE kind."""
+    import shutil
+
+    import numpy as np
+    import soundfile as sf
+
+    src = corpora_dir / "fsdd"
+    dst = tmp_path / "corpora" / "fsdd"
+    (dst / "splits").mkdir(parents=True)
+    (dst / "audio").mkdir()
+    ids = (src / "splits" / "smoke.txt").read_text().split()
+    shutil.copy(src / "splits" / "smoke.txt", dst / "splits" / "smoke.txt")
+    lines = (src / "metadata.tsv").read_text().splitlines()
+    out = [lines[0]]
+    for line in lines[1:]:
+        cols = line.split("\t")
+        if cols[0] not in ids:
+            continue
+        path = dst / cols[1]
+        shutil.copy(src / cols[1], path)
+        kind = victims.get(cols[0])
+        if kind == "truncated":  # a header that reads, data cut short mid-stream
+            path.write_bytes(path.read_bytes()[: max(200, path.stat().st_size // 3)])
+        elif kind == "nan":
+            wav, sr = sf.read(path, dtype="float32")
+            wav[len(wav) // 2] = np.nan
+            sf.write(path, wav, sr, format="WAV", subtype="FLOAT")  # FLAC cannot hold NaN
+        elif kind == "empty":
+            sf.write(path, np.zeros(0, np.float32), 8000, format="WAV")
+        elif kind == "rate":
+            cols[6] = "16000"
+        out.append("\t".join(cols))
+    (dst / "metadata.tsv").write_text("\n".join(out) + "\n")
+    return tmp_path / "corpora"
+
+
+def test_connected_words_damaged_sources_are_named_or_skipped(tmp_path, corpora_dir):
+    """Damaged FSDD recordings behind the built-in task: each stops `prepare` naming the utterance, its file and the
+    problem, or with on_bad_input: skip is listed once, the sequences using it are left out (listed too) and the
+    other sequences are exactly those of the undamaged corpus."""
+    from speechkd.data.validation import BadInputError
+
+    clean = _exp(tmp_path / "clean", corpora_dir, CW_DATA, "clean")
+    prepare(clean)
+    ref = {c.id: (c.supervisions[0].text, c.custom["sources"]) for c in clean.cuts("train")}
+    used = list(dict.fromkeys(s for _, srcs in ref.values() for s in srcs))
+    victims = dict(zip(used[:4], CW_DAMAGE))
+    root = _damaged_fsdd(tmp_path, corpora_dir, victims)
+    for uid, kind in victims.items():
+        one = _damaged_fsdd(tmp_path / kind, corpora_dir, {uid: kind})
+        exp = _exp(tmp_path / kind, one, CW_DATA, "err")
+        with pytest.raises(BadInputError) as err:
+            prepare(exp)
+        msg = str(err.value)
+        assert f"'{uid}'" in msg and CW_DAMAGE[kind] in msg and "metadata.tsv" in msg and uid in msg, msg
+    exp = _exp(tmp_path, root, {**CW_DATA, "on_bad_input": "skip"}, "skip")
+    prepare(exp)
+    skipped = [json.loads(line) for line in (exp.dir / "cuts" / "skipped.jsonl").read_text().splitlines()]
+    for uid, kind in victims.items():  # once per split that reads it (the smoke list serves all three)
+        rows = [s for s in skipped if s["id"] == uid]
+        assert [s["split"] for s in rows].count("train") == 1, rows
+        assert all(CW_DAMAGE[kind] in s["reason"] and s["file"].endswith(".flac") for s in rows), rows
+    hit = {cid for cid, (_, srcs) in ref.items() if set(srcs) & set(victims)}
+    assert hit and {s["id"] for s in skipped if s["split"] == "train" and "uses damaged source" in s["reason"]} == hit
+    kept = {c.id: (c.supervisions[0].text, c.custom["sources"]) for c in exp.cuts("train")}
+    assert kept == {cid: v for cid, v in ref.items() if cid not in hit}

@@ -74,3 +74,101 @@ def test_label_files_get_the_umask_permissions(tmp_path):
         os.umask(old)
     (h5,) = tmp_path.glob("*.h5")
     assert stat.S_IMODE(h5.stat().st_mode) == 0o644
+
+
+# ------------------------------------------------------------------------------------------ experiment lock
+def test_experiment_lock_exclusive_shared_and_scopes(tmp_path):
+    from speechkd.lock import ExperimentLocked, experiment_lock
+
+    with experiment_lock(tmp_path, command="speechkd run a.yaml"):
+        for scope in (None, "distill mvq"):
+            with pytest.raises(ExperimentLocked, match=r"in use by pid \d+ on .*`speechkd run a.yaml`"):
+                with experiment_lock(tmp_path, scope):
+                    pass
+    # narrowed commands share the directory, each with its own scope
+    with experiment_lock(tmp_path, "distill only mvq", command="speechkd distill --student mvq"):
+        with experiment_lock(tmp_path, "distill only l1"):
+            pass
+        with pytest.raises(ExperimentLocked, match="distill only mvq of experiment .* already running"):
+            with experiment_lock(tmp_path, "distill only mvq"):
+                pass
+        with pytest.raises(ExperimentLocked, match="in use by .*`speechkd distill --student mvq`"):
+            with experiment_lock(tmp_path):
+                pass
+    with experiment_lock(tmp_path):  # all released
+        pass
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
+    import subprocess
+    import sys
+
+    from speechkd.lock import ExperimentLocked, experiment_lock
+
+    code = ("import sys, time; from speechkd.lock import experiment_lock\n"
+            "with experiment_lock(sys.argv[1], command='holder'):\n    print('held', flush=True); time.sleep(60)")
+    p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        with pytest.raises(ExperimentLocked, match=f"pid {p.pid} .*`holder`"):
+            with experiment_lock(tmp_path):
+                pass
+    finally:
+        p.kill()  # SIGKILL: no clean-up runs
+        p.wait()
+    with experiment_lock(tmp_path):  # the lock file is still there, the lock is not
+        pass
+
+
+def test_second_run_on_one_directory_is_refused(tmp_path):
+    from typer.testing import CliRunner
+
+    from speechkd.cli import app
+    from speechkd.lock import experiment_lock
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: r\nexp_dir: {tmp_path / 'exp'}\n")
+    with experiment_lock(tmp_path / "exp", command="speechkd run other.yaml"):
+        for args in (["run", str(recipe)], ["distill", str(recipe), "--student", "mvq"], ["evaluate", str(recipe)]):
+            res = CliRunner().invoke(app, [*args, "--no-progress"])
+            assert res.exit_code == 3 and "`speechkd run other.yaml`" in res.output, res.output
+    assert not (tmp_path / "exp" / "config.yaml").exists()  # the refused command wrote nothing
+
+
+# ------------------------------------------------------------------------------------------ recipe checks
+@pytest.mark.parametrize("extra,words", [
+    ({"teacher": {"layer": 3, "model": {"num_layers": 2}}}, ["teacher.layer 3", "2 Conformer blocks", "1..2 or -1"]),
+    ({"student_model": {"num_layers": 2}, "students": [{"name": "m", "kd": {"method": "mvq", "student_layer": 4}}]},
+     ["students['m'].kd.student_layer 4", "student_model.num_layers", "1..2 or -1"]),
+    ({"students": [{"name": "l", "kd": {"method": "l1", "student_layer": 0}}]}, ["students['l'].kd.student_layer 0"]),
+    ({"data": {"min_words": 3, "max_words": 2}}, ["data.min_words (3) exceeds data.max_words (2)"]),
+])
+def test_recipe_values_are_checked_when_the_recipe_loads(tmp_path, extra, words):
+    import yaml
+
+    from speechkd.config import RecipeError, load_recipe
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"name": "x", "exp_dir": str(tmp_path / "e"), **extra}))
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    assert str(path) in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_corpora_dir_precedence_option_recipe_environment(tmp_path, corpora_dir, monkeypatch):
+    """--corpora-dir > the recipe's data.corpora_dir > $SPEECHKD_CORPORA: the environment no longer overrides a
+    recipe that names its corpora."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from speechkd.cli import app
+
+    monkeypatch.setenv("SPEECHKD_CORPORA", str(tmp_path / "elsewhere"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "r", "exp_dir": str(tmp_path / "exp"),
+                                      "data": {"corpora_dir": str(corpora_dir)}}))
+    config = tmp_path / "exp" / "config.yaml"
+    CliRunner().invoke(app, ["report", str(recipe), "--no-progress"])  # fails (nothing evaluated) after the config
+    assert yaml.safe_load(config.read_text())["data"]["corpora_dir"] == str(corpora_dir)
+    CliRunner().invoke(app, ["report", str(recipe), "--corpora-dir", str(tmp_path / "cli"), "--no-progress"])
+    assert yaml.safe_load(config.read_text())["data"]["corpora_dir"] == str(tmp_path / "cli")

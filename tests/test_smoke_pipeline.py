@@ -231,3 +231,37 @@ def test_identical_kd_runs_give_identical_weights(smoke_exp, tmp_path):
         a = load_file(str(smoke_exp.student_dir(name, 0) / "model.safetensors"))
         b = load_file(str(exp.student_dir(name, 0) / "model.safetensors"))
         assert a.keys() == b.keys() and all(__import__("torch").equal(a[k], b[k]) for k in a), name
+
+
+class _Payload:
+    """Unpickling this makes a directory: what a checkpoint handed in by someone else could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (self.marker,)
+
+
+def test_resume_never_unpickles_a_checkpoint(smoke_exp, tmp_path):
+    """A run's ckpt/last.ckpt holding arbitrary pickled objects is refused on resume (torch.load weights_only=True),
+    and nothing in it runs."""
+    import shutil
+
+    import torch
+
+    from speechkd.pipeline import _train_student
+
+    shutil.copytree(smoke_exp.dir, tmp_path / "exp")
+    recipe = smoke_exp.recipe.model_copy(deep=True)
+    recipe.exp_dir = str(tmp_path / "exp")
+    exp = Experiment(recipe, progress=False)
+    run = exp.student_dir("baseline", 0)
+    (run / "model.safetensors").unlink()
+    marker = tmp_path / "payload-ran"
+    torch.save({"state_dict": {}, "x": _Payload(marker)}, run / "ckpt" / "last.ckpt")
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+        _train_student(exp, "baseline", 0)
+    assert not marker.exists()

@@ -12,6 +12,7 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -108,31 +109,64 @@ def trim_silence(audio: np.ndarray, sampling_rate: int, trim_db: float, margin: 
     if peak <= 0:
         return audio
     loud = np.nonzero(rms >= peak * 10 ** (-trim_db / 20))[0]
+    if len(loud) == 0:  # non-finite samples (refused before trimming by load_source)
+        return audio
     pad = int(margin * sampling_rate)
     start = max(0, loud[0] * hop - pad)
     end = min(len(audio), (loud[-1] + 1) * hop + pad)
     return audio[start:end]
 
 
-def _load_mono(u: Utterance, sampling_rate: int) -> np.ndarray:
-    """Load one recording as float32 mono at ``sampling_rate`` Hz (lhotse resamples)."""
+def load_source(u: Utterance, sampling_rate: int, tolerance: Seconds = 0.1) -> tuple[Optional[np.ndarray], Optional[str]]:
+    """One source recording as float32 mono at ``sampling_rate`` Hz (lhotse resamples), checked as every data entry
+    point checks audio (:mod:`speechkd.data.validation`).
+
+    Args:
+      u: the metadata row (its declared ``duration`` in seconds and ``sample_rate`` in Hz are checked).
+      sampling_rate: Hz of the returned waveform.
+      tolerance: seconds the audio's length may differ from the declared duration.
+
+    Returns:
+      ``(waveform (S,), None)``, or ``(None, reason)`` when the file is missing, unreadable or truncated, empty,
+      holds NaN / infinite samples, or disagrees with its declared duration or sample rate.
+    """
     from lhotse import Recording
 
+    from speechkd.data.validation import check_audio_samples
+
+    if not Path(u.path).is_file():
+        return None, "audio file not found"
     try:
         rec = Recording.from_file(u.path, recording_id=u.id)
-    except Exception as e:  # soundfile raises several types
-        raise CorpusError(f"cannot read audio of utterance '{u.id}' ({u.path}): {e}") from e
+    except Exception as e:  # soundfile / audioread raise several types
+        return None, f"unreadable audio ({type(e).__name__}: {e})"
+    if rec.num_samples == 0:
+        return None, "empty recording (0 samples)"
+    if u.sample_rate and rec.sampling_rate != u.sample_rate:
+        return None, f"declared sample rate {u.sample_rate} Hz but the file is {rec.sampling_rate} Hz"
+    try:
+        audio = rec.load_audio()  # (channels, samples)
+    except Exception as e:  # a header that reads over data that does not (a file cut short)
+        return None, f"truncated or unreadable audio data ({type(e).__name__}: {e})"
+    declared = u.duration if u.duration else audio.shape[-1] / rec.sampling_rate
+    problem = check_audio_samples(audio, declared, rec.sampling_rate, tolerance)
+    if problem is not None:
+        return None, problem
     if rec.sampling_rate != sampling_rate:
-        rec = rec.resample(sampling_rate)
-    audio = rec.load_audio()  # (channels, samples)
-    return audio.mean(axis=0).astype(np.float32)
+        audio = rec.resample(sampling_rate).load_audio()
+    return audio.mean(axis=0).astype(np.float32), None
 
 
-def build_sequences(utts: list[Utterance], spec: SequenceSpec, seed: int, audio_dir: Pathlike, progress: bool = True):
+def build_sequences(utts: list[Utterance], spec: SequenceSpec, seed: int, audio_dir: Pathlike, progress: bool = True,
+                    policy=None, tolerance: Seconds = 0.1, origin: str = "metadata.tsv"):
     """Build connected-word utterances, write their audio as 16-bit FLAC, and return a CutSet.
 
     Audio files that already exist (from a stopped run) are reused, since names are deterministic for the
-    seed; each new file is written atomically.
+    seed; each new file is written atomically. Every source recording is checked when it is first read
+    (:func:`load_source`); a damaged one goes to ``policy`` (a :class:`speechkd.data.validation.BadInputPolicy`):
+    in ``error`` mode it stops the build naming the utterance, its file and the problem; in ``skip`` mode it is
+    listed once, each planned utterance using it is left out (listed too), and the others are built as they would be
+    without the damage (the plan does not change).
 
     Args:
       utts: isolated-word utterances of one split.
@@ -140,6 +174,12 @@ def build_sequences(utts: list[Utterance], spec: SequenceSpec, seed: int, audio_
       seed: random seed; the same seed gives the same utterances.
       audio_dir: where the FLAC files go.
       progress: show a progress bar.
+      policy: the split's bad-input policy (None: damaged audio raises :class:`speechkd.data.corpora.CorpusError`).
+      tolerance: seconds a source's audio may differ from its declared duration.
+      origin: where the rows come from, for the messages (e.g. the corpus's ``metadata.tsv``).
+
+    Raises:
+      speechkd.data.validation.BadInputError: damaged source audio in ``error`` mode; CorpusError without a policy.
 
     Returns:
       lhotse.CutSet of MonoCuts, each with one supervision (``text`` = words joined by spaces, ``speaker``)
@@ -156,16 +196,29 @@ def build_sequences(utts: list[Utterance], spec: SequenceSpec, seed: int, audio_
     sr = spec.sampling_rate
     plan = plan_sequences(utts, spec, seed)
     cache: dict[str, np.ndarray] = {}
+    damaged: dict[str, str] = {}
     cuts = []
     for uid, picks, gaps in tqdm(plan, desc=f"sequences -> {audio_dir.name}", disable=not progress):
         path = audio_dir / f"{uid}.flac"
         if not path.is_file():
+            for u in picks:
+                if u.id in cache or u.id in damaged:
+                    continue
+                wav, problem = load_source(u, sr, tolerance)
+                if problem is not None:
+                    if policy is None:
+                        raise CorpusError(f"{origin}: utterance '{u.id}' ({u.path}): {problem}")
+                    policy.bad(u.id, str(u.path), problem, origin)  # raises in error mode
+                    damaged[u.id] = problem
+                    continue
+                cache[u.id] = wav if spec.trim_db is None else trim_silence(wav, sr, spec.trim_db, spec.trim_margin)
+            bad = [u.id for u in picks if u.id in damaged]
+            if bad:
+                policy.drop(uid, str(path), f"uses damaged source utterance '{bad[0]}' ({damaged[bad[0]]})", origin)
+                continue
             edge = np.zeros(int(spec.edge * sr), dtype=np.float32)
             pieces = [edge]
             for j, u in enumerate(picks):
-                if u.id not in cache:
-                    wav = _load_mono(u, sr)
-                    cache[u.id] = wav if spec.trim_db is None else trim_silence(wav, sr, spec.trim_db, spec.trim_margin)
                 pieces.append(cache[u.id])
                 pieces.append(np.zeros(int(gaps[j] * sr), dtype=np.float32) if j < len(gaps) else edge)
             audio = np.clip(np.concatenate(pieces), -1.0, 1.0)

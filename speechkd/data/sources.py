@@ -141,7 +141,8 @@ def connected_words_rows(cfg, split: str, ctx: SourceContext) -> Iterator[RawRow
     spec = SequenceSpec(num_utts=sizes[split], min_words=cfg.min_words, max_words=cfg.max_words,
                         min_gap=cfg.min_gap, max_gap=cfg.max_gap, trim_db=cfg.trim_db)
     cuts = build_sequences(utts, spec, seed=cfg.seed * 1000 + index, audio_dir=ctx.exp_dir / "cuts" / "audio" / split,
-                           progress=ctx.progress)
+                           progress=ctx.progress, policy=ctx.policy, tolerance=cfg.duration_tolerance,
+                           origin=f"{cdir / 'metadata.tsv'}")
     for cut in cuts:
         yield RawRow(cut, f"connected_words {cfg.corpus} {split}")
 

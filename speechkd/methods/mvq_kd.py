@@ -39,6 +39,14 @@ class FrameKDConfig(KDSettings):
     scale: float = Field(1.0, ge=0)
     frame_ratio_mode: Literal["concat", "truncate"] = "concat"
 
+    def check_recipe(self, recipe, run) -> None:
+        """Raises ValueError: ``student_layer`` is not a block of the student (1..num_layers, or -1), naming the
+        student run and its model's ``num_layers``."""
+        n = recipe.student_model_of(run).num_layers
+        if self.student_layer != -1 and not 1 <= self.student_layer <= n:
+            raise ValueError(f"students['{run.name}'].kd.student_layer {self.student_layer}: the student has {n} "
+                             f"Conformer blocks (student_model.num_layers): give 1..{n} or -1 (the last)")
+
 
 class MvqKD(KDMethod):
     """Predict codebook indexes from the student's block ``layer`` through a linear head.
