@@ -332,6 +332,8 @@ class StudentRun(Strict):
     def _check_name(self):
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ValueError(f"bad student name '{self.name}' (used as a directory name)")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
+            raise ValueError(f"students['{self.name}'].seeds {self.seeds}: give distinct seeds >= 0 (each is a run)")
         return self
 
 

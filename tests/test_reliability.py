@@ -142,6 +142,8 @@ def test_second_run_on_one_directory_is_refused(tmp_path):
      ["students['m'].kd.student_layer 4", "student_model.num_layers", "1..2 or -1"]),
     ({"students": [{"name": "l", "kd": {"method": "l1", "student_layer": 0}}]}, ["students['l'].kd.student_layer 0"]),
     ({"data": {"min_words": 3, "max_words": 2}}, ["data.min_words (3) exceeds data.max_words (2)"]),
+    ({"students": [{"name": "b", "seeds": [0, 0]}]}, ["students['b'].seeds [0, 0]", "distinct seeds >= 0"]),
+    ({"students": [{"name": "b", "seeds": []}]}, ["students['b'].seeds []"]),
 ])
 def test_recipe_values_are_checked_when_the_recipe_loads(tmp_path, extra, words):
     import yaml
