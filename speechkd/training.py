@@ -633,6 +633,7 @@ def fit_steps(
     data = WaveformDataModule(cuts, target_keys, batch_seconds, seed=seed, dataset=dataset)
     last = run_dir / "ckpt" / "last.ckpt"
     n_fits = len(list(run_dir.glob("csv[0-9]*")))
+    clock = TrainClock(run_dir)  # every fit of this run, a killed one included
     kwargs = runtime.trainer_kwargs()
     if kwargs["strategy"] == "ddp":
         kwargs["strategy"] = "ddp_find_unused_parameters_true"  # e.g. a multitask batch without SV labels
@@ -640,7 +641,7 @@ def fit_steps(
         max_steps=steps, max_epochs=-1, **kwargs, default_root_dir=run_dir,
         logger=[CSVLogger(run_dir, name="", version=f"csv{n_fits}"), TensorBoardLogger(run_dir, name="", version="tb")],
         callbacks=[ModelCheckpoint(dirpath=run_dir / "ckpt", filename="last", every_n_train_steps=ckpt_every,
-                                   save_top_k=1, enable_version_counter=False)],
+                                   save_top_k=1, enable_version_counter=False), _clock_callback(clock)],
         gradient_clip_val=grad_clip, accumulate_grad_batches=accumulate_grad_batches, limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=log_every,
         use_distributed_sampler=False, enable_progress_bar=progress, enable_model_summary=False,
     )
@@ -651,6 +652,10 @@ def fit_steps(
     seconds = task.previous_seconds + time.time() - t0
     cpu = task.previous_cpu_seconds + cpu_seconds() - cpu0
     if trainer.is_global_zero:
+        # the clock also counts a killed fit's steps after its last checkpoint; the checkpoint's count is the
+        # fallback for a run begun before ckpt/clock.json existed
+        s_clock, cpu_clock = clock.stop()
+        seconds, cpu = max(seconds, s_clock), max(cpu, cpu_clock)
         _merge_csv_logs(run_dir)
     trainer.strategy.barrier("speechkd-fit-steps")
     history = []
