@@ -82,6 +82,14 @@ def _experiment(recipe: Path, exp_dir: Optional[Path], corpora_dir: Optional[Pat
         raise typer.Exit(2)
     if corpora_dir is not None:
         r.data.corpora_dir = str(corpora_dir)
+    from speechkd.config import missing_paths
+
+    missing = missing_paths(r)
+    if missing:
+        hint = ("; make a Whisper teacher with `speechkd import-whisper tiny.en DIR`"
+                if any(k == "teacher.whisper_dir" for k, _ in missing) else "")
+        typer.echo(f"error: {recipe}: " + "; ".join(f"{k}: {p} does not exist" for k, p in missing) + hint, err=True)
+        raise typer.Exit(2)
     from speechkd.distributed import is_main, relaunch_if_needed
 
     runtime = getattr(r, "runtime", None)

@@ -866,6 +866,38 @@ def load_recipe(path: Pathlike, overrides: Optional[dict] = None) -> AnyRecipe:
         raise RecipeError(f"{path}: {e}") from e
 
 
+def missing_paths(recipe: AnyRecipe) -> list[tuple[str, str]]:
+    """``(key, path)`` of each file or directory a recipe names that must exist before its first stage and does not:
+    a pretrained teacher (``teacher.hf_dir`` / ``teacher.whisper_dir`` / the SSL ``teacher.dir``), lhotse manifests
+    (``data.train`` ...), a lhotse recipe's ``data.corpus_dir``, ``data.unlabelled`` inputs. Checked by the CLI when it
+    loads a recipe (not by the schema, so a recipe validates before, e.g., ``speechkd import-whisper`` made its
+    teacher). Relative paths are read from the working directory."""
+    out: list[tuple[str, str]] = []
+
+    def need(key: str, path: Optional[str]) -> None:
+        if path and not Path(path).exists():
+            out.append((key, path))
+
+    t = recipe.teacher
+    for key in ("hf_dir", "whisper_dir", "dir"):
+        need(f"teacher.{key}", getattr(t, key, None))
+    d = recipe.data
+    if isinstance(d, LhotseData):
+        for split in ("train", "dev", "test"):
+            spec = getattr(d, split)
+            if isinstance(spec, str):
+                need(f"data.{split}", spec)
+            else:
+                need(f"data.{split}.recordings", spec.recordings)
+                need(f"data.{split}.supervisions", spec.supervisions)
+    if isinstance(d, LhotseRecipeData):
+        need("data.corpus_dir", d.corpus_dir)
+    for i, u in enumerate(getattr(d, "unlabelled", None) or []):
+        need(f"data.unlabelled[{i}].cuts", u.cuts)
+        need(f"data.unlabelled[{i}].audio_dir", u.audio_dir)
+    return out
+
+
 def dump_recipe(recipe: AnyRecipe) -> str:
     """The resolved recipe as YAML (every default written out)."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -174,3 +174,25 @@ def test_corpora_dir_precedence_option_recipe_environment(tmp_path, corpora_dir,
     assert yaml.safe_load(config.read_text())["data"]["corpora_dir"] == str(corpora_dir)
     CliRunner().invoke(app, ["report", str(recipe), "--corpora-dir", str(tmp_path / "cli"), "--no-progress"])
     assert yaml.safe_load(config.read_text())["data"]["corpora_dir"] == str(tmp_path / "cli")
+
+
+def test_paths_a_recipe_needs_are_checked_before_any_stage(tmp_path):
+    """A recipe naming a teacher directory or manifests that do not exist stops the command at once (exit 2),
+    naming the recipe file, each key and path; nothing is written."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from speechkd.cli import app
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "r", "exp_dir": str(tmp_path / "exp"), "teacher": {"whisper_dir": str(tmp_path / "no-whisper")},
+        "data": {"source": "lhotse", "train": str(tmp_path / "train.jsonl.gz"), "dev": str(recipe),
+                 "test": {"recordings": str(recipe), "supervisions": str(tmp_path / "sups.jsonl.gz")}}}))
+    res = CliRunner().invoke(app, ["run", str(recipe), "--no-progress"])
+    assert res.exit_code == 2, res.output
+    for words in (str(recipe), f"teacher.whisper_dir: {tmp_path / 'no-whisper'} does not exist",
+                  f"data.train: {tmp_path / 'train.jsonl.gz'}", "data.test.supervisions", "import-whisper"):
+        assert words in res.output, res.output
+    assert "data.dev" not in res.output and "data.test.recordings" not in res.output  # those exist
+    assert not (tmp_path / "exp").exists()
