@@ -1,23 +1,31 @@
 #!/usr/bin/env python3
-"""Benchmark speechkd's multi-codebook quantizer against k2-fsa's multi_quantization (the MVQ-KD anchor).
+"""Benchmark speechkd's multi-codebook quantizer against faiss's quantizers and k2-fsa's multi_quantization.
 
-Both quantizers get the same training frames and the same bytes per frame; the table reports, on held-out
-frames, the relative reconstruction error ``sum ||x - decode(encode(x))||^2 / sum ||x - mean(x)||^2`` (the
-mean-only baseline scores 1), the training wall time (seconds) and the encoding speed (frames per second), plus
-the ratios against the goals: encoding >= 10x faster, training <= 1/4 of multi_quantization's time, error no
-worse than multi_quantization's.
+Every quantizer gets the same training frames and the same bytes per frame (one byte per codebook of 256
+entries); for each ``--bytes-per-frame`` value the table reports, on held-out frames, the relative
+reconstruction error ``sum ||x - decode(encode(x))||^2 / sum ||x - mean(x)||^2`` (the mean-only baseline scores
+1), the training wall time (seconds) and the encoding speed (frames per second), with ratios against the best
+faiss result and against faiss's residual quantizer at beam 8 (the issue's bar: error no higher, encoding no
+slower).
+
+faiss (``faiss-cpu``, Johnson et al.; Douze et al. 2024, "The Faiss library") is measured with its standalone
+quantizer objects: ``ProductQuantizer`` (PQ; frames zero-padded to a multiple of the codebook count),
+``OPQMatrix`` + PQ (OPQ, Ge et al. CVPR 2013), ``ResidualQuantizer`` at beams 1, 8 and 32 (RQ, Babenko &
+Lempitsky / Martinez et al.; beam 32 with its codebook cross-term tables, ``use_beam_LUT``) and
+``LocalSearchQuantizer`` (LSQ++, Martinez et al. ECCV 2018), all with their default training settings, on
+``--threads`` OpenMP threads.
 
 multi_quantization (Guo et al., ICASSP 2023, arXiv 2211.00508) is trained with its own ``QuantizerTrainer``
 (``phase_one_iters`` steps with 16-entry codebooks, then ``phase_two_iters`` with 256-entry ones, minibatches
-of ``--mq-batch`` frames; its documented defaults are 10000 + 10000 steps at 600 frames) and encodes with
-``Quantizer.encode(x, refine_indexes_iters=5, as_bytes=True)``. Both quantizers see the same globally
-normalised frames ``(x - mean) / rms`` of the training split (an affine map that leaves relative errors
-unchanged; multi_quantization's own recipes feed raw frames).
+of ``--mq-batch`` frames; its documented defaults are 10000 + 10000 steps at 600 frames: hours on a CPU, so it
+is off unless ``--mq`` is given) and encodes with ``Quantizer.encode(x, refine_indexes_iters=5, as_bytes=True)``.
+All quantizers see the same globally normalised frames ``(x - mean) / rms`` of the training split (an affine
+map that leaves relative errors unchanged).
 
 Examples:
   OMP_WAIT_POLICY=PASSIVE python benchmarks/quantizer_bench.py                  # synthetic data (noted)
-  python benchmarks/quantizer_bench.py --embeddings teacher.npy --out results.json
-  python benchmarks/quantizer_bench.py --embeddings exp/labels/cuts_train_emb.jsonl.gz --key teacher_embeddings
+  python benchmarks/quantizer_bench.py --embeddings teacher.npy --bytes-per-frame 8 16 --out results.json
+  python benchmarks/quantizer_bench.py --embeddings exp/demo_whisper/labels/embeddings_train.h5 --mq --mq-iters 500
 """
 
 from __future__ import annotations
@@ -38,8 +46,10 @@ import numpy as np
 MQ_DEFAULT_ITERS = 10000  # QuantizerTrainer's default phase_one_iters and phase_two_iters
 MQ_DEFAULT_BATCH = 600  # the minibatch size its defaults were tuned for (its docstring and test)
 
-GOAL_SPEEDUP = 10.0
+GOAL_SPEEDUP = 10.0  # against multi_quantization (the foundation issue's goals)
 GOAL_TRAIN_RATIO = 0.25
+#: faiss quantizers the benchmark knows: name -> (description, constructor key, beam)
+FAISS_METHODS = ("pq", "opq", "rq1", "rq8", "rq32", "lsq")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,7 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--synthetic-rank", type=int, default=64,
                    help="synthetic data only: rank of the signal (spectrum 1/i), plus 10%% isotropic noise")
     g = p.add_argument_group("common")
-    g.add_argument("--bytes-per-frame", type=int, default=16, help="CI bytes per frame for both (default 16)")
+    g.add_argument("--bytes-per-frame", type=int, nargs="+", default=[16],
+                   help="CI bytes per frame (= codebooks of 256 entries), one or more values, each measured for "
+                        "every quantizer (default 16)")
     g.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", type=Path, default=None, help="also write all numbers as JSON here")
@@ -72,9 +84,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"encoder ICM passes (default {DEFAULT_REFINE_ITERS})")
     g.add_argument("--kmeans-iters", type=int, default=None, help="Lloyd iterations per stage (default: library's)")
     g.add_argument("--refine-rounds", type=int, default=None, help="joint refinement rounds (default: library's)")
+    g.add_argument("--train-beam", type=int, default=None,
+                   help="beam whose residuals the residual-VQ candidate's codebooks are fitted on (default: --beam; "
+                        "1 = the greedy stage-wise training of speechkd before 2026-12-07)")
     g.add_argument("--structure", choices=["auto", "pq", "rvq"], default="auto",
                    help="initialisation: product quantizer, residual VQ, or auto (both; the better on validation "
                         "frames; default)")
+    g = p.add_argument_group("faiss")
+    g.add_argument("--faiss", default=",".join(FAISS_METHODS),
+                   help=f"comma-separated faiss quantizers to measure, from {','.join(FAISS_METHODS)} (default all; "
+                        "'' for none)")
     g = p.add_argument_group("multi_quantization")
     g.add_argument("--mq-iters", type=int, default=MQ_DEFAULT_ITERS,
                    help=f"phase_one_iters = phase_two_iters of its QuantizerTrainer (default {MQ_DEFAULT_ITERS}, its "
@@ -86,7 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--mq-eval-every", type=int, default=0,
                    help="also print its held-out error (first 500 held-out frames) every this many steps, to see "
                         "its learning curve (default 0: off; the time spent is excluded from its train time)")
-    g.add_argument("--skip-mq", action="store_true", help="only measure speechkd's quantizer")
+    g.add_argument("--mq", action="store_true",
+                   help="also train multi_quantization (hours at its defaults on a CPU; see --mq-iters)")
     g.add_argument("--mq-from", type=Path, default=None,
                    help="reuse the multi_quantization numbers of a previous --out JSON made with the same data "
                         "settings (data, frames, dim, bytes per frame, threads, seed) instead of training it again "
@@ -172,7 +192,8 @@ def timed_encode(fn, x, warm: int = 64) -> tuple[object, float]:
 
 
 # ------------------------------------------------------------------------------------------------------- runs
-def run_ours(train, held, args) -> dict:
+def run_ours(train, held, bpf: int, args) -> dict:
+    """Train and score speechkd's quantizer at ``bpf`` bytes per frame."""
     import torch
 
     from speechkd.mvq.quantizer import train_quantizer
@@ -182,9 +203,11 @@ def run_ours(train, held, args) -> dict:
         kw["kmeans_iters"] = args.kmeans_iters
     if args.refine_rounds is not None:
         kw["refine_rounds"] = args.refine_rounds
+    if args.train_beam is not None:
+        kw["train_beam"] = args.train_beam
     xt = torch.from_numpy(train)
     t0 = time.perf_counter()
-    q = train_quantizer(xt, args.bytes_per_frame, beam=args.beam, refine_iters=args.refine_iters, seed=args.seed,
+    q = train_quantizer(xt, bpf, beam=args.beam, refine_iters=args.refine_iters, seed=args.seed,
                         structure=args.structure, progress=sys.stderr.isatty(), **kw)
     train_s = time.perf_counter() - t0
     xh = torch.from_numpy(held)
@@ -192,13 +215,73 @@ def run_ours(train, held, args) -> dict:
     rec = q.decode(ci).numpy()
     return {"rel_error": rel_error(held, rec), "rel_error_first500": rel_error(held[:500], rec[:500]),
             "train_s": train_s, "encode_fps": speed, "train_rel_error": q.relative_error(xt[:5000]), "id": q.id,
-            "beam": q.beam,
-            "refine_iters": q.refine_iters, "structure": args.structure, "subspace_dim": q.subspace_dim,
-            "orthogonal_codebooks": q.orthogonal_codebooks, "ci_dtype": str(ci.dtype), "ci_shape": list(ci.shape),
-            **kw}
+            "beam": q.beam, "refine_iters": q.refine_iters, "structure": args.structure,
+            "subspace_dim": q.subspace_dim, "orthogonal_codebooks": q.orthogonal_codebooks, "ci_dtype": str(ci.dtype),
+            "ci_shape": list(ci.shape), **kw}
 
 
-def run_mq(train, held, args) -> dict:
+def run_faiss(method: str, train, held, bpf: int, args) -> dict:
+    """Train and score one faiss quantizer (``method`` in FAISS_METHODS) at ``bpf`` bytes per frame.
+
+    Codes are ``bpf`` codebooks of 8 bits (``code_size == bpf`` bytes, checked); frames are float32 (N, D).
+    PQ and OPQ need D divisible by ``bpf``: frames are zero-padded to the next multiple (the padding
+    reconstructs exactly, so it changes no error).
+    """
+    import faiss
+
+    faiss.omp_set_num_threads(args.threads)
+    d = train.shape[1]
+    info: dict = {"method": method}
+    if method in ("pq", "opq"):
+        dp = -(-d // bpf) * bpf
+        pad = lambda a: np.ascontiguousarray(np.pad(a, ((0, 0), (0, dp - d)))) if dp > d else np.ascontiguousarray(a)
+        pq = faiss.ProductQuantizer(dp, bpf, 8)
+        opq = faiss.OPQMatrix(dp, bpf) if method == "opq" else None
+        t0 = time.perf_counter()
+        xt = pad(train)
+        if opq is not None:
+            opq.train(xt)
+            xt = opq.apply(xt)
+        pq.train(xt)
+        train_s = time.perf_counter() - t0
+
+        def enc(x):
+            x = pad(x)
+            return pq.compute_codes(opq.apply(x) if opq is not None else x)
+
+        def dec(codes):
+            y = pq.decode(codes)
+            return (opq.reverse_transform(y) if opq is not None else y)[:, :d]
+
+        code_size = pq.code_size
+        info["padded_dim"] = dp
+    elif method.startswith("rq") or method == "lsq":
+        if method == "lsq":
+            q = faiss.LocalSearchQuantizer(d, bpf, 8)
+        else:
+            q = faiss.ResidualQuantizer(d, bpf, 8)
+            beam = int(method[2:])
+            q.max_beam_size = beam
+            q.use_beam_LUT = 1 if beam >= 32 else 0
+            info.update(beam=beam, use_beam_LUT=int(q.use_beam_LUT), train_type=int(q.train_type))
+        t0 = time.perf_counter()
+        q.train(np.ascontiguousarray(train))
+        train_s = time.perf_counter() - t0
+        enc = lambda x: q.compute_codes(np.ascontiguousarray(x))
+        dec = q.decode
+        code_size = q.code_size
+    else:
+        raise ValueError(f"unknown faiss method {method!r} (known: {', '.join(FAISS_METHODS)})")
+    if code_size != bpf:
+        raise RuntimeError(f"faiss {method}: code size {code_size} bytes, expected {bpf}")
+    codes, speed = timed_encode(enc, held)
+    rec = dec(codes)
+    return {"rel_error": rel_error(held, rec), "train_s": train_s, "encode_fps": speed, "code_size": int(code_size),
+            **info}
+
+
+def run_mq(train, held, bpf: int, args) -> dict:
+    """Train and score multi_quantization at ``bpf`` bytes per frame."""
     import torch
     import multi_quantization as mq
 
@@ -210,7 +293,7 @@ def run_mq(train, held, args) -> dict:
     n = xt.shape[0]
     total = 2 * args.mq_iters
     t0 = time.perf_counter()
-    trainer = mq.QuantizerTrainer(dim=train.shape[1], bytes_per_frame=args.bytes_per_frame, device=device,
+    trainer = mq.QuantizerTrainer(dim=train.shape[1], bytes_per_frame=bpf, device=device,
                                   phase_one_iters=args.mq_iters, phase_two_iters=args.mq_iters, lr=args.mq_lr)
     step = 0
     report_every = max(1, total // 20)
@@ -255,23 +338,102 @@ def run_mq(train, held, args) -> dict:
             "ci_dtype": str(ci.dtype), "ci_shape": list(ci.shape)}
 
 
-def reuse_mq(path: Path, current: dict) -> dict:
-    """The multi_quantization entry of a previous results JSON, after checking its data settings match."""
+def reuse_mq(path: Path, current: dict, bpf: int) -> dict:
+    """The multi_quantization entry at ``bpf`` bytes of a previous results JSON, after checking the data settings."""
     try:
         old = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot read a results JSON ({e})") from e
-    if "multi_quantization" not in old:
-        raise ValueError(f"{path}: has no multi_quantization results")
-    keys = ("data", "train_frames", "held_out_frames", "dim", "bytes_per_frame", "threads", "seed")
+    entry = (old.get("runs", {}).get(str(bpf), {}).get("multi_quantization")
+             or (old.get("multi_quantization") if old.get("bytes_per_frame") == bpf else None))
+    if entry is None:
+        raise ValueError(f"{path}: has no multi_quantization results at {bpf} bytes per frame")
+    keys = ("data", "train_frames", "held_out_frames", "dim", "threads", "seed")
     diff = {k: (old[k], current[k]) for k in keys if k in old and old[k] != current[k]}
     if diff:
         raise ValueError(f"{path}: made with other data settings: " + ", ".join(f"{k}: {a!r} there, {b!r} here"
                                                                           for k, (a, b) in diff.items()))
-    return dict(old["multi_quantization"], reused_from=str(path))
+    return dict(entry, reused_from=str(path))
 
 
 # ------------------------------------------------------------------------------------------------------- main
+def measure(train, held, bpf: int, args, result: dict) -> dict:
+    """Every requested quantizer at ``bpf`` bytes per frame; prints the table and returns the run's numbers."""
+    print(f"\n=== {bpf} bytes per frame ({bpf} codebooks x 256 entries) ===", flush=True)
+    rows: dict[str, dict] = {}
+    ours = run_ours(train, held, bpf, args)
+    rows["speechkd"] = ours
+    print(f"speechkd: relative error {ours['rel_error']:.4f} (train {ours['train_rel_error']:.4f}), "
+          f"train {ours['train_s']:.1f} s, encode {ours['encode_fps']:.0f} frames/s; codewords span "
+          f"{ours['subspace_dim']} of {train.shape[1]} dims, "
+          f"{'orthogonal codebooks (exact encoding)' if ours['orthogonal_codebooks'] else 'beam search'}", flush=True)
+    methods = [m for m in args.faiss.split(",") if m]
+    for m in methods:
+        r = run_faiss(m, train, held, bpf, args)
+        rows[f"faiss-{m}"] = r
+        print(f"faiss {m}: relative error {r['rel_error']:.4f}, train {r['train_s']:.1f} s, "
+              f"encode {r['encode_fps']:.0f} frames/s", flush=True)
+    run = {"bytes_per_frame": bpf, "speechkd": ours, "faiss": {m: rows[f"faiss-{m}"] for m in methods}}
+    if args.mq:
+        if args.mq_from is not None:
+            theirs = reuse_mq(args.mq_from, result, bpf)
+            print(f"multi_quantization: numbers reused from {args.mq_from}", flush=True)
+        else:
+            print(f"multi_quantization: training {args.mq_iters} + {args.mq_iters} steps of {args.mq_batch} frames "
+                  f"on {args.mq_device} (its defaults: {MQ_DEFAULT_ITERS} + {MQ_DEFAULT_ITERS} of "
+                  f"{MQ_DEFAULT_BATCH})", flush=True)
+            theirs = run_mq(train, held, bpf, args)
+        rows["multi_quantization"] = theirs
+        run["multi_quantization"] = theirs
+        run["mq_below_defaults"] = theirs.get("phase_one_iters", 0) < MQ_DEFAULT_ITERS or \
+            theirs.get("batch", 0) < MQ_DEFAULT_BATCH
+
+    faiss_rows = {k: v for k, v in rows.items() if k.startswith("faiss-")}
+    best = min(faiss_rows, key=lambda k: faiss_rows[k]["rel_error"]) if faiss_rows else None
+    ref = "faiss-rq8" if "faiss-rq8" in rows else None
+    print()
+    hdr = f"{'quantizer':22s}{'held-out error':>16s}{'train s':>10s}{'encode fr/s':>13s}"
+    if best:
+        hdr += f"{'err / best faiss':>18s}{'speed / best':>14s}"
+    if ref:
+        hdr += f"{'err / RQ b8':>13s}{'speed / RQ b8':>15s}"
+    print(hdr)
+    for name, r in rows.items():
+        line = f"{name:22s}{r['rel_error']:>16.4f}{r['train_s']:>10.1f}{r['encode_fps']:>13.0f}"
+        if best:
+            line += f"{r['rel_error'] / rows[best]['rel_error']:>18.3f}{r['encode_fps'] / rows[best]['encode_fps']:>14.2f}"
+        if ref:
+            line += f"{r['rel_error'] / rows[ref]['rel_error']:>13.3f}{r['encode_fps'] / rows[ref]['encode_fps']:>15.2f}"
+        print(line)
+    if best:
+        run["best_faiss"] = best[len("faiss-"):]
+    goals = {}
+    if ref:
+        e, v = ours["rel_error"] / rows[ref]["rel_error"], ours["encode_fps"] / rows[ref]["encode_fps"]
+        goals["error_vs_faiss_rq8"] = {"value": e, "goal": "<= 1", "pass": e <= 1.0}
+        goals["encode_speed_vs_faiss_rq8"] = {"value": v, "goal": ">= 1", "pass": v >= 1.0}
+    if "multi_quantization" in rows:
+        theirs = rows["multi_quantization"]
+        sp, tr = ours["encode_fps"] / theirs["encode_fps"], ours["train_s"] / theirs["train_s"]
+        er = ours["rel_error"] / theirs["rel_error"]
+        goals["encode_speedup_vs_mq"] = {"value": sp, "goal": f">= {GOAL_SPEEDUP:g}", "pass": sp >= GOAL_SPEEDUP}
+        goals["train_time_ratio_vs_mq"] = {"value": tr, "goal": f"<= {GOAL_TRAIN_RATIO:g}", "pass": tr <= GOAL_TRAIN_RATIO}
+        goals["error_ratio_vs_mq"] = {"value": er, "goal": "<= 1", "pass": er <= 1.0}
+    if goals:
+        print()
+        for name, g in goals.items():
+            print(f"{name:28s}{g['value']:>10.3f}   goal {g['goal']:<7s} {'PASS' if g['pass'] else 'FAIL'}")
+    run["goals"] = goals
+    print(f"\nspeechkd settings: structure {ours['structure']}, beam {ours['beam']}, refine_iters "
+          f"{ours['refine_iters']}")
+    if "multi_quantization" in rows and run.get("mq_below_defaults"):
+        theirs = rows["multi_quantization"]
+        print(f"NOTE: multi_quantization was trained for fewer steps than its defaults ({MQ_DEFAULT_ITERS} + "
+              f"{MQ_DEFAULT_ITERS} of {MQ_DEFAULT_BATCH} frames); its error may be pessimistic. At its defaults its "
+              f"training would take ~{theirs.get('projected_train_s_at_defaults', float('nan')):.0f} s.")
+    return run
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -279,7 +441,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     x, source = load_frames(args)
     train, held = split(x, args)
-    # the same global normalisation for both (relative errors are invariant to it)
+    # the same global normalisation for all (relative errors are invariant to it)
     mean = train.mean(0, dtype=np.float64)
     rms = float(np.sqrt(((train - mean) ** 2).mean(dtype=np.float64)))
     rms = rms if rms > 0 else 1.0
@@ -287,72 +449,13 @@ def main(argv=None) -> int:
     held = ((held - mean) / rms).astype(np.float32)
     print(f"data: {source}", flush=True)
     print(f"train frames {train.shape[0]}, held-out frames {held.shape[0]}, dim {train.shape[1]}, "
-          f"{args.bytes_per_frame} bytes/frame, torch threads {args.threads}, "
+          f"bytes/frame {args.bytes_per_frame}, threads {args.threads}, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}", flush=True)
-
-    ours = run_ours(train, held, args)
-    print(f"speechkd: relative error {ours['rel_error']:.4f} (train {ours['train_rel_error']:.4f}), "
-          f"train {ours['train_s']:.1f} s, encode {ours['encode_fps']:.0f} frames/s; codewords span "
-          f"{ours['subspace_dim']} of {train.shape[1]} dims, "
-          f"{'orthogonal codebooks (exact encoding)' if ours['orthogonal_codebooks'] else 'refined (beam search)'}",
-          flush=True)
     result = {"data": source, "synthetic": args.embeddings is None, "train_frames": int(train.shape[0]),
-              "held_out_frames": int(held.shape[0]), "dim": int(train.shape[1]),
-              "bytes_per_frame": args.bytes_per_frame, "threads": args.threads, "seed": args.seed, "speechkd": ours}
-    if not args.skip_mq:
-        if args.mq_from is not None:
-            theirs = reuse_mq(args.mq_from, result)
-            args.mq_iters, args.mq_batch = theirs["phase_one_iters"], theirs["batch"]
-            args.mq_lr, args.mq_refine_iters = theirs["lr"], theirs["refine_indexes_iters"]
-            print(f"multi_quantization: numbers reused from {args.mq_from} (trained there for {args.mq_iters} + "
-                  f"{args.mq_iters} steps of {args.mq_batch} frames)", flush=True)
-        else:
-            print(f"multi_quantization: training {args.mq_iters} + {args.mq_iters} steps of {args.mq_batch} frames "
-                  f"on {args.mq_device} (its defaults: {MQ_DEFAULT_ITERS} + {MQ_DEFAULT_ITERS} of "
-                  f"{MQ_DEFAULT_BATCH})", flush=True)
-            theirs = run_mq(train, held, args)
-        result["multi_quantization"] = theirs
-        speedup = ours["encode_fps"] / theirs["encode_fps"]
-        train_ratio = ours["train_s"] / theirs["train_s"]
-        err_ratio = ours["rel_error"] / theirs["rel_error"]
-        goals = {
-            "encode_speedup": {"value": speedup, "goal": f">= {GOAL_SPEEDUP:g}", "pass": speedup >= GOAL_SPEEDUP},
-            "train_time_ratio": {"value": train_ratio, "goal": f"<= {GOAL_TRAIN_RATIO:g}",
-                                 "pass": train_ratio <= GOAL_TRAIN_RATIO},
-            "error_ratio": {"value": err_ratio, "goal": "<= 1", "pass": err_ratio <= 1.0},
-        }
-        result["goals"] = goals
-        if theirs.get("learning_curve_500"):
-            curve = ", ".join(f"{st}: {e:.4f}" for st, e in theirs["learning_curve_500"])
-            print(f"multi_quantization held-out error on the first 500 held-out frames by step: {curve} "
-                  f"(speechkd on the same frames: {ours['rel_error_first500']:.4f})")
-        under = args.mq_iters < MQ_DEFAULT_ITERS or args.mq_batch < MQ_DEFAULT_BATCH
-        result["mq_below_defaults"] = under
-
-        rows = [("relative error (held-out)", f"{ours['rel_error']:.4f}", f"{theirs['rel_error']:.4f}"),
-                ("train time (s)", f"{ours['train_s']:.1f}", f"{theirs['train_s']:.1f}"),
-                ("encode (frames/s)", f"{ours['encode_fps']:.0f}", f"{theirs['encode_fps']:.0f}")]
-        print()
-        print(f"{'':28s}{'speechkd':>14s}{'multi_quant.':>16s}")
-        for name, a, b in rows:
-            print(f"{name:28s}{a:>14s}{b:>16s}")
-        print()
-        for name, g in goals.items():
-            print(f"{name:28s}{g['value']:>10.3f}   goal {g['goal']:<7s} {'PASS' if g['pass'] else 'FAIL'}")
-        print()
-        print(f"speechkd settings: structure {ours['structure']}, beam {ours['beam']}, refine_iters "
-              f"{ours['refine_iters']}; "
-              f"multi_quantization: phase_one_iters = phase_two_iters = {args.mq_iters}, batch {args.mq_batch}, "
-              f"lr {args.mq_lr}, refine_indexes_iters {args.mq_refine_iters}, {theirs['s_per_step']:.2f} s/step")
-        if under:
-            print(f"NOTE: multi_quantization was trained for fewer steps than its defaults "
-                  f"({MQ_DEFAULT_ITERS} + {MQ_DEFAULT_ITERS} of {MQ_DEFAULT_BATCH} frames); its error may be "
-                  f"pessimistic. At its defaults this run's training would take "
-                  f"~{theirs['projected_train_s_at_defaults']:.0f} s (train-time ratio "
-                  f"{ours['train_s'] / theirs['projected_train_s_at_defaults']:.4f}).")
-        if args.mq_from is not None:
-            print(f"NOTE: multi_quantization's numbers come from {args.mq_from}: its encoding speed was measured in "
-                  "that run, under that run's machine load.")
+              "held_out_frames": int(held.shape[0]), "dim": int(train.shape[1]), "threads": args.threads,
+              "seed": args.seed, "runs": {}}
+    for bpf in args.bytes_per_frame:
+        result["runs"][str(bpf)] = measure(train, held, bpf, args, result)
     if args.embeddings is None:
         print("NOTE: these numbers are on SYNTHETIC data; rerun with --embeddings for teacher embeddings.")
     if args.out is not None:

@@ -269,3 +269,31 @@ def test_errors(quantizer, data):
     small = Quantizer(torch.zeros(D), torch.ones(D), torch.randn(M, 16, D))
     with pytest.raises(ValueError, match="lie in"):
         small.decode(torch.full((2, M), 20, dtype=torch.uint8))
+
+
+def test_beam_trained_rvq_reduces_to_greedy_and_keeps_the_best_path():
+    """_init_rvq_beam: beam 1 is the greedy stage-wise residual VQ (same codebooks as _init_codebooks over the
+    full span); with beam >= K and two codebooks it is exhaustive, so each frame's path is the brute-force best."""
+    from speechkd.mvq import quantizer as Q
+
+    z = _structured(600, 3)[:, :6].contiguous()  # (N, p)
+    greedy = Q._init_codebooks(z, [list(range(6))] * 3, 16, 5, True, torch.Generator().manual_seed(7))
+    beam1 = Q._init_rvq_beam(z, 3, 16, 5, True, torch.Generator().manual_seed(7), beam=1)
+    for a, b in zip(greedy, beam1):
+        assert torch.equal(a, b)
+
+    k = 8
+    cb, idx, resid = Q._init_rvq_beam(z, 2, k, 5, False, torch.Generator().manual_seed(0), beam=k)
+    assert torch.allclose(resid, z - cb[0][idx[:, 0]] - cb[1][idx[:, 1]], atol=1e-5)
+    pairs = torch.tensor(list(itertools.product(range(k), range(k))))  # (K*K, 2) every index pair
+    recon = cb[0][pairs[:, 0]] + cb[1][pairs[:, 1]]  # (K*K, p)
+    brute = ((z.unsqueeze(1) - recon.unsqueeze(0)) ** 2).sum(2).min(1).values  # (N,)
+    assert torch.allclose((resid * resid).sum(1), brute, rtol=1e-4, atol=1e-5)
+
+
+def test_train_beam_is_checked():
+    x = _structured(400, 0)
+    with pytest.raises(ValueError, match="train_beam"):
+        train_quantizer(x, 2, codebook_size=16, train_beam=0, progress=False)
+    q = train_quantizer(x, 2, codebook_size=16, structure="rvq", train_beam=4, progress=False)
+    assert q.num_codebooks == 2
