@@ -259,6 +259,9 @@ class QuantizerConfig(Strict):
     train_frames: int = Field(50000, ge=256, description="teacher frames sampled to train the quantizer")
     beam: Optional[int] = None
     refine_iters: Optional[int] = None
+    storage: Literal["range", "hdf5"] = Field(
+        "range", description="how the CI are stored: 'range' = range-coded losslessly with a per-codebook model "
+        "(labels/codebook_indexes.ci, about 14% smaller on Whisper frames), 'hdf5' = one uncompressed byte per index")
 
 
 class KDSettings(Strict):

@@ -3,7 +3,7 @@
     prepare   -> cuts/{train,dev,test}.jsonl.gz (+ unlabelled.jsonl.gz), fbank, cuts/skipped.jsonl, lang/tokens.model
     teacher   -> teacher/model.safetensors (+ metrics.csv, ckpt/ for resuming)
     extract   -> labels/cuts_train_emb.jsonl.gz + labels/teacher_embeddings*.h5 (float32 teacher layer)
-    quantize  -> labels/quantizer.safetensors, labels/cuts_train_ci.jsonl.gz + labels/codebook_indexes*.h5
+    quantize  -> labels/quantizer.safetensors, labels/cuts_train_ci.jsonl.gz + labels/codebook_indexes*.ci
     pseudo-label -> labels/nbest/part-*.jsonl.gz, then labels/cuts_train_nbest.jsonl.gz (teacher N-best)
 
 The labelling stages (extract, quantize, pseudo-label) live in :mod:`speechkd.labels.stages`: sharded by

@@ -132,9 +132,15 @@ def _brute_force(cb: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return ((x[:, None, :] - recon[None]) ** 2).sum(2).min(1).values
 
 
+@pytest.mark.parametrize("lut", [True, False])
 @pytest.mark.parametrize("m,k,beam", [(2, 8, 8), (3, 4, 16)])
-def test_full_beam_finds_exact_optimum(m, k, beam):
-    """With beam >= K^(M-1) the search is exhaustive: compare with brute force over all K^M index tuples."""
+def test_full_beam_finds_exact_optimum(m, k, beam, lut, monkeypatch):
+    """With beam >= K^(M-1) the search is exhaustive: compare with brute force over all K^M index tuples (with the
+    look-up-table search and, with no room for its table, the residual-vector search)."""
+    from speechkd.mvq import quantizer as Q
+
+    if not lut:
+        monkeypatch.setattr(Q, "_CROSS_BYTES", 0)
     g = torch.Generator().manual_seed(m)
     cb = torch.randn(m, k, 4, generator=g)
     q = Quantizer(torch.zeros(4), torch.ones(4), cb, beam=beam, refine_iters=0)
@@ -149,6 +155,28 @@ def test_full_beam_finds_exact_optimum(m, k, beam):
     x7 = torch.randn(50, 7, generator=g)
     got7 = ((x7 - q7.decode(q7.encode(x7))) ** 2).sum(1)
     assert torch.allclose(got7, _brute_force(cb7, x7), atol=1e-4)
+
+
+def test_lookup_table_search_matches_residual_search():
+    """The table search (errors accumulated from x . c and cross terms) and the residual-vector search keep the same
+    paths: equal squared errors per frame (float32 rounding apart) for beams 1 and 4, and equal indexes on almost
+    every frame."""
+    from speechkd.mvq import quantizer as Q
+
+    g = torch.Generator().manual_seed(11)
+    cb = torch.randn(6, 32, 12, generator=g) * torch.linspace(1.0, 0.3, 6)[:, None, None]  # (M, K, D)
+    cb_sq = (cb * cb).sum(2)
+    x = torch.randn(400, 12, generator=g)
+    cross = Q._cross_terms(cb)
+    assert cross is not None and cross[3].shape == (3 * 32, 32)
+    assert torch.allclose(cross[3][2 * 32 + 5], cb[3] @ cb[2, 5], atol=1e-5)
+    for beam in (1, 4):
+        i1, r1 = Q._beam_search_lut(x, cb, cb_sq, beam, cross)
+        i2, r2 = Q._beam_search(x, cb, cb_sq, beam)
+        assert torch.allclose((r1 * r1).sum(1), (r2 * r2).sum(1), rtol=1e-4, atol=1e-4)
+        assert float((i1 == i2).all(1).float().mean()) > 0.98
+        recon = sum(cb[m][i1[:, m]] for m in range(6))
+        assert torch.allclose(r1, x - recon, atol=1e-5)
 
 
 def test_orthogonal_codebooks_exact():
@@ -272,15 +300,19 @@ def test_errors(quantizer, data):
 
 
 def test_beam_trained_rvq_reduces_to_greedy_and_keeps_the_best_path():
-    """_init_rvq_beam: beam 1 is the greedy stage-wise residual VQ (same codebooks as _init_codebooks over the
-    full span); with beam >= K and two codebooks it is exhaustive, so each frame's path is the brute-force best."""
+    """_init_rvq_beam: with beam 1 each stage's indexes are the nearest codewords of the greedy residual (recomputed
+    here from the codebooks alone); with beam >= K and two codebooks it is exhaustive, so each frame's path is
+    the brute-force best."""
     from speechkd.mvq import quantizer as Q
 
     z = _structured(600, 3)[:, :6].contiguous()  # (N, p)
-    greedy = Q._init_codebooks(z, [list(range(6))] * 3, 16, 5, True, torch.Generator().manual_seed(7))
-    beam1 = Q._init_rvq_beam(z, 3, 16, 5, True, torch.Generator().manual_seed(7), beam=1)
-    for a, b in zip(greedy, beam1):
-        assert torch.equal(a, b)
+    cb, idx, resid = Q._init_rvq_beam(z, 3, 16, 5, True, torch.Generator().manual_seed(7), beam=1)
+    r = z.clone()
+    for m in range(3):
+        nearest = torch.cdist(r.double(), cb[m].double()).argmin(1)  # (N,)
+        assert torch.equal(idx[:, m], nearest)
+        r = r - cb[m][nearest]
+    assert torch.allclose(resid, r, atol=1e-5)
 
     k = 8
     cb, idx, resid = Q._init_rvq_beam(z, 2, k, 5, False, torch.Generator().manual_seed(0), beam=k)
@@ -289,6 +321,26 @@ def test_beam_trained_rvq_reduces_to_greedy_and_keeps_the_best_path():
     recon = cb[0][pairs[:, 0]] + cb[1][pairs[:, 1]]  # (K*K, p)
     brute = ((z.unsqueeze(1) - recon.unsqueeze(0)) ** 2).sum(2).min(1).values  # (N,)
     assert torch.allclose((resid * resid).sum(1), brute, rtol=1e-4, atol=1e-5)
+
+
+def test_shrunk_seeds_are_rows_pulled_to_the_mean():
+    """_kmeans with seed_scale and no Lloyd iteration returns g + s (r_i - g) for k distinct rows r_i (g the rows'
+    mean); one Lloyd iteration never raises the k-means objective."""
+    from speechkd.mvq import quantizer as Q
+
+    r = _structured(300, 5)[:, :4].contiguous() + 3.0  # (N, 4), mean away from 0
+    g = r.mean(0)
+    cb, _ = Q._kmeans(r, 12, 0, torch.Generator().manual_seed(0), 4096, seed_scale=0.25)
+    rows = g + (cb - g) / 0.25  # (12, 4): the picked rows
+    hit = torch.cdist(rows.double(), r.double()).min(1)  # nearest data row of each
+    assert float(hit.values.max()) < 1e-4 and hit.indices.unique().numel() == 12
+
+    def objective(c):
+        return float(torch.cdist(r.double(), c.double()).min(1).values.pow(2).sum())
+
+    cb1, idx1 = Q._kmeans(r, 12, 1, torch.Generator().manual_seed(0), 4096, seed_scale=0.25)
+    assert objective(cb1) <= objective(cb) + 1e-6
+    assert torch.equal(idx1, torch.cdist(r.double(), cb1.double()).argmin(1))
 
 
 def test_train_beam_is_checked():

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
+import speechkd.labels.codec  # noqa: F401  (lhotse's reader of range-coded CI, also in spawned loader workers)
 from speechkd.utils import Pathlike, Seconds
 
 #: Frame shift of the fbank features, seconds.

@@ -2,7 +2,8 @@
 lists (pseudo-label), for the training cuts and the untranscribed ones of ``data.unlabelled``.
 
     extract      -> labels/cuts_train_emb.jsonl.gz + labels/teacher_embeddings*.h5 (float32 teacher layer)
-    quantize     -> labels/quantizer.safetensors, labels/cuts_train_ci.jsonl.gz + labels/codebook_indexes*.h5
+    quantize     -> labels/quantizer.safetensors, labels/cuts_train_ci.jsonl.gz + labels/codebook_indexes*.ci
+                    (range-coded; ``*.h5`` with ``quantizer.storage: hdf5``)
     pseudo-label -> labels/nbest/part-*.jsonl.gz, then labels/cuts_train_nbest.jsonl.gz
 
 Each stage splits its work into shards of batches (:mod:`speechkd.labels.shards`): ``--shard i/n`` for n separate
@@ -26,16 +27,19 @@ from speechkd.utils import log
 
 
 # ---------------------------------------------------------------- shared: parts of frame labels
-def _part_paths(exp, key: str, index: int, count: int):
-    """``(HDF5 file name, shard manifest path)`` of shard ``index`` of ``count`` of frame labels ``key``."""
+def _part_paths(exp, key: str, index: int, count: int, codec: str = "hdf5"):
+    """``(label file name, shard manifest path)`` of shard ``index`` of ``count`` of frame labels ``key`` (``.h5``;
+    ``.ci`` for range-coded CI)."""
     from speechkd.labels.shards import part_name
 
     name = part_name(key, index, count)
-    return (f"{key}.h5" if count == 1 else f"{name}.h5"), exp.dir / "labels" / "parts" / f"{name}.jsonl.gz"
+    suffix = ".ci" if codec == "range" else ".h5"
+    return (f"{key}{suffix}" if count == 1 else f"{name}{suffix}"), exp.dir / "labels" / "parts" / f"{name}.jsonl.gz"
 
 
 def write_frame_label_part(exp, key: str, index: int, count: int, shard_cuts: list,
-                           outputs: Callable[[], Iterator], frame_shift: float, extra: dict) -> None:
+                           outputs: Callable[[], Iterator], frame_shift: float, extra: dict,
+                           codec: str = "hdf5") -> None:
     """Write shard ``index`` of ``count`` of frame labels ``key``: ``labels/<key>.part-i-of-n.h5`` (``<key>.h5``
     unsharded) and its cuts' manifest ``labels/parts/<key>.part-i-of-n.jsonl.gz`` (written last: its presence marks
     the part complete; an existing part is skipped, ``outputs`` is then not called).
@@ -48,6 +52,7 @@ def write_frame_label_part(exp, key: str, index: int, count: int, shard_cuts: li
       outputs: ``() -> iterator of (cut_id, (T, C) array)`` for exactly ``shard_cuts``.
       frame_shift: seconds per label frame.
       extra: string metadata stored with the labels (what made them: teacher layer, quantizer id, centroids id).
+      codec: as :func:`speechkd.labels.store.write_frame_labels` (``"range"``: range-coded uint8 CI).
 
     Raises:
       ValueError: as :func:`speechkd.labels.store.write_frame_labels` (naming the cut).
@@ -57,12 +62,12 @@ def write_frame_label_part(exp, key: str, index: int, count: int, shard_cuts: li
     from speechkd.data.datamodule import save_cuts
     from speechkd.labels.store import write_frame_labels
 
-    file_name, manifest = _part_paths(exp, key, index, count)
+    file_name, manifest = _part_paths(exp, key, index, count, codec)
     if manifest.is_file():
         log(f"{key}: part {index}/{count} exists ({manifest}), skipped")
         return
     labelled = write_frame_labels(CutSet.from_cuts(shard_cuts), outputs(), exp.dir / "labels", key=key,
-                                  frame_shift=frame_shift, extra=extra, file_name=file_name)
+                                  frame_shift=frame_shift, extra=extra, file_name=file_name, codec=codec)
     save_cuts(labelled, manifest)
 
 
@@ -90,7 +95,7 @@ def merge_frame_label_parts(exp, cuts, key: str, count: int, extra: dict):
             if (c.custom or {}).get(meta_key(key)) != extra:
                 raise ValueError(f"{m}: cut '{c.id}' has '{key}' labels written with "
                                  f"{(c.custom or {}).get(meta_key(key))}, not {extra}: delete labels/parts/{key}.* "
-                                 f"and labels/{key}*.h5 and label again")
+                                 f"and labels/{key}*.h5 / *.ci and label again")
             by_id[c.id] = c
     out = []
     for c in cuts:
@@ -214,7 +219,7 @@ def _train_or_load_quantizer(exp, cuts):
         quantizer.save(exp.quantizer_path)
         err = quantizer.relative_error(torch.from_numpy(frames[:5000]))
         log(f"quantize: trained on {len(frames)} frames, dim {quantizer.dim}, {q.num_codebooks} bytes/frame, "
-            f"relative error {err:.3f} ({time.time() - t0:.0f} s), id {quantizer.id}")
+            f"relative error {err:.3f} on 5000 of its training frames ({time.time() - t0:.0f} s), id {quantizer.id}")
     barrier()  # multi-process: every rank waits until rank 0 has saved it (a no-op in one process)
     if quantizer is None:
         quantizer = Quantizer.load(exp.quantizer_path)
@@ -256,7 +261,7 @@ def quantize(exp, shard: Optional[str] = None, group_frames: int = ENCODE_GROUP_
     extra = {"quantizer_id": quantizer.id}
     # the CI frames are the embeddings' frames: same frame shift (20 ms for an HF teacher, 10 ms x subsampling else)
     write_frame_label_part(exp, CI_KEY, index, count, [c for g in groups for c in g], indexes,
-                            label_frame_shift(cuts, EMB_KEY), extra)
+                            label_frame_shift(cuts, EMB_KEY), extra, codec=exp.recipe.quantizer.storage)
     if finish_frame_labels(exp, cuts, CI_KEY, count, extra, exp.ci_cuts_path):
         log(f"quantize: codebook indexes for {len(cuts)} cuts ({count} shard(s)) -> {exp.ci_cuts_path}")
 

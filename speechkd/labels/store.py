@@ -50,9 +50,14 @@ def write_frame_labels(
     extra: Optional[Mapping[str, str]] = None,
     max_frame_mismatch: Optional[int] = 4,
     file_name: Optional[str] = None,
+    codec: str = "hdf5",
 ):
     """Store per-frame labels of every cut in ``storage_dir/{key}.h5`` (or ``storage_dir/file_name``) and attach
     them to the cuts.
+
+    With ``codec="range"`` (uint8 codebook indexes only) the file is ``storage_dir/{key}.ci`` instead, range-coded
+    losslessly with a per-codebook model fitted on its first frames (:mod:`speechkd.labels.codec`); it is read
+    back bit-exactly through the same lhotse calls.
 
     Arrays are written with lhotse's ``NumpyHdf5Writer`` (uncompressed) as ``TemporalArray`` manifests with
     ``temporal_dim=0``, ``frame_shift`` and ``start = cut.start`` (the array's offset in the recording), under the
@@ -73,15 +78,20 @@ def write_frame_labels(
       max_frame_mismatch: refuse arrays whose ``T`` differs from ``cut.duration / frame_shift`` by more than
         this many frames (a wrong ``frame_shift`` or cut); ``None`` disables the check. Note that lhotse loads
         at most ``round(duration / frame_shift)`` frames of a cut, so extra trailing frames are not returned.
-      file_name: the HDF5 file's name in ``storage_dir`` (default ``f"{key}.h5"``; e.g. one per shard).
+      file_name: the file's name in ``storage_dir`` (default ``f"{key}.h5"``, with ``codec="range"``
+        ``f"{key}.ci"``; e.g. one per shard).
+      codec: ``"hdf5"`` (uncompressed, any label kind) or ``"range"`` (entropy-coded uint8 CI).
 
     Returns:
       a new eager ``CutSet`` with the labels attached, in the order of ``cuts`` (save it, e.g. to jsonl.gz).
 
     Raises:
       ValueError: bad key/frame_shift/extra; a label for an unknown or repeated cut id; a cut without labels;
-        an array of the wrong rank, dtype, width, length or with non-finite values (the message names the cut).
+        an array of the wrong rank, dtype, width, length or with non-finite values (the message names the cut);
+        ``codec="range"`` for labels that are not uint8; an unknown codec.
     """
+    if codec not in ("hdf5", "range"):
+        raise ValueError(f"codec must be 'hdf5' or 'range', got {codec!r}")
     from lhotse import CutSet, NumpyHdf5Writer
     from lhotse.array import TemporalArray
     from lhotse.features.io import close_cached_file_handles
@@ -103,9 +113,12 @@ def write_frame_labels(
         by_id[c.id] = c
     storage_dir = Path(storage_dir)
     storage_dir.mkdir(parents=True, exist_ok=True)
-    final = storage_dir / (file_name or f"{key}.h5")
-    if final.parent != storage_dir or not final.name.endswith(".h5"):
-        raise ValueError(f"file_name must be a plain name ending in .h5, got {file_name!r}")
+    suffix = ".ci" if codec == "range" else ".h5"
+    final = storage_dir / (file_name or f"{key}{suffix}")
+    if final.parent != storage_dir or not final.name.endswith(suffix):
+        raise ValueError(f"file_name must be a plain name ending in {suffix}, got {file_name!r}")
+    if codec == "range":
+        return _write_range_coded(cut_list, by_id, labels, final, key, frame_shift, extra, max_frame_mismatch)
     fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp.h5", dir=storage_dir)
     os.close(fd)
     manifests: dict[str, TemporalArray] = {}
@@ -144,6 +157,47 @@ def write_frame_labels(
     return CutSet.from_cuts(
         c.with_custom(key, manifests[c.id]).with_custom(meta_key(key), dict(extra)) for c in cut_list
     )
+
+
+def _write_range_coded(cut_list, by_id, labels, final: Path, key: str, frame_shift: float, extra: dict,
+                       max_frame_mismatch: Optional[int]):
+    """``write_frame_labels(..., codec="range")``: the labels range-coded into ``final`` (atomic)."""
+    from lhotse import CutSet
+    from lhotse.array import Array, TemporalArray
+
+    from speechkd.labels.codec import STORAGE_TYPE, CIRangeWriter
+
+    frames: dict[str, int] = {}
+    with CIRangeWriter(final) as writer:
+        width = None
+        items = labels.items() if isinstance(labels, Mapping) else labels
+        for cut_id, arr in items:
+            cut = by_id.get(cut_id)
+            if cut is None:
+                raise ValueError(f"labels given for cut '{cut_id}', which is not in cuts")
+            if cut_id in frames:
+                raise ValueError(f"labels given twice for cut '{cut_id}'")
+            arr = np.ascontiguousarray(arr)
+            _check_array(arr, cut, frame_shift, max_frame_mismatch)
+            if arr.dtype != np.uint8:
+                raise ValueError(f"cut '{cut_id}': range-coded labels must be uint8 codebook indexes, got {arr.dtype}")
+            if width is None:
+                width = arr.shape[1]
+            elif arr.shape[1] != width:
+                raise ValueError(f"cut '{cut_id}': labels uint8 (T, {arr.shape[1]}) differ from the other cuts' "
+                                 f"uint8 (T, {width})")
+            writer.write(cut_id, arr)
+            frames[cut_id] = arr.shape[0]
+        missing = [c.id for c in cut_list if c.id not in frames]
+        if missing:
+            raise ValueError(f"{len(missing)} cut(s) got no labels for '{key}', e.g. '{missing[0]}'")
+    out = []
+    for c in cut_list:
+        arr = Array(storage_type=STORAGE_TYPE, storage_path=str(final), storage_key=writer.keys[c.id],
+                    shape=[frames[c.id], width])
+        out.append(c.with_custom(key, TemporalArray(array=arr, temporal_dim=0, frame_shift=frame_shift, start=c.start))
+                   .with_custom(meta_key(key), dict(extra)))
+    return CutSet.from_cuts(out)
 
 
 def _check_array(arr: np.ndarray, cut, frame_shift: float, max_frame_mismatch: Optional[int]) -> None:
@@ -276,6 +330,9 @@ def label_storage_bytes(cuts, key: str) -> int:
     try:
         for cut, arr in _manifests(cuts, key):
             path = arr.storage_path
+            if arr.storage_type != "numpy_hdf5":  # range-coded CI: uint8, one byte per index uncompressed
+                total += int(np.prod(arr.shape))
+                continue
             if path not in files:
                 try:
                     files[path] = h5py.File(path, "r")

@@ -57,11 +57,25 @@ FORMAT_VERSION = "1"
 DEFAULT_BEAM = 8
 #: Default number of ICM refinement passes after the beam search.
 DEFAULT_REFINE_ITERS = 1
+#: Largest table of codebook cross terms (bytes, float32) the encoder builds for its look-up-table search:
+#: M (M - 1) / 2 K^2 values, 32 MiB for 16 codebooks of 256; beyond it the search uses residual vectors.
+_CROSS_BYTES = 1 << 27
 #: Elements per temporary (chunk, beam, max(D, K)) tensor; bounds encode memory to a few tens of MB.
 _CHUNK_ELEMS = 1 << 21
 _BUFFERS = ("mean", "scale", "codebooks")
 #: Most rows each k-means of the beam-trained residual VQ sees (256 per centroid of a 256-entry codebook).
 _KMEANS_ROWS = 256 * 256
+#: Seeds of each residual-VQ codebook's k-means: random residual rows pulled to this fraction of their distance
+#: from the residuals' mean. Seeds at full distance (random rows, or k-means++) leave later codebooks in a worse
+#: local optimum: on Whisper tiny.en layer-2 frames (8 codebooks, beam 8, held-out error) random rows 0.298,
+#: k-means++ 0.292, 0.1 x random rows 0.273 (docs/quantizer_benchmark.md). faiss's ResidualQuantizer gets part
+#: of this gain by chance: it seeds every stage with the same rows, whose residuals shrink stage by stage.
+RVQ_SEED_SCALE = 0.1
+#: The residual-VQ candidate's codewords span this many times the principal directions chosen for the product
+#: quantizer (at most all D). Its held-out error keeps falling with more directions while encoding slows in
+#: proportion (Whisper tiny.en layer 2, 16 codebooks: 122 directions 0.224, 192 0.213, 256 0.210;
+#: docs/quantizer_benchmark.md); 2 keeps encoding faster than faiss's residual quantizer in all D.
+RVQ_DIMS_FACTOR = 2.0
 
 
 def _content_id(mean: torch.Tensor, scale: torch.Tensor, codebooks: torch.Tensor) -> str:
@@ -184,16 +198,92 @@ def _icm(idx: torch.Tensor, resid: torch.Tensor, codebooks: torch.Tensor, cb_sq:
     return idx, resid
 
 
+def _cross_terms(codebooks: torch.Tensor) -> Optional[list[torch.Tensor]]:
+    """Inner products of every codeword with the codewords of the codebooks before it, for :func:`_beam_search_lut`.
+
+    Args:
+      codebooks: (M, K, D).
+
+    Returns:
+      a list of M tensors, entry ``m`` of shape ``(m * K, K)`` with row ``l * K + i``, column ``j`` holding
+      ``codebooks[l, i] . codebooks[m, j]`` (entry 0 is empty); None when they would exceed ``_CROSS_BYTES``.
+    """
+    m_total, k, d = codebooks.shape
+    if m_total * (m_total - 1) // 2 * k * k * 4 > _CROSS_BYTES:
+        return None
+    flat = codebooks.reshape(m_total * k, d)  # (M*K, D)
+    return [flat[: m * k] @ codebooks[m].t() for m in range(m_total)]  # (m*K, K) each
+
+
+def _beam_search_lut(xn: torch.Tensor, codebooks: torch.Tensor, cb_sq: torch.Tensor, beam: int,
+                     cross: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_beam_search` without residual vectors: each extension's squared error from look-up tables.
+
+    A path with codewords ``c_0..c_{m-1}`` has residual ``r = x - sum_l c_l``; extending it by ``c`` gives
+    ``||r - c||^2 = ||r||^2 + ||c||^2 - 2 x.c + 2 sum_l c_l.c``: ``x . C_m`` for every codebook comes from one
+    matrix product per frame and the cross terms ``c_l . c`` from :func:`_cross_terms` (the table faiss's
+    residual quantizer uses with ``use_beam_LUT``; Babenko & Lempitsky, CVPR 2014, sec. 3), so a stage costs
+    ``beam * m * K`` additions per frame instead of a ``beam * K * D`` product. The path errors are accumulated
+    in float32; the returned residual is recomputed exactly from the chosen codewords.
+
+    Args:
+      xn: (n, D) frames.  codebooks: (M, K, D).  cb_sq: (M, K).  beam: paths kept (>= 1).
+      cross: :func:`_cross_terms` of ``codebooks``.
+
+    Returns:
+      idx: (n, M) int64 indexes of the best full path;  resid: (n, D) its residual.
+    """
+    n, d = xn.shape
+    m_total, k, _ = codebooks.shape
+    xc = xn @ codebooks.reshape(m_total * k, d).t()  # (n, M*K): x . every codeword
+    cost = (xn * xn).sum(1, keepdim=True)  # (n, b) squared residual norm of each path
+    hist = torch.zeros(n, 1, 0, dtype=torch.long, device=xn.device)  # (n, b, m) indexes chosen so far
+    base = torch.arange(n, device=xn.device).unsqueeze(1)  # (n, 1)
+    for m in range(m_total):
+        b = cost.shape[1]
+        xdot = xc[:, m * k : (m + 1) * k].unsqueeze(1)  # (n, 1, K) x . c
+        if m > 0:  # sum over the path's codewords c_l . c (rows l*K + i_l of the table) minus x . c = -r . c
+            rows = (hist + torch.arange(m, device=xn.device) * k).reshape(n * b, m)  # (n*b, m)
+            neg = F.embedding_bag(rows, cross[m], mode="sum").view(n, b, k).sub_(xdot)  # (n, b, K)
+        else:
+            neg = -xdot  # (n, 1, K)
+        scores = neg.mul_(2.0).add_(cost.unsqueeze(2)).add_(cb_sq[m]).view(n, b * k)  # (n, b*K) new errors
+        keep = min(beam, b * k)
+        if keep == 1:
+            val, flat = scores.min(dim=1, keepdim=True)  # (n, 1)
+        else:
+            val, flat = torch.topk(scores, keep, dim=1, largest=False, sorted=True)  # (n, keep)
+        parent = torch.div(flat, k, rounding_mode="floor")  # (n, keep)
+        code = flat - parent * k  # (n, keep)
+        prev = hist.reshape(n * b, m).index_select(0, (parent + base * b).reshape(-1)).view(n, keep, m)
+        hist = torch.cat([prev, code.unsqueeze(2)], dim=2)  # (n, keep, m + 1)
+        cost = val
+    best = hist[torch.arange(n, device=xn.device), cost.argmin(dim=1)]  # (n, M)
+    resid = xn.clone()
+    for m in range(m_total):
+        resid -= codebooks[m].index_select(0, best[:, m])
+    return best, resid
+
+
 def _encode_normalised(xn: torch.Tensor, codebooks: torch.Tensor, cb_sq: torch.Tensor, beam: int,
-                       refine_iters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunked beam search + ICM. xn: (N, D) -> (indexes (N, M) int64, residual (N, D) float32)."""
+                       refine_iters: int, cross: Optional[list] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked beam search + ICM. xn: (N, D) -> (indexes (N, M) int64, residual (N, D) float32).
+
+    ``cross``: :func:`_cross_terms` of ``codebooks`` (computed here when not given and small enough): the search
+    uses the look-up tables (:func:`_beam_search_lut`), else residual vectors (:func:`_beam_search`).
+    """
     n = xn.shape[0]
     m_total, k, d = codebooks.shape
+    if cross is None and m_total > 1:
+        cross = _cross_terms(codebooks)
     idx = torch.empty(n, m_total, dtype=torch.long, device=xn.device)
     resid = torch.empty_like(xn)
     step = _chunk_rows(beam * max(k, d))
     for s in range(0, n, step):
-        i, r = _beam_search(xn[s : s + step], codebooks, cb_sq, beam)
+        if cross is not None:
+            i, r = _beam_search_lut(xn[s : s + step], codebooks, cb_sq, beam, cross)
+        else:
+            i, r = _beam_search(xn[s : s + step], codebooks, cb_sq, beam)
         if refine_iters > 0:
             i, r = _icm(i, r, codebooks, cb_sq, refine_iters)
         idx[s : s + step] = i
@@ -381,7 +471,7 @@ class Quantizer(nn.Module):
             if orthogonal:
                 idx = _encode_independent(xr, cb_r, cb_sq)  # exact; beam and refine_iters cannot change it
             else:
-                idx, _ = _encode_normalised(xr, cb_r, cb_sq, beam, refine_iters)
+                idx, _ = _encode_normalised(xr, cb_r, cb_sq, beam, refine_iters, cross=self._cross())
             out[s : s + step] = idx.to(device=x.device, dtype=torch.uint8)
         return out.reshape(*lead, self.num_codebooks)
 
@@ -451,6 +541,15 @@ class Quantizer(nn.Module):
         if cached is None or cached[0] != key:
             cached = (key, _search_space(cb))
             self._tables = cached
+        return cached[1]
+
+    def _cross(self) -> Optional[list]:
+        """:func:`_cross_terms` of the search-space codebooks, cached like :meth:`_search_tables`."""
+        tables = self._search_tables()
+        cached = getattr(self, "_cross_cache", None)
+        if cached is None or cached[0] is not tables:
+            cached = (tables, _cross_terms(tables[1]))
+            self._cross_cache = cached
         return cached[1]
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
@@ -565,15 +664,20 @@ def _kmeans_pp(r: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def _kmeans(r: torch.Tensor, k: int, iters: int, gen: torch.Generator, seed_rows: int,
-            shrink: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+            shrink: bool = False, seed_scale: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means of ``r: (N, D)`` into ``k`` clusters.
 
-    Seeding with k-means++ on at most ``seed_rows`` rows (a random subset); empty clusters are re-seeded with
-    the worst-fitted rows. Returns ``(codewords (k, D), assignment (N,) int64)`` where the assignment is to
-    the returned codewords.
+    Seeding: k-means++ on at most ``seed_rows`` rows (a random subset); or, with ``seed_scale``, ``k`` distinct
+    random rows pulled towards the mean ``g`` of ``r``: ``g + seed_scale * (r_i - g)`` (see
+    :data:`RVQ_SEED_SCALE`). Empty clusters are re-seeded with the worst-fitted rows. Returns
+    ``(codewords (k, D), assignment (N,) int64)`` where the assignment is to the returned codewords.
     """
     n = r.shape[0]
-    if n > seed_rows:
+    if seed_scale is not None:
+        g = r.mean(0)  # (D,)
+        pick = torch.randperm(n, generator=gen)[:k]  # (k,) distinct rows (n >= k)
+        cb = g + float(seed_scale) * (r[pick] - g)  # (k, D)
+    elif n > seed_rows:
         sub = torch.randperm(n, generator=gen)[:seed_rows]
         cb = _kmeans_pp(r[sub], k, gen)
     else:
@@ -739,7 +843,7 @@ def _init_rvq_beam(z: torch.Tensor, m_total: int, k: int, kmeans_iters: int, shr
         b = resid.shape[1]
         data = resid.reshape(n * b, p)  # (N*b, p) residuals of all kept paths
         rows = data if n * b <= _KMEANS_ROWS else data[torch.randperm(n * b, generator=gen)[:_KMEANS_ROWS]]
-        cb, _ = _kmeans(rows.contiguous(), k, kmeans_iters, gen, seed_rows, shrink)  # (K, p)
+        cb, _ = _kmeans(rows.contiguous(), k, kmeans_iters, gen, seed_rows, shrink, seed_scale=RVQ_SEED_SCALE)
         codebooks[m] = cb
         new_idx = torch.empty(n, min(beam, b * k), dtype=torch.long)
         new_resid = torch.empty(n, new_idx.shape[1], p)
@@ -777,14 +881,14 @@ def _fit_codebooks(z: torch.Tensor, z_val: torch.Tensor, groups: list[list[int]]
       k, kmeans_iters, refine_rounds, beam, refine_iters, shrink: as in :func:`train_quantizer`.
       gen: random generator.  bar: tqdm bar, advanced once per codebook and per refinement round.
       train_beam: for a residual VQ (every group spans all directions), the beam whose residuals each stage's
-        k-means is fitted on (:func:`_init_rvq_beam`); 1 = greedy stage-wise residual VQ.
+        k-means is fitted on (:func:`_init_rvq_beam`); 1 = stage-wise residual VQ on the greedy residuals.
 
     Returns:
       codebooks (M, K, p), and the per-frame validation errors (N_val,) float64 (None without validation).
     """
     m_total = len(groups)
     full = list(range(z.shape[1]))
-    if train_beam > 1 and m_total > 1 and all(g == full for g in groups):  # residual VQ: fit on beam residuals
+    if m_total > 1 and all(g == full for g in groups):  # residual VQ: fit on the beam's residuals
         codebooks, idx, resid = _init_rvq_beam(z, m_total, k, kmeans_iters, shrink, gen, train_beam, bar)
     else:
         codebooks, idx, resid = _init_codebooks(z, groups, k, kmeans_iters, shrink, gen, bar)
@@ -836,10 +940,12 @@ def train_quantizer(
     Steps: normalise; hold out ``valid_fraction`` of the frames for validation; PCA; keep the ``p`` principal
     directions that reverse water-filling gives bits to (at least ``num_codebooks``; with ``subspace_search``,
     the best of a few sizes around it on validation frames); initialise a product
-    quantizer over them (``"pq"``) and/or a residual VQ (``"rvq"``: every codebook spans all ``p`` directions,
-    fitted stage by stage); refine each by up to ``refine_rounds`` rounds of coordinate descent, keeping a round
+    quantizer over them (``"pq"``) and/or a residual VQ (``"rvq"``: every codebook spans the first
+    ``RVQ_DIMS_FACTOR * p`` directions (at most D), fitted stage by stage on the residuals of every path of a beam
+    search, each k-means seeded with shrunk rows, ``RVQ_SEED_SCALE``); refine each by up to ``refine_rounds`` rounds of coordinate descent, keeping a round
     only if it lowers the validation error significantly (paired test over the validation frames: mean change
-    below -2 standard errors); with ``structure="auto"``, return whichever has the lower validation error.
+    below -2 standard errors); with ``structure="auto"``, return whichever has the lower validation error
+    (counting the energy outside each one's subspace).
     Runs in float32 on the CPU; deterministic for a given ``seed`` (and torch thread count). Dim 256,
     16 codebooks, 20000 frames: under a minute on 2 CPU threads.
 
@@ -946,11 +1052,8 @@ def train_quantizer(
             cb = _init_codebooks(zf, groups, k, kmeans_iters, shrink, torch.Generator().manual_seed(int(seed)))[0]
             scores.append(float((_frame_errors(zv, cb, beam, refine_iters) + outside).mean()))
         p = sizes[min(range(len(sizes)), key=lambda i: (scores[i], abs(sizes[i] - p_wf)))]
-    basis = vec[:, :p].to(torch.float32).contiguous()  # (D, p)
-    z = x_fit @ basis  # (N_fit, p)
-    z_val = x_val @ basis  # (N_val, p)
-
-    # 3) + 4) initialisation and validated refinement, for each candidate structure
+    # 3) + 4) initialisation and validated refinement, for each candidate structure; the residual VQ gets
+    # RVQ_DIMS_FACTOR times the product quantizer's directions (its codewords span all of them, so it uses more)
     candidates = ["pq", "rvq"] if structure == "auto" else [structure]
     if structure == "auto" and not n_valid:
         candidates = ["pq"]  # nothing to choose with
@@ -958,11 +1061,17 @@ def train_quantizer(
                disable=not progress)
     fits = []
     for kind in candidates:
-        groups = _balanced_groups(lam[:p], m_total) if kind == "pq" and p >= m_total else [list(range(p))] * m_total
+        size = p if kind == "pq" else min(d, max(p, int(round(RVQ_DIMS_FACTOR * p))))
+        basis = vec[:, :size].to(torch.float32).contiguous()  # (D, size)
+        z, z_val = x_fit @ basis, x_val @ basis  # (N_fit, size), (N_val, size)
+        groups = (_balanced_groups(lam[:size], m_total) if kind == "pq" and size >= m_total
+                  else [list(range(size))] * m_total)
         cb, val = _fit_codebooks(z, z_val, groups, k, kmeans_iters, refine_rounds, beam, refine_iters, shrink, gen,
                                  bar, train_beam=train_beam)
-        fits.append((float(val.mean()) if val is not None else 0.0, kind, cb))
+        # compare candidates on the full error: in their subspace plus the energy outside it
+        outside = ((x_val.double() ** 2).sum(1) - (z_val.double() ** 2).sum(1)).clamp_min(0.0)  # (N_val,)
+        fits.append((float((val + outside).mean()) if val is not None else 0.0, kind, cb @ basis.t()))
     _, chosen, codebooks = min(fits, key=lambda f: f[0])
     bar.set_postfix(structure=chosen)
     bar.close()
-    return Quantizer(mean.float(), scale.float(), codebooks @ basis.t(), beam=beam, refine_iters=refine_iters)
+    return Quantizer(mean.float(), scale.float(), codebooks, beam=beam, refine_iters=refine_iters)
