@@ -32,11 +32,13 @@ from typing import Optional, Union
 
 import numpy as np
 
+from speechkd.labels.store import RANGE_STORAGE_TYPE
+
 __all__ = ["STORAGE_TYPE", "MAGIC", "MODEL_FRAMES", "CIRangeWriter", "CIRangeReader", "fit_counts"]
 
 Pathlike = Union[str, Path]
 #: lhotse ``storage_type`` of range-coded CI.
-STORAGE_TYPE = "speechkd_ci_range"
+STORAGE_TYPE = RANGE_STORAGE_TYPE
 #: First bytes of a range-coded CI file (format version 1).
 MAGIC = b"SKDCI1\n"
 #: Frames buffered to fit the file's model before the first cut is written (fewer when the file has fewer).

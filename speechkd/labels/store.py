@@ -28,6 +28,8 @@ __all__ = ["write_frame_labels", "load_frame_labels", "check_label_meta", "label
 
 Pathlike = Union[str, Path]
 _ALLOWED_DTYPES = (np.dtype(np.uint8), np.dtype(np.int16), np.dtype(np.float16), np.dtype(np.float32))
+#: lhotse ``storage_type`` of range-coded CI (their reader: :mod:`speechkd.labels.codec`).
+RANGE_STORAGE_TYPE = "speechkd_ci_range"
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -315,7 +317,8 @@ def label_frame_shift(cuts, key: str) -> float:
 
 
 def label_storage_bytes(cuts, key: str) -> int:
-    """Bytes of the stored label arrays of ``cuts``: sum over cuts of ``T * C * itemsize`` (uncompressed).
+    """Bytes of the stored label arrays of ``cuts``: sum over cuts of ``T * C * itemsize`` for HDF5 arrays, and of
+    the coded message's bytes for range-coded CI (:mod:`speechkd.labels.codec`; the file's model header excluded).
 
     Counts each cut's whole stored array (not a truncated cut's slice); the dtype is read from the HDF5 files.
     Compare :func:`label_file_bytes` for the size on disk (HDF5 overhead included).
@@ -330,8 +333,8 @@ def label_storage_bytes(cuts, key: str) -> int:
     try:
         for cut, arr in _manifests(cuts, key):
             path = arr.storage_path
-            if arr.storage_type != "numpy_hdf5":  # range-coded CI: uint8, one byte per index uncompressed
-                total += int(np.prod(arr.shape))
+            if arr.storage_type == RANGE_STORAGE_TYPE:  # range-coded CI: the message's 32-bit words
+                total += 4 * int(arr.storage_key.split(",")[1])
                 continue
             if path not in files:
                 try:
