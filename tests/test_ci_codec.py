@@ -91,6 +91,16 @@ def test_rejects_bad_input_and_leaves_nothing(tmp_path):
     with pytest.raises(ValueError, match="codec"):
         write_frame_labels(cuts, ci, tmp_path, "codebook_indexes", FS, codec="zip")
     assert list(tmp_path.iterdir()) == []  # no final file, no temporary left
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        write_frame_labels(cuts, ci, tmp_path, "codebook_indexes", FS, codec="range")
+    finally:
+        os.umask(old)
+    (path,) = tmp_path.iterdir()
+    assert path.name == "codebook_indexes.ci" and stat.S_IMODE(path.stat().st_mode) == 0o644
 
 
 def test_damaged_files_are_named(tmp_path):

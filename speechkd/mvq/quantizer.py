@@ -134,6 +134,35 @@ def _assign(r: torch.Tensor, cb: torch.Tensor, cb_sq: torch.Tensor) -> tuple[tor
     return idx, dist
 
 
+def _extend_paths(resid: torch.Tensor, cost: torch.Tensor, hist: torch.Tensor, cb: torch.Tensor, cb_sq: torch.Tensor,
+                  beam: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One beam-search stage: extend every kept path by each codeword of ``cb`` and keep the ``beam`` best.
+
+    Args:
+      resid: (n, b, D) residual of each kept path.  cost: (n, b) its squared norm.  hist: (n, b, m) its indexes.
+      cb: (K, D) the next codebook.  cb_sq: (K,) its squared norms.  beam: paths to keep (>= 1).
+
+    Returns:
+      resid (n, keep, D), cost (n, keep) (recomputed exactly, not accumulated), hist (n, keep, m + 1), with
+      ``keep = min(beam, b * K)``, best path first.
+    """
+    n, b, d = resid.shape
+    k, m = cb.shape[0], hist.shape[2]
+    scores = torch.addmm(cb_sq, resid.reshape(n * b, d), cb.t(), alpha=-2.0)  # (n*b, K)
+    scores = scores.view(n, b, k).add_(cost.unsqueeze(2)).view(n, b * k)  # (n, b*K) new squared errors
+    keep = min(beam, b * k)
+    if keep == 1:
+        flat = scores.argmin(dim=1, keepdim=True)  # (n, 1)
+    else:
+        flat = torch.topk(scores, keep, dim=1, largest=False, sorted=True).indices  # (n, keep)
+    parent = torch.div(flat, k, rounding_mode="floor")  # (n, keep) which path is extended
+    code = flat - parent * k  # (n, keep) with which codeword
+    rows = (parent + torch.arange(n, device=resid.device).unsqueeze(1) * b).reshape(-1)  # (n*keep,) parent rows
+    resid = resid.reshape(n * b, d).index_select(0, rows).sub_(cb.index_select(0, code.reshape(-1))).view(n, keep, d)
+    hist = torch.cat([hist.reshape(n * b, m).index_select(0, rows).view(n, keep, m), code.unsqueeze(2)], dim=2)
+    return resid, (resid * resid).sum(2), hist
+
+
 def _beam_search(xn: torch.Tensor, codebooks: torch.Tensor, cb_sq: torch.Tensor,
                  beam: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Beam search over the codebooks in order (stage ``m`` extends each kept partial sum by codebook ``m``).
@@ -145,29 +174,12 @@ def _beam_search(xn: torch.Tensor, codebooks: torch.Tensor, cb_sq: torch.Tensor,
     Returns:
       idx: (n, M) int64 indexes of the best full path;  resid: (n, D) its residual ``xn - sum of codewords``.
     """
-    n, d = xn.shape
-    m_total, k, _ = codebooks.shape
+    n = xn.shape[0]
     resid = xn.unsqueeze(1)  # (n, b, D) residual of each kept path, b = 1 at the start
     cost = (xn * xn).sum(1, keepdim=True)  # (n, b) squared residual norm of each path
     hist = torch.zeros(n, 1, 0, dtype=torch.long, device=xn.device)  # (n, b, m) indexes chosen so far
-    base = torch.arange(n, device=xn.device).unsqueeze(1)  # (n, 1) frame number
-    for m in range(m_total):
-        b = resid.shape[1]
-        cb = codebooks[m]  # (K, D)
-        scores = torch.addmm(cb_sq[m], resid.reshape(n * b, d), cb.t(), alpha=-2.0)  # (n*b, K)
-        scores = scores.view(n, b, k).add_(cost.unsqueeze(2)).view(n, b * k)  # (n, b*K) new squared error
-        keep = min(beam, b * k)
-        if keep == 1:
-            flat = scores.argmin(dim=1, keepdim=True)  # (n, 1)
-        else:
-            flat = torch.topk(scores, keep, dim=1, largest=False, sorted=True).indices  # (n, keep)
-        parent = torch.div(flat, k, rounding_mode="floor")  # (n, keep) which path is extended
-        code = flat - parent * k  # (n, keep) with which codeword
-        rows = (parent + base[:, :1] * b).reshape(-1)  # (n*keep,) flat row of each extended path
-        resid = resid.reshape(n * b, d).index_select(0, rows)  # (n*keep, D)
-        resid = resid.sub_(cb.index_select(0, code.reshape(-1))).view(n, keep, d)  # (n, keep, D)
-        hist = torch.cat([hist.reshape(n * b, m).index_select(0, rows).view(n, keep, m), code.unsqueeze(2)], dim=2)
-        cost = (resid * resid).sum(2)  # (n, keep), recomputed exactly rather than accumulated
+    for m in range(codebooks.shape[0]):
+        resid, cost, hist = _extend_paths(resid, cost, hist, codebooks[m], cb_sq[m], beam)
     best = cost.argmin(dim=1)  # (n,)
     rows = torch.arange(n, device=xn.device)
     return hist[rows, best], resid[rows, best]
@@ -841,8 +853,8 @@ def _init_rvq_beam(z: torch.Tensor, m_total: int, k: int, kmeans_iters: int, shr
     n, p = z.shape
     codebooks = torch.zeros(m_total, k, p)  # (M, K, p)
     resid = z.unsqueeze(1)  # (N, b, p) residual of each kept path, b = 1 at the start
+    cost = (z * z).sum(1, keepdim=True)  # (N, b)
     hist = torch.zeros(n, 1, 0, dtype=torch.long)  # (N, b, m) indexes chosen so far
-    frame = torch.arange(n).unsqueeze(1)  # (N, 1)
     seed_rows = max(32 * k, 4096)
     for m in range(m_total):
         b = resid.shape[1]
@@ -850,27 +862,14 @@ def _init_rvq_beam(z: torch.Tensor, m_total: int, k: int, kmeans_iters: int, shr
         rows = data if n * b <= _KMEANS_ROWS else data[torch.randperm(n * b, generator=gen)[:_KMEANS_ROWS]]
         cb, _ = _kmeans(rows.contiguous(), k, kmeans_iters, gen, seed_rows, shrink, seed_scale=RVQ_SEED_SCALE)
         codebooks[m] = cb
-        new_idx = torch.empty(n, min(beam, b * k), dtype=torch.long)
-        new_resid = torch.empty(n, new_idx.shape[1], p)
+        cb_sq = (cb * cb).sum(1)  # (K,)
         step = _chunk_rows(b * max(k, p))
-        for s in range(0, n, step):  # extend every path by codebook m, keep the beam best (chunked)
-            rc = resid[s : s + step]  # (n_c, b, p)
-            nc = rc.shape[0]
-            scores = torch.addmm((cb * cb).sum(1), rc.reshape(nc * b, p), cb.t(), alpha=-2.0)  # (n_c*b, K)
-            scores = scores.view(nc, b, k).add_((rc * rc).sum(2).unsqueeze(2)).view(nc, b * k)
-            flat = torch.topk(scores, new_idx.shape[1], dim=1, largest=False, sorted=True).indices  # (n_c, keep)
-            new_idx[s : s + step] = flat
-            parent = torch.div(flat, k, rounding_mode="floor")  # (n_c, keep)
-            picked = rc.reshape(nc * b, p).index_select(0, (parent + frame[:nc] * b).reshape(-1))  # (n_c*keep, p)
-            new_resid[s : s + step] = (picked - cb.index_select(0, (flat - parent * k).reshape(-1))).view(nc, -1, p)
-        parent = torch.div(new_idx, k, rounding_mode="floor")  # (N, keep)
-        keep = new_idx.shape[1]
-        hist = torch.cat([hist.reshape(n * b, m).index_select(0, (parent + frame * b).reshape(-1)).view(n, keep, m),
-                          (new_idx - parent * k).unsqueeze(2)], dim=2)  # (N, keep, m + 1)
-        resid = new_resid
+        parts = [_extend_paths(resid[s : s + step], cost[s : s + step], hist[s : s + step], cb, cb_sq, beam)
+                 for s in range(0, n, step)]  # extend every path by codebook m, keep the beam best (chunked)
+        resid, cost, hist = (torch.cat(t) for t in zip(*parts))
         if bar is not None:
             bar.update(1)
-    best = (resid * resid).sum(2).argmin(dim=1)  # (N,)
+    best = cost.argmin(dim=1)  # (N,)
     rows_n = torch.arange(n)
     return codebooks, hist[rows_n, best], resid[rows_n, best].contiguous()
 
