@@ -392,18 +392,16 @@ def measure(train, held, bpf: int, args, result: dict) -> dict:
     best = min(faiss_rows, key=lambda k: faiss_rows[k]["rel_error"]) if faiss_rows else None
     ref = "faiss-rq8" if "faiss-rq8" in rows else None
     print()
+    refs = [(r, e, v) for r, e, v in ((best, "err / best faiss", "speed / best"), (ref, "err / RQ b8", "speed / RQ b8"))
+            if r]  # the rows every quantizer is compared with: (row name, error column, speed column)
     hdr = f"{'quantizer':22s}{'held-out error':>16s}{'train s':>10s}{'encode fr/s':>13s}"
-    if best:
-        hdr += f"{'err / best faiss':>18s}{'speed / best':>14s}"
-    if ref:
-        hdr += f"{'err / RQ b8':>13s}{'speed / RQ b8':>15s}"
+    hdr += "".join(f"{e:>{len(e) + 2}s}{v:>{len(v) + 2}s}" for _, e, v in refs)
     print(hdr)
     for name, r in rows.items():
         line = f"{name:22s}{r['rel_error']:>16.4f}{r['train_s']:>10.1f}{r['encode_fps']:>13.0f}"
-        if best:
-            line += f"{r['rel_error'] / rows[best]['rel_error']:>18.3f}{r['encode_fps'] / rows[best]['encode_fps']:>14.2f}"
-        if ref:
-            line += f"{r['rel_error'] / rows[ref]['rel_error']:>13.3f}{r['encode_fps'] / rows[ref]['encode_fps']:>15.2f}"
+        for other, e, v in refs:
+            line += (f"{r['rel_error'] / rows[other]['rel_error']:>{len(e) + 2}.3f}"
+                     f"{r['encode_fps'] / rows[other]['encode_fps']:>{len(v) + 2}.2f}")
         print(line)
     if best:
         run["best_faiss"] = best[len("faiss-"):]
