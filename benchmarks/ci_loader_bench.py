@@ -32,17 +32,15 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # ci_storage_bench's entropy_bits
 KEY = "codebook_indexes"
 
 
-def entropy_bits(ci: np.ndarray) -> float:
+def entropy_bound(ci: np.ndarray) -> float:
     """Sum over codebooks of the plug-in entropy (bits) of ``ci: (T, M)`` uint8: the bound per frame."""
-    total = 0.0
-    for j in range(ci.shape[1]):
-        c = np.bincount(ci[:, j], minlength=256)
-        p = c[c > 0] / c.sum()
-        total += float(-(p * np.log2(p)).sum())
-    return total
+    from ci_storage_bench import entropy_bits  # beside this script
+
+    return sum(entropy_bits(np.bincount(ci[:, j], minlength=256)) for j in range(ci.shape[1]))
 
 
 def main(argv=None) -> int:
@@ -69,7 +67,7 @@ def main(argv=None) -> int:
     emb = (cuts[0].custom or {}).get("teacher_embeddings")
     dim = int(emb.shape[1]) if emb is not None else None
     shift = float(cuts[0].custom[KEY].frame_shift)
-    bound = entropy_bits(np.concatenate(list(ci.values())))
+    bound = entropy_bound(np.concatenate(list(ci.values())))
     results = {"cuts": str(args.cuts), "num_cuts": len(cuts), "frames": frames, "num_codebooks": m, "dim": dim,
                "entropy_bound_bits_per_frame": bound, "storage": {}}
     with tempfile.TemporaryDirectory() as tmp:

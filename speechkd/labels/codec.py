@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
+from lhotse.features.io import FeaturesReader, register_reader
 
 from speechkd.labels.store import RANGE_STORAGE_TYPE
 
@@ -229,47 +230,39 @@ def _open_header(path: str) -> tuple[int, list]:
     return entry
 
 
-def _register():
-    from lhotse.features.io import FeaturesReader, register_reader
+@register_reader
+class CIRangeReader(FeaturesReader):
+    """lhotse reader of range-coded CI files (``storage_type = "speechkd_ci_range"``).
 
-    @register_reader
-    class CIRangeReader(FeaturesReader):
-        """lhotse reader of range-coded CI files (``storage_type = "speechkd_ci_range"``).
+    ``read(storage_key, left_offset_frames, right_offset_frames)`` returns the cut's ``(T, M)`` uint8 indexes
+    (frames ``left:right`` of them).
 
-        ``read(storage_key, left_offset_frames, right_offset_frames)`` returns the cut's ``(T, M)`` uint8 indexes
-        (frames ``left:right`` of them).
+    Raises:
+      ValueError: a malformed storage key, a message outside the file, or a file that is not range-coded CI
+        (each naming the file and key).
+    """
 
-        Raises:
-          ValueError: a malformed storage key, a message outside the file, or a file that is not range-coded CI
-            (each naming the file and key).
-        """
+    name = STORAGE_TYPE
 
-        name = STORAGE_TYPE
+    def __init__(self, storage_path: Pathlike, *args, **kwargs):
+        super().__init__()
+        self.storage_path = str(storage_path)
 
-        def __init__(self, storage_path: Pathlike, *args, **kwargs):
-            super().__init__()
-            self.storage_path = str(storage_path)
+    def read(self, key: str, left_offset_frames: int = 0, right_offset_frames: Optional[int] = None) -> np.ndarray:
+        import constriction
 
-        def read(self, key: str, left_offset_frames: int = 0, right_offset_frames: Optional[int] = None) -> np.ndarray:
-            import constriction
-
-            try:
-                first, num, frames = (int(v) for v in key.split(","))
-            except ValueError:
-                raise ValueError(f"{self.storage_path}: malformed CI storage key {key!r} (want 'word,words,frames')")
-            start, models = _open_header(self.storage_path)
-            with open(self.storage_path, "rb") as f:
-                f.seek(start + 4 * first)
-                raw = f.read(4 * num)
-            if len(raw) != 4 * num or num < 1 or frames < 1:
-                raise ValueError(f"{self.storage_path}: CI message {key!r} lies outside the file (truncated?)")
-            dec = constriction.stream.queue.RangeDecoder(np.frombuffer(raw, dtype=_WORD).astype(np.uint32))
-            ci = np.empty((frames, len(models)), dtype=np.uint8)
-            for j, model in enumerate(models):
-                ci[:, j] = dec.decode(model, frames)
-            return ci[left_offset_frames:right_offset_frames]
-
-    return CIRangeReader
-
-
-CIRangeReader = _register()
+        try:
+            first, num, frames = (int(v) for v in key.split(","))
+        except ValueError:
+            raise ValueError(f"{self.storage_path}: malformed CI storage key {key!r} (want 'word,words,frames')")
+        start, models = _open_header(self.storage_path)
+        with open(self.storage_path, "rb") as f:
+            f.seek(start + 4 * first)
+            raw = f.read(4 * num)
+        if len(raw) != 4 * num or num < 1 or frames < 1:
+            raise ValueError(f"{self.storage_path}: CI message {key!r} lies outside the file (truncated?)")
+        dec = constriction.stream.queue.RangeDecoder(np.frombuffer(raw, dtype=_WORD).astype(np.uint32))
+        ci = np.empty((frames, len(models)), dtype=np.uint8)
+        for j, model in enumerate(models):
+            ci[:, j] = dec.decode(model, frames)
+        return ci[left_offset_frames:right_offset_frames]

@@ -31,9 +31,10 @@ def _part_paths(exp, key: str, index: int, count: int, codec: str = "hdf5"):
     """``(label file name, shard manifest path)`` of shard ``index`` of ``count`` of frame labels ``key`` (``.h5``;
     ``.ci`` for range-coded CI)."""
     from speechkd.labels.shards import part_name
+    from speechkd.labels.store import label_file_suffix
 
     name = part_name(key, index, count)
-    suffix = ".ci" if codec == "range" else ".h5"
+    suffix = label_file_suffix(codec)
     return (f"{key}{suffix}" if count == 1 else f"{name}{suffix}"), exp.dir / "labels" / "parts" / f"{name}.jsonl.gz"
 
 

@@ -38,6 +38,11 @@ def meta_key(key: str) -> str:
     return f"{key}_meta"
 
 
+def label_file_suffix(codec: str) -> str:
+    """File name suffix of labels stored with ``codec``: ``".ci"`` for ``"range"`` (range-coded CI), else ``".h5"``."""
+    return ".ci" if codec == "range" else ".h5"
+
+
 def _check_key(key: str) -> None:
     if not isinstance(key, str) or not _KEY_RE.match(key):
         raise ValueError(f"label key must be an identifier (letters, digits, '_'), got {key!r}")
@@ -115,7 +120,7 @@ def write_frame_labels(
         by_id[c.id] = c
     storage_dir = Path(storage_dir)
     storage_dir.mkdir(parents=True, exist_ok=True)
-    suffix = ".ci" if codec == "range" else ".h5"
+    suffix = label_file_suffix(codec)
     final = storage_dir / (file_name or f"{key}{suffix}")
     if final.parent != storage_dir or not final.name.endswith(suffix):
         raise ValueError(f"file_name must be a plain name ending in {suffix}, got {file_name!r}")
@@ -128,26 +133,9 @@ def write_frame_labels(
         with NumpyHdf5Writer(tmp, mode="w") as writer:
             if Path(writer.storage_path) != Path(tmp):  # lhotse adds ".h5" when missing; ours has it
                 raise RuntimeError(f"unexpected HDF5 path {writer.storage_path} for {tmp}")
-            dtype = width = None
-            items = labels.items() if isinstance(labels, Mapping) else labels
-            for cut_id, arr in items:
-                cut = by_id.get(cut_id)
-                if cut is None:
-                    raise ValueError(f"labels given for cut '{cut_id}', which is not in cuts")
-                if cut_id in manifests:
-                    raise ValueError(f"labels given twice for cut '{cut_id}'")
-                arr = np.ascontiguousarray(arr)
-                _check_array(arr, cut, frame_shift, max_frame_mismatch)
-                if dtype is None:
-                    dtype, width = arr.dtype, arr.shape[1]
-                elif arr.dtype != dtype or arr.shape[1] != width:
-                    raise ValueError(f"cut '{cut_id}': labels {arr.dtype} (T, {arr.shape[1]}) differ from the other "
-                                     f"cuts' {dtype} (T, {width})")
-                m = writer.store_array(key=cut_id, value=arr, frame_shift=frame_shift, temporal_dim=0, start=cut.start)
-                manifests[cut_id] = fastcopy(m, array=fastcopy(m.array, storage_path=str(final)))
-        missing = [c.id for c in cut_list if c.id not in manifests]
-        if missing:
-            raise ValueError(f"{len(missing)} cut(s) got no labels for '{key}', e.g. '{missing[0]}'")
+            for cut, arr in _checked_labels(cut_list, by_id, labels, key, frame_shift, max_frame_mismatch):
+                m = writer.store_array(key=cut.id, value=arr, frame_shift=frame_shift, temporal_dim=0, start=cut.start)
+                manifests[cut.id] = fastcopy(m, array=fastcopy(m.array, storage_path=str(final)))
         from speechkd.utils import default_mode
 
         os.chmod(tmp, default_mode())  # mkstemp's 0600 -> what open() would give
@@ -169,37 +157,54 @@ def _write_range_coded(cut_list, by_id, labels, final: Path, key: str, frame_shi
 
     from speechkd.labels.codec import STORAGE_TYPE, CIRangeWriter
 
-    frames: dict[str, int] = {}
+    shapes: dict[str, list[int]] = {}
     with CIRangeWriter(final) as writer:
-        width = None
-        items = labels.items() if isinstance(labels, Mapping) else labels
-        for cut_id, arr in items:
-            cut = by_id.get(cut_id)
-            if cut is None:
-                raise ValueError(f"labels given for cut '{cut_id}', which is not in cuts")
-            if cut_id in frames:
-                raise ValueError(f"labels given twice for cut '{cut_id}'")
-            arr = np.ascontiguousarray(arr)
-            _check_array(arr, cut, frame_shift, max_frame_mismatch)
-            if arr.dtype != np.uint8:
-                raise ValueError(f"cut '{cut_id}': range-coded labels must be uint8 codebook indexes, got {arr.dtype}")
-            if width is None:
-                width = arr.shape[1]
-            elif arr.shape[1] != width:
-                raise ValueError(f"cut '{cut_id}': labels uint8 (T, {arr.shape[1]}) differ from the other cuts' "
-                                 f"uint8 (T, {width})")
-            writer.write(cut_id, arr)
-            frames[cut_id] = arr.shape[0]
-        missing = [c.id for c in cut_list if c.id not in frames]
-        if missing:
-            raise ValueError(f"{len(missing)} cut(s) got no labels for '{key}', e.g. '{missing[0]}'")
+        for cut, arr in _checked_labels(cut_list, by_id, labels, key, frame_shift, max_frame_mismatch, np.uint8):
+            writer.write(cut.id, arr)
+            shapes[cut.id] = list(arr.shape)
     out = []
     for c in cut_list:
         arr = Array(storage_type=STORAGE_TYPE, storage_path=str(final), storage_key=writer.keys[c.id],
-                    shape=[frames[c.id], width])
+                    shape=shapes[c.id])
         out.append(c.with_custom(key, TemporalArray(array=arr, temporal_dim=0, frame_shift=frame_shift, start=c.start))
                    .with_custom(meta_key(key), dict(extra)))
     return CutSet.from_cuts(out)
+
+
+def _checked_labels(cut_list, by_id, labels, key: str, frame_shift: float, max_frame_mismatch: Optional[int],
+                    required_dtype=None):
+    """Yield ``(cut, (T, C) contiguous array)`` for each label of ``labels`` (a mapping or an iterator of
+    ``(cut_id, array)``), checked as :func:`write_frame_labels` documents; after the last, check that every cut of
+    ``cut_list`` got one.
+
+    Raises:
+      ValueError (naming the cut): an unknown or repeated cut id, a bad array (:func:`_check_array`), a dtype
+        other than ``required_dtype`` (when given), a dtype or width differing from the first array's, or a cut
+        without labels.
+    """
+    seen: set[str] = set()
+    dtype = width = None
+    items = labels.items() if isinstance(labels, Mapping) else labels
+    for cut_id, arr in items:
+        cut = by_id.get(cut_id)
+        if cut is None:
+            raise ValueError(f"labels given for cut '{cut_id}', which is not in cuts")
+        if cut_id in seen:
+            raise ValueError(f"labels given twice for cut '{cut_id}'")
+        arr = np.ascontiguousarray(arr)
+        _check_array(arr, cut, frame_shift, max_frame_mismatch)
+        if required_dtype is not None and arr.dtype != required_dtype:
+            raise ValueError(f"cut '{cut_id}': range-coded labels must be uint8 codebook indexes, got {arr.dtype}")
+        if dtype is None:
+            dtype, width = arr.dtype, arr.shape[1]
+        elif arr.dtype != dtype or arr.shape[1] != width:
+            raise ValueError(f"cut '{cut_id}': labels {arr.dtype} (T, {arr.shape[1]}) differ from the other "
+                             f"cuts' {dtype} (T, {width})")
+        seen.add(cut_id)
+        yield cut, arr
+    missing = [c.id for c in cut_list if c.id not in seen]
+    if missing:
+        raise ValueError(f"{len(missing)} cut(s) got no labels for '{key}', e.g. '{missing[0]}'")
 
 
 def _check_array(arr: np.ndarray, cut, frame_shift: float, max_frame_mismatch: Optional[int]) -> None:

@@ -783,15 +783,17 @@ def _balanced_groups(lam: torch.Tensor, num_groups: int) -> list[list[int]]:
     return groups
 
 
-def _frame_errors(z: torch.Tensor, codebooks: torch.Tensor, beam: int, refine_iters: int) -> torch.Tensor:
-    """(n,) float64 squared error of each frame of ``z: (n, p)`` encoded with ``codebooks: (M, K, p)``."""
+def _frame_errors(z: torch.Tensor, codebooks: torch.Tensor, beam: int, refine_iters: int,
+                  cross: Optional[list] = None) -> torch.Tensor:
+    """(n,) float64 squared error of each frame of ``z: (n, p)`` encoded with ``codebooks: (M, K, p)`` (``cross``:
+    their :func:`_cross_terms`, when the caller has them)."""
     basis, cb_r, cb_sq, orthogonal = _search_space(codebooks)
     if orthogonal:
         zr = z @ basis if basis is not None else z  # (n, r): search in the span of the codewords, as encode() does
         idx = _encode_independent(zr, cb_r, cb_sq)  # (n, M)
         resid = z - sum(codebooks[m][idx[:, m]] for m in range(codebooks.shape[0]))  # (n, p)
     else:
-        _, resid = _encode_normalised(z, codebooks, (codebooks * codebooks).sum(2), beam, refine_iters)
+        _, resid = _encode_normalised(z, codebooks, (codebooks * codebooks).sum(2), beam, refine_iters, cross)
     return (resid.double() ** 2).sum(1)
 
 
@@ -909,11 +911,13 @@ def _fit_codebooks(z: torch.Tensor, z_val: torch.Tensor, groups: list[list[int]]
             codebooks[m] = cb
             idx[:, m] = a
             resid = r - cb[a]
-        new_idx, new_resid = _encode_normalised(z, codebooks, (codebooks * codebooks).sum(2), beam, refine_iters)
+        cross = _cross_terms(codebooks) if m_total > 1 else None  # shared by both encodings below
+        new_idx, new_resid = _encode_normalised(z, codebooks, (codebooks * codebooks).sum(2), beam, refine_iters,
+                                                cross)
         better = (new_resid * new_resid).sum(1) < (resid * resid).sum(1)  # (N_fit,)
         idx[better] = new_idx[better]
         resid[better] = new_resid[better]
-        val = _frame_errors(z_val, codebooks, beam, refine_iters)  # (N_val,)
+        val = _frame_errors(z_val, codebooks, beam, refine_iters, cross)  # (N_val,)
         bar.update(1)
         if _significantly_lower(val, best_val):
             best_val, best = val, codebooks.clone()
