@@ -250,6 +250,10 @@ class TrainConfig(Strict):
     ctc_weight: float = Field(1.0, ge=0, description="weight of the auxiliary CTC loss (needs model.ctc_head)")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the attention decoder's CE (aed only)")
     accumulate_grad_batches: int = Field(1, ge=1, description="batches whose gradients make one optimiser step")
+    num_buckets: int = Field(20, ge=1, description="duration buckets of the training sampler (more: less padding)")
+    in_memory_gib: float = Field(
+        2.0, ge=0, description="hold up to this many GiB of the training features and labels in the loader's memory "
+        "after their first read (later epochs read nothing from disk); 0 = read every batch from disk")
 
 
 class QuantizerConfig(Strict):

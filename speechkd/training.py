@@ -347,10 +347,13 @@ def fit_model(
     if init_fn is not None:
         init_fn(model)
     label_keys = kd.label_keys if kd is not None else ()
+    cache = int(train_cfg.in_memory_gib * 2**30)
     data = AsrDataModule(
-        train_cuts, dev_cuts, AsrDataset(tokenizer, label_keys, spec_augment=train_cfg.spec_augment, seed=seed),
-        AsrDataset(tokenizer), train_cfg.max_duration, seed=seed,
+        train_cuts, dev_cuts,
+        AsrDataset(tokenizer, label_keys, spec_augment=train_cfg.spec_augment, seed=seed, cache_bytes=cache),
+        AsrDataset(tokenizer, cache_bytes=cache), train_cfg.max_duration, seed=seed,
         num_workers=1,  # one process loads and augments while the model trains
+        num_buckets=train_cfg.num_buckets,
     )
     task = AsrTask(model, tokenizer, train_cfg, kd=kd)
     ckpt_dir = run_dir / "ckpt"
@@ -584,7 +587,7 @@ def fit_steps(
     ``cuts``, resumably, and return its summary. ``module`` holds the trained weights afterwards (on the CPU, in
     eval mode).
 
-    Batches: lhotse's ``DynamicBucketingSampler`` (5 buckets, ``batch_seconds`` of audio per process, shuffled with
+    Batches: lhotse's ``DynamicBucketingSampler`` (:data:`~speechkd.data.datamodule.NUM_BUCKETS` buckets, ``batch_seconds`` of audio per process, shuffled with
     ``seed`` and the epoch), built per rank (:class:`speechkd.data.datamodule.WaveformDataModule`), epoch after
     epoch until ``steps``. Outputs in ``run_dir``: ``ckpt/last.ckpt`` (every ``ckpt_every`` steps and at the end; a
     later call resumes from it, exactly: the interrupted epoch's consumed batches are skipped and every step is

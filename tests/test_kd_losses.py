@@ -59,6 +59,29 @@ def test_frame_regression_matches_manual_and_ignores_padding():
     assert frame_regression_loss(pred2, tgt, lens, "l1").item() == pytest.approx(valid.abs().mean().item(), rel=1e-6)
 
 
+def test_mvq_head_on_valid_frames_equals_the_head_on_every_frame():
+    # the head runs on the valid frames only; the reference runs it on every frame and masks the padded ones
+    torch.manual_seed(3)
+    x = torch.randn(3, 7, 8, requires_grad=True)  # (N, T_s, C)
+    idx = torch.randint(0, 256, (3, 14, 2)).long()  # 2x the student's frame rate, concatenated
+    label_lens, enc_lens = torch.tensor([14, 9, 12]), torch.tensor([7, 7, 4])  # both limits bite
+    batch = {"labels": {CI_KEY: (idx, label_lens)}}
+    kd = MvqKD(8, num_codebooks=2, layer=-1, frame_ratio=2, mode="concat", scale=0.7)
+    loss, _ = kd(batch, x, enc_lens, [x])
+    loss.backward()
+    grads = (x.grad.clone(), kd.head.weight.grad.clone())
+    x.grad, kd.head.weight.grad = None, None
+    al, al_lens = align_teacher_frames(idx, label_lens, 7, 2, "concat")
+    lens = torch.minimum(al_lens, enc_lens)  # [7, 4, 4]
+    masked = al.masked_fill((torch.arange(7)[None, :] >= lens[:, None])[..., None], -100)
+    ref = 0.7 * codebook_ce_loss(kd.head(x).reshape(3, 7, 4, 256), masked)
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    torch.testing.assert_close(grads[0], x.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grads[1], kd.head.weight.grad, rtol=1e-5, atol=1e-7)
+    assert (grads[0][1, 4:] == 0).all() and (grads[0][2, 4:] == 0).all()  # padded frames get no gradient
+
+
 def test_mvq_method_uses_chosen_layer_and_learns():
     torch.manual_seed(0)
     layers = [torch.randn(2, 6, 8), torch.randn(2, 6, 8)]

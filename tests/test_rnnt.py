@@ -48,11 +48,12 @@ def random_batch(seed: int, N=3, T=4, U=3, V=4, blank=0):
     return logits, targets, logit_lens, target_lens
 
 
+@pytest.mark.parametrize("loop", ["frames", "labels"])
 @pytest.mark.parametrize("seed,blank", [(0, 0), (1, 0), (2, 3), (3, 1)])
-def test_loss_and_grad_match_brute_force(seed, blank):
+def test_loss_and_grad_match_brute_force(seed, blank, loop):
     logits, targets, logit_lens, target_lens = random_batch(seed, blank=blank)
     logits_a = logits.clone().requires_grad_(True)
-    loss = rnnt_loss(logits_a, targets, logit_lens, target_lens, blank=blank, reduction="none")
+    loss = rnnt_loss(logits_a, targets, logit_lens, target_lens, blank=blank, reduction="none", loop=loop)
     logits_b = logits.double().clone().requires_grad_(True)
     ref = torch.stack(
         [
@@ -70,9 +71,10 @@ def test_loss_and_grad_match_brute_force(seed, blank):
     torch.testing.assert_close(logits_a.grad.double(), logits_b.grad, atol=1e-5, rtol=1e-4)
 
 
-def test_reductions_and_padding_invariance():
+@pytest.mark.parametrize("loop", ["frames", "labels"])
+def test_reductions_and_padding_invariance(loop):
     logits, targets, logit_lens, target_lens = random_batch(7, N=3, T=4, U=3, V=5)
-    per = rnnt_loss(logits, targets, logit_lens, target_lens, reduction="none")
+    per = rnnt_loss(logits, targets, logit_lens, target_lens, reduction="none", loop=loop)
     torch.testing.assert_close(rnnt_loss(logits, targets, logit_lens, target_lens, reduction="sum"), per.sum())
     torch.testing.assert_close(rnnt_loss(logits, targets, logit_lens, target_lens), per.mean())
     # Garbage in padded regions (frames >= T_n, lattice rows > U_n, labels > U_n) must not matter.
@@ -82,7 +84,7 @@ def test_reductions_and_padding_invariance():
         logits2[n, int(logit_lens[n]):] = 100.0
         logits2[n, :, int(target_lens[n]) + 1:] = -50.0
         targets2[n, int(target_lens[n]):] = 4
-    per2 = rnnt_loss(logits2, targets2, logit_lens, target_lens, reduction="none")
+    per2 = rnnt_loss(logits2, targets2, logit_lens, target_lens, reduction="none", loop=loop)
     torch.testing.assert_close(per2, per)
 
 
@@ -94,12 +96,35 @@ def test_half_input_computed_in_float32():
     torch.testing.assert_close(out, rnnt_loss(half.float(), targets, logit_lens, target_lens, reduction="none"))
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("loop", ["frames", "labels"])
+def test_gradcheck_float64(loop):
     logits, targets, logit_lens, target_lens = random_batch(5, N=2, T=3, U=2, V=3)
     x = logits.double().requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda z: rnnt_loss(z, targets, logit_lens, target_lens, reduction="none"), (x,), eps=1e-6, atol=1e-6
+        lambda z: rnnt_loss(z, targets, logit_lens, target_lens, reduction="none", loop=loop), (x,), eps=1e-6,
+        atol=1e-6,
     )
+
+
+def test_label_and_frame_loops_agree_on_a_training_sized_lattice():
+    # the shape of a student batch (about 66 frames, 4 labels): the loop over labels is the one `auto` takes
+    g = torch.Generator().manual_seed(4)
+    N, T, U, V = 6, 66, 5, 40
+    logits = (torch.randn(N, T, U + 1, V, generator=g, dtype=torch.float64) * 3).requires_grad_(True)
+    targets = torch.randint(1, V, (N, U), generator=g)
+    logit_lens = torch.tensor([66, 60, 41, 30, 12, 1])
+    target_lens = torch.tensor([5, 0, 4, 5, 2, 0])
+    out = {}
+    for loop in ("frames", "labels", "auto"):
+        x = logits.detach().clone().requires_grad_(True)
+        loss = rnnt_loss(x, targets, logit_lens, target_lens, reduction="none", loop=loop)
+        (loss * torch.arange(1.0, N + 1, dtype=torch.float64)).sum().backward()
+        out[loop] = (loss.detach(), x.grad)
+    for loop in ("labels", "auto"):
+        torch.testing.assert_close(out[loop][0], out["frames"][0], atol=0, rtol=1e-12)
+        torch.testing.assert_close(out[loop][1], out["frames"][1], atol=1e-12, rtol=1e-10)
+    with pytest.raises(ValueError, match="loop"):
+        rnnt_loss(logits, targets, logit_lens, target_lens, loop="columns")
 
 
 def test_zero_length_targets():
@@ -133,7 +158,8 @@ def test_validation_errors(kwargs, match):
         rnnt_loss(**args)
 
 
-def test_matches_warprnnt_numba():
+@pytest.mark.parametrize("loop", ["frames", "labels"])
+def test_matches_warprnnt_numba(loop):
     pytest.importorskip("warprnnt_numba")
     from warprnnt_numba.rnnt_loss.rnnt_pytorch import rnnt_loss as warp_rnnt_loss
     g = torch.Generator().manual_seed(3)
@@ -143,7 +169,7 @@ def test_matches_warprnnt_numba():
     logit_lens = torch.tensor([7, 5, 3])
     target_lens = torch.tensor([4, 2, 3])
     x1 = logits.clone().requires_grad_(True)
-    ours = rnnt_loss(x1, targets, logit_lens, target_lens, reduction="none")
+    ours = rnnt_loss(x1, targets, logit_lens, target_lens, reduction="none", loop=loop)
     (ours * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
 
     x2 = logits.clone().requires_grad_(True)

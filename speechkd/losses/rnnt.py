@@ -4,9 +4,10 @@ Implements the negative log-likelihood of Graves (2012), "Sequence Transduction 
 Neural Networks" (arXiv:1211.3711), Sec. 2.3-2.4: the forward variable alpha(t, u) of eq. (16)-(17)
 on the (T, U+1) output lattice and P(y|x) = alpha(T-1, U) * blank(T-1, U) of eq. (18) (0-based).
 
-Gradients come from autograd. The forward recursion is run with a single Python loop over the
-acoustic frames t; each lattice row is solved in closed form along u with a cumulative
-log-sum-exp (see :func:`rnnt_loss`).
+Gradients come from autograd. The forward recursion is run with a single Python loop over the shorter
+lattice axis: over the label positions u when U+1 < T (the usual case: a few labels, many frames), each
+column solved in closed form along t, or over the frames t, each row solved along u; both closed forms are
+a cumulative log-sum-exp (see :func:`rnnt_loss`). They are the same recursion, equal to rounding.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["rnnt_loss"]
+__all__ = ["rnnt_loss", "RNNT_LOOPS"]
 
 _REDUCTIONS = ("none", "sum", "mean")
+#: How :func:`rnnt_loss` runs its Python loop: ``auto`` (the shorter axis), ``frames`` (over t), ``labels`` (over u).
+RNNT_LOOPS = ("auto", "frames", "labels")
 
 
 def _check_inputs(
@@ -75,6 +78,7 @@ def rnnt_loss(
     target_lens: Tensor,
     blank: int = 0,
     reduction: str = "mean",
+    loop: str = "auto",
 ) -> Tensor:
     """RNN-T negative log-likelihood -log P(y|x) (Graves 2012, eq. 16-18).
 
@@ -90,7 +94,14 @@ def rnnt_loss(
 
         alpha(t, u) = cumY(t, u) + logcumsumexp_{u'<=u}(alpha(t-1, u') + blank(t-1, u') - cumY(t, u'))
 
-    with ``cumY(t, u) = sum_{k<u} y(t, k)``. So only the loop over t is in Python.
+    with ``cumY(t, u) = sum_{k<u} y(t, k)``. Along one column u the recursion in t is the same kind of scan::
+
+        alpha(t, 0) = cumB(t, 0)
+        alpha(t, u) = cumB(t, u) + logcumsumexp_{t'<=t}(alpha(t', u-1) + y(t', u-1) - cumB(t', u))   (u >= 1)
+
+    with ``cumB(t, u) = sum_{k<t} blank(k, u)``. One Python loop runs over the shorter axis (``loop="auto"``):
+    a batch of ~66 frames and ~4 labels takes 5 steps instead of 66. The two orders differ only by rounding
+    (float64: below 1e-12 relative on the tests' lattices).
 
     The computation runs in float32 (float64 if ``logits`` is float64); half/bfloat16 inputs are
     upcast before the log-softmax. Gradients are obtained by autograd.
@@ -104,15 +115,19 @@ def rnnt_loss(
         blank: id of the blank symbol, 0 <= blank < V.
         reduction: "none" -> (N,) per-utterance losses (nats); "sum" -> scalar sum over the batch;
             "mean" -> scalar mean over utterances (not normalised by length).
+        loop: ``auto`` (over u when U+1 < T, else over t), ``frames`` or ``labels``: which axis the Python loop
+            runs over; the result is the same up to rounding.
 
     Returns:
         Tensor of dtype float32 (float64 for float64 input): (N,) for "none", else a scalar.
 
     Raises:
         ValueError: on wrong ranks/shapes/dtypes, lengths out of bounds, target ids out of range or
-            equal to blank within ``target_lens``, blank out of range, or an unknown reduction.
+            equal to blank within ``target_lens``, blank out of range, an unknown reduction or loop.
     """
     _check_inputs(logits, targets, logit_lens, target_lens, blank, reduction)
+    if loop not in RNNT_LOOPS:
+        raise ValueError(f"loop must be one of {RNNT_LOOPS}, got {loop!r}")
     N, T, U1, V = logits.shape
     U = U1 - 1
     device = logits.device
@@ -128,18 +143,14 @@ def rnnt_loss(
         valid = torch.arange(U, device=device)[None, :] < target_lens[:, None]  # (N, U)
         safe_targets = torch.where(valid, targets, torch.full_like(targets, blank))  # (N, U)
         index = safe_targets[:, None, :, None].expand(N, T, U, 1)
-        label_lp = x[:, :, :U, :].gather(-1, index).squeeze(-1) - log_norm[:, :, :U]  # (N, T, U)
-        cum_y = torch.cat(
-            [x.new_zeros(N, T, 1), torch.cumsum(label_lp, dim=-1)], dim=-1
-        )  # (N, T, U+1): sum_{k<u} y(t, k)
+        label_lp = x[:, :, :U, :].gather(-1, index).squeeze(-1) - log_norm[:, :, :U]  # (N, T, U): y(t, u)
     else:
-        cum_y = x.new_zeros(N, T, 1)  # (N, T, 1)
+        label_lp = x.new_zeros(N, T, 0)  # (N, T, 0)
 
-    alphas = [cum_y[:, 0]]  # alpha(0, u) = cumY(0, u); each entry (N, U+1)
-    for t in range(1, T):
-        prev = alphas[-1] + blank_lp[:, t - 1] - cum_y[:, t]  # (N, U+1)
-        alphas.append(cum_y[:, t] + torch.logcumsumexp(prev, dim=-1))  # (N, U+1)
-    alpha = torch.stack(alphas, dim=1)  # (N, T, U+1)
+    if loop == "labels" or (loop == "auto" and U1 < T):
+        alpha = _alpha_by_labels(blank_lp, label_lp)  # (N, T, U+1)
+    else:
+        alpha = _alpha_by_frames(blank_lp, label_lp)  # (N, T, U+1)
 
     batch = torch.arange(N, device=device)
     t_last = logit_lens - 1  # (N,)
@@ -150,3 +161,31 @@ def rnnt_loss(
     if reduction == "mean":
         return loss.mean()
     return loss
+
+
+def _alpha_by_frames(blank_lp: Tensor, label_lp: Tensor) -> Tensor:
+    """The forward variable alpha: (N, T, U+1), one lattice row t at a time, each row in closed form along u.
+
+    Args: ``blank_lp (N, T, U+1)`` log p(blank | t, u); ``label_lp (N, T, U)`` log p(y_{u+1} | t, u).
+    """
+    N, T, U1 = blank_lp.shape
+    cum_y = torch.cat([blank_lp.new_zeros(N, T, 1), torch.cumsum(label_lp, dim=-1)], dim=-1)  # (N, T, U+1)
+    alphas = [cum_y[:, 0]]  # alpha(0, u) = cumY(0, u); each entry (N, U+1)
+    for t in range(1, T):
+        prev = alphas[-1] + blank_lp[:, t - 1] - cum_y[:, t]  # (N, U+1)
+        alphas.append(cum_y[:, t] + torch.logcumsumexp(prev, dim=-1))  # (N, U+1)
+    return torch.stack(alphas, dim=1)  # (N, T, U+1)
+
+
+def _alpha_by_labels(blank_lp: Tensor, label_lp: Tensor) -> Tensor:
+    """The forward variable alpha: (N, T, U+1), one lattice column u at a time, each column in closed form along t.
+
+    Args: as :func:`_alpha_by_frames`.
+    """
+    N, T, U1 = blank_lp.shape
+    cum_b = torch.cat([blank_lp.new_zeros(N, 1, U1), torch.cumsum(blank_lp[:, :-1], dim=1)], dim=1)  # (N, T, U+1)
+    columns = [cum_b[:, :, 0]]  # alpha(t, 0) = cumB(t, 0); each entry (N, T)
+    for u in range(1, U1):
+        into = columns[-1] + label_lp[:, :, u - 1] - cum_b[:, :, u]  # (N, T): arrivals from (t, u-1)
+        columns.append(cum_b[:, :, u] + torch.logcumsumexp(into, dim=1))  # (N, T)
+    return torch.stack(columns, dim=2)  # (N, T, U+1)

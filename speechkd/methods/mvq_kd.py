@@ -61,7 +61,9 @@ class MvqKD(KDMethod):
       codebook_size: entries per codebook (256: one byte).
 
     ``forward(batch, encoder_out, encoder_out_lens, layer_outputs) -> (scale * CE, {"mvq_ce": CE})`` with the
-    labels ``batch["labels"]["codebook_indexes"] = (indexes (N, T_t, num_codebooks), lens (N,))``.
+    labels ``batch["labels"]["codebook_indexes"] = (indexes (N, T_t, num_codebooks), lens (N,))``. The head is
+    applied to the valid student frames only (those within both the labels' and the encoder's lengths), so
+    padding costs no logits.
     """
 
     label_keys = (CI_KEY,)
@@ -79,10 +81,11 @@ class MvqKD(KDMethod):
         indexes, lens = batch["labels"][CI_KEY]  # (N, T_t, num_codebooks)
         indexes, lens = align_teacher_frames(indexes, lens, x.shape[1], self.frame_ratio, self.mode)
         lens = torch.minimum(lens, encoder_out_lens)
-        mask = torch.arange(x.shape[1], device=x.device)[None, :] >= lens[:, None]
-        indexes = indexes.masked_fill(mask[..., None], -100)
-        logits = self.head(x).reshape(x.shape[0], x.shape[1], self.num_out, self.codebook_size)
-        ce = codebook_ce_loss(logits, indexes)
+        valid = torch.arange(x.shape[1], device=x.device)[None, :] < lens[:, None]  # (N, T_s)
+        # the head runs on the valid frames only (M of N x T_s): padding costs no logits; the loss is the same
+        frames = x[valid]  # (M, C)
+        logits = self.head(frames).reshape(frames.shape[0], 1, self.num_out, self.codebook_size)  # (M, 1, K, 256)
+        ce = codebook_ce_loss(logits, indexes[valid][:, None])  # indexes[valid]: (M, K)
         return self.scale * ce, {"mvq_ce": float(ce.detach())}
 
 
