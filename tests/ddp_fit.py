@@ -77,10 +77,11 @@ def main(config_path: str) -> None:
 
         make_sampler = dm.make_sampler
 
-        def interleaved(cuts, max_duration, shuffle, seed=0, world_size=1, rank=0):
+        def interleaved(cuts, max_duration, shuffle, seed=0, world_size=1, rank=0, **kwargs):
             if not shuffle:
-                return make_sampler(cuts, max_duration, shuffle, seed, world_size, rank)
-            return Interleaved([make_sampler(cuts, max_duration, True, seed, world, r) for r in range(world)])
+                return make_sampler(cuts, max_duration, shuffle, seed, world_size, rank, **kwargs)
+            return Interleaved([make_sampler(cuts, max_duration, True, seed, world, r, **kwargs)
+                                for r in range(world)])
 
         dm.make_sampler = interleaved
     original = AsrDataModule.train_dataloader
