@@ -410,6 +410,10 @@ class PseudoLabelConfig(Strict):
         None, description="backend ctranslate2: the CTranslate2 model of the same Whisper (default: the source "
                           "`speechkd import-whisper` recorded in the teacher's directory)")
     ctranslate2_compute_type: str = Field("float32", description="backend ctranslate2: float32, int8, int8_float32, ...")
+    ctc_weight: float = Field(
+        0.0, ge=0, le=1, description="a project attention encoder-decoder teacher: the weight of joint CTC/attention "
+        "beam search (Watanabe et al. 2017; needs its CTC head), which ends hypotheses where the speech ends; 0 = "
+        "attention alone")
 
     @model_validator(mode="after")
     def _check(self):
@@ -423,6 +427,8 @@ class EvalConfig(Strict):
 
     decoding: Literal["greedy", "beam"] = "greedy"
     beam: int = Field(4, ge=1)
+    ctc_weight: float = Field(0.0, ge=0, le=1, description="decoding: beam, attention encoder-decoders: the weight of "
+                              "joint CTC/attention beam search (0 = attention alone; transducers ignore it)")
     rtf_utts: int = Field(50, ge=1, description="test utterances decoded one at a time for the RTF")
     rtf_threads: int = Field(1, ge=1)
     deployed: bool = Field(False, description="also measure every model as deployed: its ONNX export in fp32 and int8 "

@@ -355,9 +355,10 @@ def _models(exp: Experiment):
 
 
 def decode_cuts(model, cuts, tokenizer, decoding: str = "greedy", beam: int = 4, max_duration: float = 200.0, progress=False,
-                normalizer=None):
+                normalizer=None, ctc_weight: float = 0.0):
     """Decode a CutSet; returns ``(ids, refs, hyps)`` (texts), both normalised by ``normalizer`` (a
-    :class:`speechkd.data.text.TextNormalizer`, the rule the references and the tokenizer were made with) when given."""
+    :class:`speechkd.data.text.TextNormalizer`, the rule the references and the tokenizer were made with) when given.
+    ``ctc_weight``: an attention encoder-decoder's joint CTC/attention weight with ``decoding="beam"``."""
     from tqdm import tqdm
 
     from speechkd.data.datamodule import AsrDataset, make_loader
@@ -371,7 +372,7 @@ def decode_cuts(model, cuts, tokenizer, decoding: str = "greedy", beam: int = 4,
             if decoding == "greedy":
                 toks = greedy_search(model, enc, lens)
             else:
-                toks = [nb[0][0] for nb in nbest_search(model, enc, lens, beam=beam)]
+                toks = [nb[0][0] for nb in nbest_search(model, enc, lens, beam=beam, ctc_weight=ctc_weight)]
             ids += batch["cut_ids"]
             texts = tokenizer.decode(toks)
             refs += batch["texts"] if normalizer is None else [normalizer(t) for t in batch["texts"]]
@@ -412,9 +413,15 @@ def evaluate(exp: Experiment) -> None:
             _evaluate_transcribing_teacher(exp, splits, rtf_cuts, normalizer)
         else:
             log(f"evaluate: the teacher ({exp.teacher.describe()}) has no ASR head: no WER, skipped")
+    decoding = {"decoding": "greedy"} if e.decoding == "greedy" else {"decoding": "beam", "beam": e.beam,
+                                                                          "ctc_weight": e.ctc_weight}
     for name, group, mdir, method, seed in _models(exp):
         out = exp.dir / "eval" / f"{name}.json"
         done = json.loads(out.read_text()) if out.is_file() else None
+        if done is not None and done.get("decoding_settings", {"decoding": "greedy"}) != decoding:
+            log(f"evaluate: {out} was decoded with {done.get('decoding_settings', {'decoding': 'greedy'})}, the recipe "
+                f"says {decoding}: evaluated again")
+            done = None
         if done is not None and (not e.deployed or "deployed" in done):
             log(f"evaluate: {out} exists, skipped")
             continue
@@ -429,10 +436,10 @@ def evaluate(exp: Experiment) -> None:
             continue
         set_thread_policy(2)
         result = {"name": name, "group": group, "role": meta.get("role", "baseline"), "method": method, "seed": seed,
-                  "params": count_parameters(model)}
+                  "params": count_parameters(model), "decoding_settings": decoding}
         for split, cuts in splits.items():
             ids, refs, hyps = decode_cuts(model, cuts, exp.tokenizer, e.decoding, e.beam, progress=exp.progress,
-                                          normalizer=normalizer)
+                                          normalizer=normalizer, ctc_weight=e.ctc_weight)
             stats = word_error_rate(refs, hyps)
             result[f"{split}_wer"] = stats.wer
             write_wer_details(exp.dir / "eval" / f"{name}-{split}-errs.txt", ids, refs, hyps)

@@ -249,3 +249,90 @@ def test_ctc_loss_and_argument_validation():
         AttentionEncoderDecoder(model.encoder, AttentionDecoder(8, encoder_dim=12, decoder_dim=16, num_heads=2))
     with pytest.raises(ValueError, match="num_heads"):
         AttentionDecoder(8, encoder_dim=16, decoder_dim=16, num_heads=3)
+
+
+# ------------------------------------------------------------------ joint CTC/attention decoding (Watanabe et al.)
+def _collapse(path, blank=0):
+    out, prev = [], None
+    for k in path:
+        if k != blank and k != prev:
+            out.append(k)
+        prev = k
+    return out
+
+
+def _brute_ctc(log_probs, prefix, full):
+    """log of the summed probability of every CTC path (all V^T of them) whose labels are ``prefix`` (``full``) or
+    start with it."""
+    T, V = log_probs.shape
+    total = []
+    for path in itertools.product(range(V), repeat=T):
+        lab = _collapse(path)
+        if (lab == prefix) if full else (lab[: len(prefix)] == prefix):
+            total.append(sum(float(log_probs[t, k]) for t, k in enumerate(path)))
+    return float(torch.logsumexp(torch.tensor(total, dtype=torch.float64), 0)) if total else float("-inf")
+
+
+def test_ctc_prefix_scores_equal_brute_force_path_sums():
+    from speechkd.decoding.aed import CTCPrefixScorer
+
+    g = torch.Generator().manual_seed(0)
+    T, V = 5, 3
+    lp = torch.randn(T, V, generator=g, dtype=torch.float64).log_softmax(-1)
+    scorer = CTCPrefixScorer(lp)
+    state = scorer.initial_state()
+    # walk the prefixes [] -> [1] -> [1, 1] -> [1, 1, 2], checking every extension at each step
+    for prefix, nxt in (([], 1), ([1], 1), ([1, 1], 2), ([1, 1, 2], None)):
+        log_psi, r_new = scorer.score(state)
+        for c in range(1, V):
+            assert float(log_psi[0, c]) == pytest.approx(_brute_ctc(lp, prefix + [c], full=False), abs=1e-10)
+        assert float(log_psi[0, 0]) == pytest.approx(_brute_ctc(lp, prefix, full=True), abs=1e-10)  # eos
+        if nxt is not None:
+            state = (r_new[:, :, nxt], torch.tensor([nxt]))
+    # the eos score is the whole CTC probability, as torch's CTC loss computes it
+    ref = -F.ctc_loss(lp[:, None], torch.tensor([[1, 1, 2]]), torch.tensor([T]), torch.tensor([3]),
+                      reduction="none")
+    assert float(log_psi[0, 0]) == pytest.approx(float(ref[0]), abs=1e-9)
+    with pytest.raises(ValueError, match="log_probs"):
+        CTCPrefixScorer(lp[0])
+
+
+def test_joint_search_scores_are_the_weighted_attention_and_ctc_log_probs():
+    model = make_model(4, V=6, ctc_head=True, sharpen=3.0)
+    enc, enc_lens = encode(model, 4, N=2, lens=[16, 10])
+    lam = 0.4
+    out = beam_search(model, enc, enc_lens, beam=4, ctc_weight=lam)
+    for n in range(2):
+        T_n = int(enc_lens[n])
+        with torch.no_grad():
+            lp = model.ctc_output(enc[n, :T_n]).float().log_softmax(-1)  # (T_n, V)
+        assert 1 <= len(out[n]) <= 4
+        for h, s in out[n]:
+            ctc = -F.ctc_loss(lp[:, None].double(), torch.tensor([h or [1]])[:, : len(h)], torch.tensor([T_n]),
+                              torch.tensor([len(h)]), reduction="none")[0]
+            ref = (1 - lam) * forced_score(model, enc[n], T_n, h) + lam * float(ctc)
+            assert s == pytest.approx(ref, abs=1e-4)
+    assert beam_search(model, enc, enc_lens, beam=3, ctc_weight=0.0) == beam_search(model, enc, enc_lens, beam=3)
+    with pytest.raises(ValueError, match="ctc_weight"):
+        beam_search(model, enc, enc_lens, ctc_weight=1.5)
+    with pytest.raises(ValueError, match="CTC head"):
+        beam_search(make_model(4, V=6), enc, enc_lens, ctc_weight=0.3)
+
+
+def test_joint_search_with_ctc_only_stops_where_ctc_says():
+    # an attention decoder that never emits eos runs to max_len alone; with ctc_weight 1 and a beam that never
+    # prunes, the search returns the exact most probable label sequence under CTC (at most T_n labels)
+    model = make_model(5, V=4, ctc_head=True, sharpen=3.0)
+    with torch.no_grad():
+        model.decoder.output_linear.bias[model.eos_id] -= 30.0
+    enc, enc_lens = encode(model, 5, N=1, lens=[8])
+    T_n = int(enc_lens[0])  # 4 frames after 2x subsampling
+    assert all(len(h) == T_n for h, _ in beam_search(model, enc, enc_lens, beam=3)[0])  # ran to max_len
+    with torch.no_grad():
+        lp = model.ctc_output(enc[0, :T_n]).double().log_softmax(-1)  # (T_n, V)
+    seqs = [list(s) for L in range(T_n + 1) for s in itertools.product([1, 2, 3], repeat=L)]  # 121: every one
+    ref = sorted(((_brute_ctc(lp, q, full=True), q) for q in seqs), key=lambda p: p[0], reverse=True)
+    out = beam_search(model, enc, enc_lens, beam=128, nbest=3, ctc_weight=1.0)[0]  # <= 81 running: no pruning
+    assert [h for h, _ in out] == [q for _, q in ref[:3]]
+    assert [sc for _, sc in out] == pytest.approx([sc for sc, _ in ref[:3]], abs=1e-6)  # float32 posteriors
+    assert len(out[0][0]) < T_n

@@ -52,6 +52,10 @@ def test_nbest_labels_on_every_cut_sorted_and_bounded(seq_exp):
         assert scores == sorted(scores, reverse=True) and all(s <= 1e-6 for s in scores)
         for h in hyps:
             assert h["text"] == seq_exp.tokenizer.decode([h["tokens"]])[0]
+    meta = json.loads((seq_exp.nbest_dir / "meta.json").read_text())
+    assert meta["ctc_weight"] == seq_exp.recipe.pseudo_label.ctc_weight == 0.3  # joint CTC/attention labels
+    assert json.loads((seq_exp.dir / "eval" / "teacher.json").read_text())["decoding_settings"] == {
+        "decoding": "beam", "beam": 2, "ctc_weight": 0.3}
 
 
 def _records(path):
@@ -74,7 +78,7 @@ def test_shards_merge_to_the_single_run_and_resume_after_a_stop(seq_exp, tmp_pat
     model, _ = load_model(seq_exp.teacher_dir)
     cuts = seq_exp.cuts("train")
     meta = _pseudo_label_meta(seq_exp)
-    kw = dict(beam=4, nbest=4, chunk_cuts=5, progress=False)
+    kw = dict(beam=4, nbest=4, chunk_cuts=5, progress=False, ctc_weight=seq_exp.recipe.pseudo_label.ctc_weight)
     single = tmp_path / "single"
     assert write_pseudo_labels(model, cuts, seq_exp.tokenizer, single, meta, **kw) == len(cuts)
     sharded = tmp_path / "sharded"

@@ -218,7 +218,7 @@ def make_sampler(cuts, max_duration: Seconds, shuffle: bool, seed: int = 0, worl
       cuts: lhotse.CutSet.
       max_duration: seconds of audio per batch (per process).
       shuffle: bucket and shuffle (training); otherwise keep order.
-      num_buckets: duration buckets (training): more buckets, less padding per batch.
+      num_buckets: duration buckets (training): more buckets, less padding per batch; at most the number of cuts.
       seed: sampler seed (the epoch is added by the sampler's ``set_epoch``).
       world_size, rank: the data-parallel processes and this one's global rank. Always given explicitly (from the
         Lightning trainer): lhotse would otherwise read ``RANK`` / ``WORLD_SIZE`` from the environment, which
@@ -231,6 +231,14 @@ def make_sampler(cuts, max_duration: Seconds, shuffle: bool, seed: int = 0, worl
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..{world_size - 1} (world_size {world_size})")
     if shuffle:
+        import itertools
+
+        # lhotse needs at least as many cuts as buckets, and 2 buckets (a smoke list, a filtered label set may have
+        # fewer cuts): below 2 cuts there is nothing to bucket
+        num_buckets = min(num_buckets, sum(1 for _ in itertools.islice(cuts, num_buckets)))
+        if num_buckets < 2:
+            return SimpleCutSampler(cuts, max_duration=max_duration, shuffle=True, seed=seed, world_size=world_size,
+                                    rank=rank)
         with warnings.catch_warnings():  # some CutSets (e.g. filtered N-best labels) are small and eager on purpose
             warnings.filterwarnings("ignore", message=".*eagerly read CutSet.*")
             return DynamicBucketingSampler(cuts, max_duration=max_duration, shuffle=True, num_buckets=num_buckets, seed=seed,

@@ -37,13 +37,15 @@ def greedy_search(model, encoder_out: Tensor, encoder_out_lens: Tensor) -> List[
 
 
 def nbest_search(model, encoder_out: Tensor, encoder_out_lens: Tensor, beam: int = 4,
-                 nbest: int = 1) -> List[List[Tuple[List[int], float]]]:
+                 nbest: int = 1, ctc_weight: float = 0.0) -> List[List[Tuple[List[int], float]]]:
     """Beam search returning up to ``nbest`` hypotheses per utterance, best first.
 
     Args:
       model: a Transducer (modified beam search) or an AttentionEncoderDecoder (beam search).
       encoder_out: (N, T, C) encoder frames; encoder_out_lens: (N,) valid frames.
       beam: beam width (>= 1); nbest: hypotheses returned (1 <= nbest <= beam).
+      ctc_weight: attention encoder-decoders only: the weight of joint CTC/attention decoding
+        (:func:`speechkd.decoding.aed.beam_search`; 0 = attention alone). A transducer ignores it.
 
     Returns:
       For each utterance a list of ``(token ids, log-prob in nats)`` sorted by score, best first.
@@ -59,4 +61,4 @@ def nbest_search(model, encoder_out: Tensor, encoder_out_lens: Tensor, beam: int
         return transducer.beam_search(model, encoder_out, encoder_out_lens, beam=beam, nbest=nbest)
     from speechkd.decoding import aed
 
-    return aed.beam_search(model, encoder_out, encoder_out_lens, beam=beam, nbest=nbest)
+    return aed.beam_search(model, encoder_out, encoder_out_lens, beam=beam, nbest=nbest, ctc_weight=ctc_weight)

@@ -7,7 +7,10 @@ the CTC blank; an emitted 0 ends a hypothesis, so output tokens never contain 0.
 
 * :func:`greedy_search`: batched argmax decoding.
 * :func:`beam_search`: per-utterance beam search, the beam's hypotheses batched into one decoder
-  call per step. Scores are total log-probabilities with no length normalisation or length bonus.
+  call per step. Scores are total log-probabilities with no length normalisation or length bonus;
+  with ``ctc_weight > 0`` they are the joint CTC/attention scores of Watanabe et al. (2017), the CTC
+  prefix probabilities computed by :class:`CTCPrefixScorer`, which ends hypotheses where the CTC
+  branch says the speech ends.
 
 Both run under ``torch.no_grad()``; call ``model.eval()`` first if the model has dropout.
 """
@@ -21,7 +24,7 @@ from torch import Tensor
 
 from speechkd.models.aed import AttentionEncoderDecoder
 
-__all__ = ["greedy_search", "beam_search"]
+__all__ = ["greedy_search", "beam_search", "CTCPrefixScorer"]
 
 
 def _check_inputs(model: AttentionEncoderDecoder, encoder_out: Tensor, encoder_out_lens: Tensor,
@@ -95,6 +98,77 @@ def greedy_search(
     return hyps
 
 
+class CTCPrefixScorer:
+    """CTC prefix probabilities of one utterance for label-synchronous joint CTC/attention decoding.
+
+    Watanabe, Hori, Kim, Hershey, Hayashi, "Hybrid CTC/Attention Architecture for End-to-End Speech Recognition",
+    IEEE JSTSP 2017, sec. IV-B, Algorithm 2: for a prefix g the forward variables ``r^n_t(g)`` / ``r^b_t(g)`` are
+    the probabilities of the frames 1..t emitting g with the last frame a label / a blank; extending g by a label c
+    gives ``h = g + c`` with
+
+        phi_t = r^b_t(g) + (0 if c == last(g) else r^n_t(g))
+        r^n_1(h) = x_1(c) if g is empty else 0;   r^b_1(h) = 0
+        r^n_t(h) = (r^n_{t-1}(h) + phi_{t-1}) x_t(c);   r^b_t(h) = (r^b_{t-1}(h) + r^n_{t-1}(h)) x_t(blank)
+        psi(h) = r^n_1(h) + sum_{t=2..T} phi_{t-1} x_t(c)
+
+    where ``x_t(k)`` is the CTC posterior of k at frame t; ``psi(h)`` is the probability of every CTC path whose
+    labels start with h. Ending g (eos) scores ``r^n_T(g) + r^b_T(g)``: the whole CTC probability of g. Everything
+    is in the log domain, over a batch of H prefixes and all V tokens at once; the loop runs over the T frames.
+
+    Args:
+      log_probs: (T, V) CTC log-posteriors of one utterance's valid frames.
+      blank: the CTC blank id (also the AED's eos id, scored as the end of the hypothesis).
+
+    The state of a batch of prefixes is ``(r, last)``: ``r (H, T, 2)`` log ``(r^n_t, r^b_t)``; ``last (H,)`` the
+    prefix's last label (-1 for the empty prefix).
+    """
+
+    def __init__(self, log_probs: Tensor, blank: int = 0):
+        if log_probs.dim() != 2 or log_probs.shape[0] < 1:
+            raise ValueError(f"log_probs must be (T >= 1, V), got {tuple(log_probs.shape)}")
+        self.x = log_probs.double()  # (T, V)
+        self.blank = blank
+
+    def initial_state(self) -> Tuple[Tensor, Tensor]:
+        """The empty prefix: ``r^n_t = 0``, ``r^b_t = prod_{tau <= t} x_tau(blank)``; shapes (1, T, 2) and (1,)."""
+        T = self.x.shape[0]
+        r = torch.full((1, T, 2), float("-inf"), dtype=torch.float64, device=self.x.device)
+        r[0, :, 1] = torch.cumsum(self.x[:, self.blank], dim=0)
+        return r, torch.full((1,), -1, dtype=torch.long, device=self.x.device)
+
+    def score(self, state: Tuple[Tensor, Tensor]) -> Tuple[Tensor, Tensor]:
+        """Log prefix probabilities of every one-token extension of each of H prefixes.
+
+        Args:
+          state: ``(r (H, T, 2), last (H,))`` of the prefixes g.
+
+        Returns:
+          ``(log_psi (H, V), r_new (H, T, V, 2))``: ``log_psi[h, c]`` is log psi(g_h + c) for every label c and, at
+          ``c = blank``, the log CTC probability of g_h ending there (eos); ``r_new[h, :, c]`` is the state of
+          g_h + c (meaningless at ``c = blank``).
+        """
+        r, last = state
+        x = self.x  # (T, V)
+        H, T = r.shape[0], x.shape[0]
+        V = x.shape[1]
+        same = torch.arange(V, device=x.device)[None, :] == last[:, None]  # (H, V): c == last(g)
+        r_n, r_b = r[..., 0], r[..., 1]  # (H, T)
+        phi = torch.where(same[:, None, :], r_b[..., None], torch.logaddexp(r_n, r_b)[..., None])  # (H, T, V)
+        new = torch.full((H, T, V, 2), float("-inf"), dtype=torch.float64, device=x.device)
+        empty = (last < 0)[:, None]  # (H, 1)
+        new[:, 0, :, 0] = torch.where(empty, x[0][None, :], torch.full_like(new[:, 0, :, 0], float("-inf")))
+        for t in range(1, T):
+            new[:, t, :, 0] = torch.logaddexp(new[:, t - 1, :, 0], phi[:, t - 1]) + x[t][None, :]
+            new[:, t, :, 1] = torch.logaddexp(new[:, t - 1, :, 1], new[:, t - 1, :, 0]) + x[t, self.blank]
+        if T > 1:
+            arrivals = torch.logsumexp(phi[:, :-1] + x[1:][None], dim=1)  # (H, V): sum_t phi_{t-1} x_t(c)
+            log_psi = torch.logaddexp(new[:, 0, :, 0], arrivals)
+        else:
+            log_psi = new[:, 0, :, 0].clone()
+        log_psi[:, self.blank] = torch.logaddexp(r_n[:, -1], r_b[:, -1])  # eos: the whole CTC probability of g
+        return log_psi, new
+
+
 @torch.no_grad()
 def beam_search(
     model: AttentionEncoderDecoder,
@@ -103,6 +177,7 @@ def beam_search(
     beam: int = 4,
     nbest: Optional[int] = None,
     max_len: Optional[int] = None,
+    ctc_weight: float = 0.0,
 ) -> List[List[Tuple[List[int], float]]]:
     """Left-to-right beam search returning the N-best finished hypotheses per utterance.
 
@@ -123,6 +198,13 @@ def beam_search(
     Scores are **not** length-normalised: short hypotheses are favoured, as in the plain
     maximum-probability objective; rescore the N-best if another criterion is wanted.
 
+    Joint CTC/attention decoding (Watanabe et al. 2017, sec. IV-B, eq. 44-45) with ``ctc_weight`` = lambda > 0:
+    a hypothesis scores ``(1 - lambda) log p_att(h | x) + lambda log p_ctc(h | x)``, the CTC term the prefix
+    probability of :class:`CTCPrefixScorer` (the whole CTC probability once h has ended). The CTC branch gives
+    no probability to more labels than frames and little to labels the audio does not hold, so hypotheses stop
+    where the speech does: the fix for a small AED whose attention has not learned to emit eos. Early stopping
+    still holds (each CTC prefix probability bounds every extension's).
+
     Args:
         model: the AED model (only ``model.decoder`` is used).
         encoder_out: (N, T, C) encoder frames.
@@ -131,20 +213,27 @@ def beam_search(
         nbest: hypotheses returned per utterance, 1 <= nbest <= beam; default ``beam``.
         max_len: maximum number of output tokens (eos excluded), >= 0; default: each utterance's
             number of encoder frames T_n.
+        ctc_weight: lambda in [0, 1] of joint decoding; 0 = attention only (the model needs no CTC head).
 
     Returns:
         For each utterance, up to ``nbest`` distinct pairs ``(token ids in [1, V) without
-        sos/eos, total log-prob in nats including the eos step)``, sorted best first.
+        sos/eos, total log-prob in nats including the eos step)``, sorted best first; with
+        ``ctc_weight > 0`` the score is the joint score above.
 
     Raises:
         ValueError: on bad shapes, encoder_out_lens outside [1, T], beam < 1, nbest outside
-            [1, beam] or max_len < 0.
+            [1, beam], max_len < 0, ctc_weight outside [0, 1], or ctc_weight > 0 for a model without
+            a CTC head.
     """
     if beam < 1:
         raise ValueError(f"beam must be >= 1, got {beam}")
     nbest = beam if nbest is None else nbest
     if not 1 <= nbest <= beam:
         raise ValueError(f"nbest must lie in [1, beam={beam}], got {nbest}")
+    if not 0.0 <= ctc_weight <= 1.0:
+        raise ValueError(f"ctc_weight must lie in [0, 1], got {ctc_weight}")
+    if ctc_weight > 0 and getattr(model, "ctc_output", None) is None:
+        raise ValueError("ctc_weight > 0 needs a model with a CTC head (model.ctc_head: true)")
     limits = _check_inputs(model, encoder_out, encoder_out_lens, max_len)
     device = encoder_out.device
     eos, V = model.eos_id, model.vocab_size
@@ -152,6 +241,10 @@ def beam_search(
     for n in range(encoder_out.shape[0]):
         T_n = int(encoder_out_lens[n])
         memory = encoder_out[n : n + 1, :T_n]  # (1, T_n, C)
+        if ctc_weight > 0:
+            scorer = CTCPrefixScorer(model.ctc_output(memory[0]).float().log_softmax(-1), blank=model.blank_id)
+            results.append(_joint_search(model, memory, scorer, ctc_weight, beam, nbest, limits[n]))
+            continue
         running: List[Tuple[List[int], float]] = [([], 0.0)]
         finished: List[Tuple[List[int], float]] = []
         for step in range(limits[n] + 1):
@@ -187,3 +280,53 @@ def beam_search(
         finished.sort(key=lambda p: p[1], reverse=True)  # stable: earlier-found first on ties
         results.append([(toks, float(sc)) for toks, sc in finished[:nbest]])
     return results
+
+
+def _joint_search(model, memory: Tensor, scorer: CTCPrefixScorer, ctc_weight: float, beam: int, nbest: int,
+                  limit: int) -> List[Tuple[List[int], float]]:
+    """:func:`beam_search` of one utterance (``memory (1, T_n, C)``) with joint CTC/attention scores; each running
+    hypothesis carries its joint score, its CTC prefix log-probability and its CTC state."""
+    device = memory.device
+    eos, T_n = model.eos_id, memory.shape[1]
+    lam = float(ctc_weight)
+    r0, last0 = scorer.initial_state()
+    # (tokens, joint score, ctc prefix log-prob, ctc state r (T, 2))
+    running = [([], 0.0, 0.0, r0[0])]
+    finished: List[Tuple[List[int], float]] = []
+    for step in range(limit + 1):
+        H = len(running)
+        ys = torch.tensor([[model.sos_id] + toks for toks, *_ in running], dtype=torch.long, device=device)
+        logits = model.decoder(memory.expand(H, -1, -1), torch.full((H,), T_n, device=device),
+                               ys, torch.full((H,), step + 1, device=device))[:, -1]  # (H, V)
+        att = logits.float().log_softmax(dim=-1).double()  # (H, V)
+        r = torch.stack([h[3] for h in running])  # (H, T, 2)
+        last = torch.tensor([toks[-1] if toks else -1 for toks, *_ in running], dtype=torch.long, device=device)
+        log_psi, r_new = scorer.score((r, last))  # (H, V), (H, T, V, 2)
+        prev_ctc = torch.tensor([h[2] for h in running], dtype=torch.float64, device=device)  # (H,)
+        prev = torch.tensor([h[1] for h in running], dtype=torch.float64, device=device)  # (H,)
+        cand = prev[:, None] + (1 - lam) * att + lam * (log_psi - prev_ctc[:, None])  # (H, V)
+        if step == limit:  # max_len reached: force eos
+            finished += [(h[0], float(cand[i, eos])) for i, h in enumerate(running)]
+            break
+        flat = cand.reshape(-1)
+        top = torch.sort(flat, descending=True, stable=True).indices[: 2 * beam]
+        new_running = []
+        for rank, idx in enumerate(top.tolist()):
+            h, k = divmod(idx, cand.shape[1])
+            sc = float(flat[idx])
+            if sc == float("-inf"):
+                break
+            if k == eos:
+                if rank < beam:
+                    finished.append((running[h][0], sc))
+            elif len(new_running) < beam:
+                new_running.append((running[h][0] + [k], sc, float(log_psi[h, k]), r_new[h, :, k]))
+        running = new_running
+        if not running:
+            break
+        if len(finished) >= nbest:
+            kth = sorted((sc for _, sc in finished), reverse=True)[nbest - 1]
+            if kth >= running[0][1]:
+                break
+    finished.sort(key=lambda p: p[1], reverse=True)
+    return [(toks, float(sc)) for toks, sc in finished[:nbest]]

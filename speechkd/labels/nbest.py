@@ -64,9 +64,11 @@ def read_parts(out_dir: Pathlike) -> dict:
     return records
 
 
-def project_nbest_decoder(model, tokenizer, beam: int = 8, nbest: int = 8, max_duration: float = 200.0):
+def project_nbest_decoder(model, tokenizer, beam: int = 8, nbest: int = 8, max_duration: float = 200.0,
+                          ctc_weight: float = 0.0):
     """A chunk decoder for :func:`write_nbest_parts` from a project teacher (transducer or AED, in eval mode):
-    batches of ``max_duration`` seconds of fbank in manifest order, :func:`speechkd.decoding.nbest_search`.
+    batches of ``max_duration`` seconds of fbank in manifest order, :func:`speechkd.decoding.nbest_search` (an AED's
+    joint CTC/attention search with ``ctc_weight > 0``).
 
     Returns:
       ``(CutSet chunk) -> iterator of (cut_id, [{"tokens", "text", "score"}, ...])``, best first; ``tokens`` in the
@@ -80,7 +82,8 @@ def project_nbest_decoder(model, tokenizer, beam: int = 8, nbest: int = 8, max_d
         with torch.inference_mode():
             for batch in dl:
                 enc, lens, _ = model.encode(batch["features"], batch["feature_lens"])
-                for cid, hyps in zip(batch["cut_ids"], nbest_search(model, enc, lens, beam=beam, nbest=nbest)):
+                for cid, hyps in zip(batch["cut_ids"], nbest_search(model, enc, lens, beam=beam, nbest=nbest,
+                                                                          ctc_weight=ctc_weight)):
                     yield cid, [{"tokens": list(map(int, toks)), "text": tokenizer.decode([toks])[0], "score": float(s)}
                                 for toks, s in hyps]
 
@@ -89,7 +92,7 @@ def project_nbest_decoder(model, tokenizer, beam: int = 8, nbest: int = 8, max_d
 
 def write_pseudo_labels(model, cuts, tokenizer, out_dir: Pathlike, meta: dict, beam: int = 8, nbest: int = 8,
                         shard: tuple[int, int] = (0, 1), chunk_cuts: int = 500, max_duration: float = 200.0,
-                        progress: bool = True) -> int:
+                        progress: bool = True, ctc_weight: float = 0.0) -> int:
     """:func:`write_nbest_parts` with a project teacher's beam search (:func:`project_nbest_decoder`).
 
     Args:
@@ -97,9 +100,10 @@ def write_pseudo_labels(model, cuts, tokenizer, out_dir: Pathlike, meta: dict, b
       tokenizer: turns hypotheses' token ids into text.
       beam, nbest: beam width and hypotheses kept per cut (nbest <= beam).
       max_duration: seconds of audio per decoding batch.
+      ctc_weight: an AED teacher's joint CTC/attention weight (0 = attention alone).
       cuts, out_dir, meta, shard, chunk_cuts, progress: as :func:`write_nbest_parts`.
     """
-    return write_nbest_parts(project_nbest_decoder(model, tokenizer, beam, nbest, max_duration), cuts, out_dir, meta,
+    return write_nbest_parts(project_nbest_decoder(model, tokenizer, beam, nbest, max_duration, ctc_weight), cuts, out_dir, meta,
                              shard=shard, chunk_cuts=chunk_cuts, progress=progress)
 
 

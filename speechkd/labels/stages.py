@@ -306,11 +306,14 @@ def _sample_frames(cuts, key: str, num: int, rng) -> np.ndarray:
 # ---------------------------------------------------------------- pseudo-label
 def pseudo_label_meta(exp) -> dict:
     """What identifies a set of N-best labels: ``{"teacher_id", "beam", "nbest"}`` of the recipe's teacher, plus
-    ``backend`` (and its compute type) when it is not the teacher's native beam search."""
+    ``backend`` (and its compute type) when it is not the teacher's native beam search, and ``ctc_weight`` when the
+    search is joint CTC/attention."""
     p = exp.recipe.pseudo_label
     meta = {"teacher_id": exp.teacher.teacher_id(), "beam": p.beam, "nbest": p.nbest}
     if p.backend != "native":
         meta.update(backend=p.backend, compute_type=p.ctranslate2_compute_type)
+    if p.ctc_weight > 0:
+        meta.update(ctc_weight=p.ctc_weight)
     return meta
 
 

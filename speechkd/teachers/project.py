@@ -45,12 +45,14 @@ class ProjectTeacher(Teacher):
         return model_id(self.exp.teacher_dir)
 
     def nbest_decoder(self, beam: int, nbest: int, max_duration: float):
-        """The transducer's modified / the AED's beam search over fbank batches of ``max_duration`` seconds."""
+        """The transducer's modified / the AED's beam search over fbank batches of ``max_duration`` seconds (joint
+        CTC/attention for the AED when ``pseudo_label.ctc_weight > 0``)."""
         from speechkd.labels.nbest import project_nbest_decoder
         from speechkd.models.build import load_model
 
         model, _ = load_model(self.exp.teacher_dir)
-        return project_nbest_decoder(model, self.exp.tokenizer, beam, nbest, max_duration)
+        return project_nbest_decoder(model, self.exp.tokenizer, beam, nbest, max_duration,
+                                     ctc_weight=self.exp.recipe.pseudo_label.ctc_weight)
 
     def frame_shift(self) -> float:
         from speechkd.data.datamodule import FRAME_SHIFT
