@@ -309,6 +309,56 @@ def _baseline_for(row: dict, rows: list[dict]) -> Optional[dict]:
     return bases[0] if len(bases) == 1 else None
 
 
+def _test_errors(exp: Path, names: list[str]) -> Optional[tuple[list[str], np.ndarray, np.ndarray]]:
+    """``(utterance ids, errors (S, U), ref_words (U,))`` of the runs ``names`` from their ``eval/<name>-test-errs.txt``
+    files, on the utterances every file holds; None when a file is missing."""
+    from speechkd.eval.metrics import read_wer_details
+
+    files = [exp / "eval" / f"{n}-test-errs.txt" for n in names]
+    if not files or not all(f.is_file() for f in files):
+        return None
+    per = [read_wer_details(f) for f in files]
+    ids = [u for u in per[0] if all(u in d for d in per[1:])]
+    errors = np.array([[d[u][0] for u in ids] for d in per], dtype=np.int64)
+    return ids, errors, np.array([per[0][u][1] for u in ids], dtype=np.int64)
+
+
+def _sampling_error_section(exp: Path, results: list[dict], rows: list[dict]) -> list[str]:
+    """Markdown lines: each group's 95% bootstrap interval of its seeds' mean test WER over the test utterances,
+    and a distilled group's paired interval of its difference from its baseline (the same utterance draws for
+    both; :func:`speechkd.eval.metrics.bootstrap_wer_interval`). Empty when the error files are missing."""
+    from speechkd.eval.metrics import bootstrap_wer_interval
+
+    names = {r["group"]: [x["name"] for x in results if x["group"] == r["group"]] for r in rows}
+    data = {g: _test_errors(exp, n) for g, n in names.items()}
+    body = []
+    for r in rows:
+        d = data[r["group"]]
+        if d is None:
+            continue
+        ids, err, ref = d
+        lo, hi = bootstrap_wer_interval(err, ref)
+        diff = "-"
+        base = _baseline_for(r, rows)
+        if base is not None and base["group"] != r["group"] and data.get(base["group"]) is not None:
+            b_ids, b_err, _ = data[base["group"]]
+            if b_ids == ids:
+                dlo, dhi = bootstrap_wer_interval(err, ref, baseline_errors=b_err)
+                point = 100.0 * (err.sum(1).mean() - b_err.sum(1).mean()) / ref.sum()
+                diff = f"{point:+.2f} [{dlo:+.2f}, {dhi:+.2f}] vs {base['group']}"
+        body.append([r["group"], str(err.shape[0]), str(len(ids)), f"{100.0 * err.sum(1).mean() / ref.sum():.2f}",
+                     f"[{lo:.2f}, {hi:.2f}]", diff])
+    if not body:
+        return []
+    return ["", "### Sampling error of the test set", "",
+            _table(["Model", "Seeds", "Test utterances", "Mean test WER %", "95% interval",
+                    "Difference from baseline, points [95% interval]"], body), "",
+            "Percentile bootstrap over the test utterances (2000 draws, seed 0; Bisani & Ney 2004): each draw scores "
+            "every seed of a group on the same utterances and averages them; the difference is paired (the same "
+            "draw for the model and its baseline), so it measures the test set's sampling error of the comparison, "
+            "not the seeds' spread (the ± above)."]
+
+
 def _single_role(rows: list[dict], role: str) -> Optional[dict]:
     found = [r for r in rows if r["role"] == role]
     if len(found) > 1:
@@ -637,6 +687,7 @@ def write_report(exp_dir: PathLike, title: Optional[str] = None, teacher_note: O
     out.append("WER: mean ± sample std over seeds (n seeds). Relative reduction: "
                "(baseline − model) / baseline × 100 on group means; positive = better than "
                "the baseline student. RTF < 1 is faster than real time.")
+    out += _sampling_error_section(exp, results, rows)
     out += ["", "## Findings", ""]
 
     if teacher is None or not bases:

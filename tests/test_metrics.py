@@ -219,3 +219,68 @@ def test_file_bytes(tmp_path):
     assert S.file_bytes(str(tmp_path / "d")) == 20
     with pytest.raises(FileNotFoundError):
         S.file_bytes(tmp_path / "missing")
+
+
+# ------------------------------------------------------------------------------------------ sampling error
+def test_wilson_interval_equals_scipy():
+    from scipy.stats import binomtest
+
+    from speechkd.eval.metrics import wilson_interval
+
+    for k, n in ((652, 692), (0, 10), (10, 10), (81, 263)):
+        ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        assert wilson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=1e-12)
+    with pytest.raises(ValueError):
+        wilson_interval(5, 4)
+
+
+def test_bootstrap_wer_interval_agrees_with_scipy_bootstrap():
+    from scipy.stats import bootstrap
+
+    from speechkd.eval.metrics import bootstrap_wer_interval
+
+    rng = np.random.default_rng(1)
+    ref = rng.integers(1, 5, size=400)
+    err = rng.binomial(ref, 0.2)
+    ours = bootstrap_wer_interval(err, ref, n_boot=4000, seed=0)
+    ref_ci = bootstrap((err, ref), lambda e, r: 100 * e.sum() / r.sum(), paired=True, vectorized=False,
+                       n_resamples=4000, method="percentile", random_state=np.random.default_rng(5)).confidence_interval
+    assert ours[0] < 100 * err.sum() / ref.sum() < ours[1]
+    assert ours == pytest.approx((ref_ci.low, ref_ci.high), abs=0.35)  # Monte Carlo error of two bootstraps
+    # paired: a system with one more error on every 10th utterance; its difference is known exactly
+    worse = err + (np.arange(400) % 10 == 0)
+    lo, hi = bootstrap_wer_interval(worse, ref, n_boot=2000, baseline_errors=err)
+    diff = 100 * (worse.sum() - err.sum()) / ref.sum()
+    assert lo <= diff <= hi and hi - lo < (ours[1] - ours[0])  # narrower than one system's: shared difficulty cancels
+    assert bootstrap_wer_interval(err, ref, baseline_errors=err) == (0.0, 0.0)
+    with pytest.raises(ValueError):
+        bootstrap_wer_interval(err, ref[:-1])
+
+
+def test_bootstrap_eer_interval_agrees_with_scipy_bootstrap():
+    from scipy.stats import bootstrap
+
+    from speechkd.eval.metrics import bootstrap_eer_interval, equal_error_rate
+
+    rng = np.random.default_rng(2)
+    y = (np.arange(600) % 3 == 0).astype(int)
+    s = rng.normal(size=600) + 1.5 * y
+    eer = equal_error_rate(s, y)[0]
+    lo, hi = bootstrap_eer_interval(s, y, n_boot=1000)
+    ref_ci = bootstrap((s, y), lambda a, b: equal_error_rate(a, b)[0], paired=True, vectorized=False,
+                       n_resamples=1000, method="percentile", random_state=np.random.default_rng(3)).confidence_interval
+    assert lo < eer < hi
+    assert (lo, hi) == pytest.approx((ref_ci.low, ref_ci.high), abs=0.012)
+
+
+def test_read_wer_details_round_trip_and_seed_means(tmp_path):
+    from speechkd.eval.metrics import bootstrap_wer_interval, read_wer_details, write_wer_details
+
+    write_wer_details(tmp_path / "e.txt", ["a", "b", "c"], ["x y z", "p q", "r"], ["x z", "p q s", "t"])
+    assert read_wer_details(tmp_path / "e.txt") == {"a": (1, 3), "b": (1, 2), "c": (1, 1)}
+    # (S, U) errors: the interval of the seeds' mean WER; identical seeds give the single system's interval
+    err, ref = np.array([1, 0, 2, 1, 0, 3]), np.array([3, 2, 4, 2, 1, 5])
+    assert bootstrap_wer_interval(np.stack([err, err]), ref, seed=4) == bootstrap_wer_interval(err, ref, seed=4)
+    (tmp_path / "bad.txt").write_text("u:\terrors=x ref_words=2\n")
+    with pytest.raises(ValueError, match="bad.txt:1"):
+        read_wer_details(tmp_path / "bad.txt")

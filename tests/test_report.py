@@ -253,3 +253,30 @@ def test_students_of_several_sizes_compare_with_their_own_baseline(tmp_path):
         _result("x", "base-small-2", "baseline", "none", 0, 100, 20.0, 20.0)))
     with pytest.raises(ValueError, match="per size"):
         R.aggregate(R.load_results(tmp_path))
+
+
+def test_report_gives_the_test_sets_sampling_error(exp):
+    from speechkd.eval.metrics import bootstrap_wer_interval, write_wer_details
+
+    rng = np.random.default_rng(0)
+    refs = [" ".join(rng.choice(["yes", "no", "up", "down"], size=3)) for _ in range(60)]
+    ids = [f"u{i}" for i in range(60)]
+
+    def hyps(p):  # drop each reference's first word with probability p
+        return [r.split(" ", 1)[1] if rng.random() < p else r for r in refs]
+
+    for name, p in [("baseline-seed0", 0.5), ("baseline-seed1", 0.5), ("baseline-seed2", 0.5),
+                    ("student-mvq-seed0", 0.2), ("student-mvq-seed1", 0.2), ("student-mvq-seed2", 0.2)]:
+        write_wer_details(exp / "eval" / f"{name}-test-errs.txt", ids, refs, hyps(p))
+    text = open(R.write_report(exp)).read()
+    section = text.split("### Sampling error of the test set")[1].split("## Findings")[0]
+    mvq = next(line for line in section.splitlines() if line.startswith("| student-mvq |"))
+    base = next(line for line in section.splitlines() if line.startswith("| baseline |"))
+    assert "vs baseline" in mvq and "| 3 | 60 |" in mvq and "| - |" in base
+    # the printed interval is the paired bootstrap of the two groups' error counts
+    from speechkd.eval.metrics import read_wer_details
+
+    err = lambda g: np.array([[e for e, _ in read_wer_details(exp / "eval" / f"{g}-seed{i}-test-errs.txt").values()]
+                              for i in range(3)])
+    lo, hi = bootstrap_wer_interval(err("student-mvq"), np.full(60, 3), baseline_errors=err("baseline"))
+    assert f"[{lo:+.2f}, {hi:+.2f}]" in mvq and hi < 0  # clearly better than the baseline

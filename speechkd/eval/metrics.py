@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import kaldialign
 import numpy as np
@@ -211,6 +211,26 @@ def write_wer_details(
     return total
 
 
+def read_wer_details(path: Union[str, os.PathLike]) -> dict[str, tuple[int, int]]:
+    """Per-utterance ``{id: (errors, ref_words)}`` of a file written by :func:`write_wer_details`, in file order.
+
+    Raises:
+      FileNotFoundError: no such file. ValueError: an ``errors=`` line that does not parse (naming file and line).
+    """
+    out: dict[str, tuple[int, int]] = {}
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            uid, sep, rest = line.rstrip("\n").partition(":\terrors=")
+            if not sep:
+                continue
+            try:
+                fields = dict(kv.split("=", 1) for kv in ("errors=" + rest).split())
+                out[uid] = (int(fields["errors"]), int(fields["ref_words"]))
+            except (KeyError, ValueError) as e:
+                raise ValueError(f"{path}:{lineno}: not an errors line of write_wer_details ({e})") from e
+    return out
+
+
 def accuracy(preds: Sequence, labels: Sequence) -> float:
     """Fraction of positions where ``preds[i] == labels[i]``.
 
@@ -338,3 +358,112 @@ def min_dcf(
     dcf = c_miss * fnr * p_target + c_fa * fpr * (1.0 - p_target)
     c_default = min(c_miss * p_target, c_fa * (1.0 - p_target))
     return float(np.min(dcf) / c_default)
+
+
+# ------------------------------------------------------------------------------------------ sampling error
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (Wilson 1927; Brown, Cai, DasGupta 2001, eq. 4), e.g. the
+    sampling error of a KWS accuracy measured on ``n`` test clips.
+
+    ``(p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)`` with ``p = successes / n`` and ``z`` the normal
+    quantile of ``(1 + confidence) / 2``.
+
+    Returns:
+      ``(low, high)`` as fractions in [0, 1].
+
+    Raises:
+      ValueError: ``n < 1``, ``successes`` outside ``[0, n]`` or ``confidence`` outside (0, 1).
+    """
+    from scipy.stats import norm
+
+    if n < 1 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n and n >= 1, got successes={successes}, n={n}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    z = float(norm.ppf((1 + confidence) / 2))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def _percentile_interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
+    lo, hi = np.quantile(values, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return float(lo), float(hi)
+
+
+def bootstrap_wer_interval(errors: Sequence[int], ref_words: Sequence[int], n_boot: int = 2000, seed: int = 0,
+                           confidence: float = 0.95, baseline_errors: Optional[Sequence[int]] = None
+                           ) -> tuple[float, float]:
+    """Percentile bootstrap interval of a corpus WER (percent) over utterances (Bisani & Ney 2004, sec. 2): the
+    utterances are drawn with replacement ``n_boot`` times and the WER ``100 * sum(errors) / sum(ref_words)``
+    recomputed on each draw. ``errors`` of shape (S, U), S systems (e.g. seeds) decoding the same U utterances,
+    gives the interval of their mean WER, every system scored on the same draw.
+
+    With ``baseline_errors`` (the same utterances decoded by another system) the interval is of the paired
+    difference ``WER(this) - WER(baseline)`` (Bisani & Ney's "probability of improvement" setting): both systems
+    are scored on the same draw, so the utterances' shared difficulty cancels.
+
+    Args:
+      errors: (U,) or (S, U) word errors per utterance; ref_words: (U,) reference words per utterance.
+      n_boot: bootstrap draws; seed: their generator's seed; confidence: the interval's coverage.
+      baseline_errors: (U,) or (S', U): the other system(s)' errors on the same utterances, in the same order.
+
+    Returns:
+      ``(low, high)`` in WER percent (points).
+
+    Raises:
+      ValueError: lengths differ, no utterance, no reference word, or ``n_boot < 1``.
+    """
+    e = np.atleast_2d(np.asarray(errors, dtype=np.float64))  # (S, U)
+    r = np.asarray(ref_words, dtype=np.float64)  # (U,)
+    if e.ndim != 2 or r.ndim != 1 or e.shape[1] != r.shape[0] or r.size == 0:
+        raise ValueError(f"errors must be (U,) or (S, U) and ref_words (U,) with U > 0, got {np.shape(errors)} and "
+                         f"{r.shape}")
+    if r.sum() <= 0:
+        raise ValueError("the references contain no words")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    b = None if baseline_errors is None else np.atleast_2d(np.asarray(baseline_errors, dtype=np.float64))
+    if b is not None and (b.ndim != 2 or b.shape[1] != r.shape[0]):
+        raise ValueError(f"baseline_errors has shape {np.shape(baseline_errors)}, ref_words {r.shape}")
+    idx = np.random.default_rng(seed).integers(0, r.size, size=(n_boot, r.size))  # (n_boot, U)
+    words = r[idx].sum(1)  # (n_boot,)
+    words = np.where(words > 0, words, np.nan)  # a draw of empty references has no WER
+    counts = np.stack([row[idx].sum(1) for row in e])  # (S, n_boot): errors of each system on each draw
+    wer = 100.0 * counts.mean(0) / words  # (n_boot,) the systems' mean WER
+    if b is not None:
+        wer = wer - 100.0 * np.stack([row[idx].sum(1) for row in b]).mean(0) / words
+    return _percentile_interval(wer[np.isfinite(wer)], confidence)
+
+
+def bootstrap_eer_interval(scores: Sequence[float], labels: Sequence, n_boot: int = 1000, seed: int = 0,
+                           confidence: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the EER (fraction) over trials: the trials are drawn with replacement
+    ``n_boot`` times and :func:`equal_error_rate` recomputed on each draw (draws missing a class are skipped).
+
+    Trials that share speakers or utterances are not independent, so this interval is narrower than the
+    speaker-level sampling error; read it as a lower bound of the uncertainty.
+
+    Args:
+      scores, labels: as :func:`equal_error_rate`.
+      n_boot, seed, confidence: as :func:`bootstrap_wer_interval`.
+
+    Returns:
+      ``(low, high)`` as fractions in [0, 1].
+
+    Raises:
+      ValueError: as :func:`equal_error_rate`, or ``n_boot < 1``.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels).astype(np.int64)
+    equal_error_rate(s, y)  # validates
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    rng = np.random.default_rng(seed)
+    eers = []
+    for _ in range(n_boot):
+        i = rng.integers(0, s.size, size=s.size)
+        if 0 < y[i].sum() < s.size:
+            eers.append(equal_error_rate(s[i], y[i])[0])
+    return _percentile_interval(np.asarray(eers), confidence)
