@@ -889,19 +889,26 @@ def write_ssl_report(exp_dir: PathLike, title: Optional[str] = None) -> Path:
     header = ["System", "Encoder", "Mode", "Params (M)", "Encoder params (M)", "KWS acc %"]
     header += [f"EER % ({s})" for s in lists] + [f"minDCF ({s})" for s in lists] + ["RTF", "Fine-tune time (min)"]
     body = []
+
+    def _with_interval(value, interval):
+        text = _fmt(value, ".2f")
+        return text if value is None or not interval else f"{text} [{interval[0]:.2f}, {interval[1]:.2f}]"
+
     for r in results:
         sv = r["sv"]
         body.append([r["name"], r["encoder"], r["mode"], f"{r['params'] / 1e6:.3f}", f"{r['encoder_params'] / 1e6:.3f}",
-                     _fmt(r["kws_accuracy"], ".2f")]
-                    + [_fmt(sv[s]["eer"] if s in sv else None, ".2f") for s in lists]
+                     _with_interval(r["kws_accuracy"], r.get("kws_interval"))]
+                    + [_with_interval(sv[s]["eer"], sv[s].get("eer_interval")) if s in sv else "-" for s in lists]
                     + [_fmt(sv[s]["min_dcf"] if s in sv else None, ".3f") for s in lists]
                     + [_fmt(r["rtf"], ".4f"), _fmt(None if r["train_seconds"] is None else r["train_seconds"] / 60, ".1f")])
     out += [_table(header, body), ""]
     p_target = next((r.get("p_target") for r in results if r.get("p_target") is not None), None)
     out.append("Modes: " + "; ".join(f"`{k}` = {v}" for k, v in _SSL_MODES.items()) + ". Params (M): parameters "
                "that serve every task (a fine-tuned encoder per task counts once per task; AM-softmax speaker weights, "
-               "used in training only, are not counted). KWS: 12-class Speech Commands accuracy on the test split. EER "
-               "and minDCF" + (f" (P_target = {p_target:g}, unit costs)" if p_target else "") + " by cosine scoring of "
+               "used in training only, are not counted). KWS: 12-class Speech Commands accuracy on the test split. "
+               "[brackets]: 95% intervals of the test set's sampling error: Wilson's for the KWS accuracy, a bootstrap "
+               "over the trials for the EER (trials sharing speakers are not independent, so that one is too narrow). "
+               "EER and minDCF" + (f" (P_target = {p_target:g}, unit costs)" if p_target else "") + " by cosine scoring of "
                "the x-vector embeddings. RTF: seconds of CPU time per second of audio for all tasks' models, one "
                "utterance at a time (< 1 is faster than real time).")
     out += ["", "## Findings", ""]

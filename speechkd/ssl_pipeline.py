@@ -547,7 +547,7 @@ def evaluate(exp: SslExperiment) -> None:
 
     from speechkd.data.classification import WaveformDataset
     from speechkd.data.datamodule import load_cuts
-    from speechkd.eval.metrics import equal_error_rate, min_dcf
+    from speechkd.eval.metrics import bootstrap_eer_interval, equal_error_rate, min_dcf, wilson_interval
     from speechkd.eval.speed import real_time_factor
     from speechkd.eval.verification import read_trials
 
@@ -587,12 +587,15 @@ def evaluate(exp: SslExperiment) -> None:
             if m.kws is not None:
                 result["kws_accuracy"] = 100.0 * kws_accuracy(m, kws_test, e.batch_seconds, exp.progress)
                 result["kws_test_utts"] = len(kws_test)
+                correct = round(result["kws_accuracy"] * len(kws_test) / 100.0)
+                result["kws_interval"] = [100.0 * x for x in wilson_interval(correct, len(kws_test))]
             if m.sv is not None:
                 for spec, (trial_cuts, trials) in trial_sets.items():
                     scores = sv_scores(m, trial_cuts, trials, e.batch_seconds, exp.progress)
                     eer, threshold = equal_error_rate(scores, trials.labels)
                     result["sv"][spec] = {"eer": 100.0 * eer, "min_dcf": min_dcf(scores, trials.labels, p_target=e.p_target),
-                                          "threshold": threshold, "trials": len(trials)}
+                                          "threshold": threshold, "trials": len(trials),
+                                          "eer_interval": [100.0 * x for x in bootstrap_eer_interval(scores, trials.labels)]}
         if result["sv"]:
             result["sv_eer"] = float(np.mean([v["eer"] for v in result["sv"].values()]))
             result["sv_min_dcf"] = float(np.mean([v["min_dcf"] for v in result["sv"].values()]))

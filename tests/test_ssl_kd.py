@@ -84,6 +84,9 @@ def test_chain_writes_report_and_finite_results(ssl_exp):
         sv = r["sv"]["commands/sv_test"]
         assert sv["trials"] == 16 and 0 <= sv["eer"] <= 100 and 0 <= sv["min_dcf"] <= 1
         assert all(math.isfinite(x) for x in (r["kws_accuracy"], r["rtf"], sv["eer"], sv["min_dcf"]))
+        lo, hi = r["kws_interval"]  # Wilson's interval of the accuracy on its test clips
+        assert lo <= r["kws_accuracy"] <= hi and hi - lo > 0
+        assert sv["eer_interval"][0] <= sv["eer"] <= sv["eer_interval"][1]
     # the student is the teacher's CNN with fewer transformer layers
     assert results["student-frozen"]["encoder_params"] < results["teacher-frozen"]["encoder_params"]
     # one fine-tuned encoder per task costs an encoder more than one shared multi-task encoder
