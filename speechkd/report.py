@@ -862,6 +862,63 @@ def _plot_ssl(path: Path, results: list[dict], lists: list[str]) -> None:
     _save_fig(fig, path)
 
 
+def _read_step_history(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{column: (steps, values)}`` of a step-based fit's ``metrics.csv`` (empty cells skipped)."""
+    import csv
+
+    cols: dict[str, tuple[list, list]] = {}
+    with open(path, newline="") as fh:
+        for row in csv.DictReader(fh):
+            step = _float(row.get("step"))
+            for k, v in row.items():
+                x = _float(v)
+                if k in ("step", "lr", "epoch") or x is None or step is None:
+                    continue
+                cols.setdefault(k, ([], []))[0].append(step)
+                cols[k][1].append(x)
+    return {k: (np.array(a), np.array(b)) for k, (a, b) in cols.items()}
+
+
+def _smooth(y: np.ndarray, window: int = 10) -> np.ndarray:
+    """Trailing running mean over ``window`` logged points (the first points average what there is)."""
+    c = np.cumsum(np.r_[0.0, y])
+    n = np.arange(1, y.size + 1)
+    lo = np.maximum(0, n - window)
+    return (c[n] - c[lo]) / (n - lo)
+
+
+def _plot_ssl_curves(path: Path, exp: Path) -> list[str]:
+    """Training-loss curves of the SSL stages: the student's distillation loss and every fine-tuning run's KWS and
+    SV losses against the step (running mean of 10 logged points); returns the runs without a history."""
+    fits = [("distillation", exp / "student" / "metrics.csv")]
+    fits += [(d.name, d / "metrics.csv") for d in sorted((exp / "finetune").glob("*")) if d.is_dir()
+             and not d.name.endswith(".fit")]
+    fig = _figure(15, 4.2)
+    axes = fig.subplots(1, 3)
+    titles = {0: "distillation loss", 1: "KWS cross-entropy (fine-tuning)", 2: "SV AM-softmax loss (fine-tuning)"}
+    missing = []
+    for name, f in fits:
+        if not f.is_file():
+            missing.append(name)
+            continue
+        h = _read_step_history(f)
+        if name == "distillation":
+            key = "loss" if "loss" in h else next(iter(h), None)
+            if key is not None:
+                axes[0].plot(h[key][0], _smooth(h[key][1]), label=key, marker="." if h[key][0].size < 30 else None)
+            continue
+        for ax, key in ((axes[1], "kws_loss"), (axes[2], "sv_loss")):
+            if key in h:
+                ax.plot(h[key][0], _smooth(h[key][1]), label=name, marker="." if h[key][0].size < 30 else None)
+    for i, ax in enumerate(axes):
+        ax.set(title=titles[i], xlabel="optimiser step", ylabel="loss (running mean of 10 logs)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    _save_fig(fig, path)
+    return missing
+
+
 def write_ssl_report(exp_dir: PathLike, title: Optional[str] = None) -> Path:
     """Write ``EXP/report.md`` and ``EXP/plots/ssl_tasks.png`` for an SSL-distillation experiment (atomically).
 
@@ -961,7 +1018,12 @@ def write_ssl_report(exp_dir: PathLike, title: Optional[str] = None) -> Path:
                    "size count the encoder twice where PyTorch runs it once.")
     plot = exp / "plots" / "ssl_tasks.png"
     _plot_ssl(plot, results, lists)
-    out += ["", "## Plots", "", f"![KWS accuracy and SV EER against parameters](plots/{plot.name})", ""]
+    curves = exp / "plots" / "ssl_training_curves.png"
+    missing = _plot_ssl_curves(curves, exp)
+    out += ["", "## Plots", "", f"![KWS accuracy and SV EER against parameters](plots/{plot.name})", "",
+            f"![Distillation and fine-tuning losses](plots/{curves.name})", ""]
+    if missing:
+        out += [f"No training history for: {', '.join(missing)}.", ""]
     path = exp / "report.md"
     _write_text(path, "\n".join(out) + "\n")
     return path

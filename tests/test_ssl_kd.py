@@ -77,6 +77,7 @@ def ssl_exp(tmp_path_factory, corpora_dir):
 def test_chain_writes_report_and_finite_results(ssl_exp):
     d = ssl_exp.dir
     assert (d / "config.yaml").is_file() and (d / "plots" / "ssl_tasks.png").is_file()
+    assert (d / "plots" / "ssl_training_curves.png").is_file() and "No training history" not in (d / "report.md").read_text()
     results = {p.stem: json.loads(p.read_text()) for p in (d / "eval").glob("*.json")}
     assert set(results) == SYSTEMS
     for r in results.values():
