@@ -429,6 +429,19 @@ def _curve_file(exp_dir: Path, res: dict) -> Optional[Path]:
     return None
 
 
+def _plateau(exp: Path, res: dict) -> list[str]:
+    """``[epochs, "best (epoch)", "change over the last 5 epochs"]`` of a run's dev-WER curve, as table cells
+    ("-" without a curve). The change is ``WER(last) - WER(5 epochs before)`` in points."""
+    f = _curve_file(exp, res)
+    curves = _read_curves(f)[0] if f is not None else {}
+    if "val_wer" not in curves:
+        return ["-", "-", "-"]
+    eps, wer = curves["val_wer"]
+    best = int(np.argmin(wer))
+    change = f"{wer[-1] - wer[-6]:+.2f}" if wer.size > 5 else "-"
+    return [str(int(eps[-1]) + 1), f"{wer[best]:.2f} ({int(eps[best]) + 1})", change]
+
+
 def _float(s: Optional[str]) -> Optional[float]:
     if s is None or s.strip() == "":
         return None
@@ -772,13 +785,17 @@ def write_report(exp_dir: PathLike, title: Optional[str] = None, teacher_note: O
     order = {r["group"]: i for i, r in enumerate(rows)}
     runs = sorted(results, key=lambda r: (order[r["group"]], r["seed"]))
     out.append(_table(
-        ["Name", "Group", "Seed", "dev WER %", "test WER %", "RTF", "Train wall (min)", "Train CPU (min)", "Notes"],
+        ["Name", "Group", "Seed", "dev WER %", "test WER %", "RTF", "Train wall (min)", "Train CPU (min)",
+         "Epochs", "Best dev WER % (epoch)", "Dev WER change, last 5 epochs", "Notes"],
         [[r["name"], r["group"], str(r["seed"]), f"{r['dev_wer']:.2f}", f"{r['test_wer']:.2f}",
           _fmt(r["rtf"], ".3f"),
           _fmt(None if r["train_seconds"] is None else r["train_seconds"] / 60, ".1f"),
           _fmt(None if r.get("train_cpu_seconds") is None else r["train_cpu_seconds"] / 60, ".1f"),
-          r.get("notes") or ""] for r in runs],
+          *_plateau(exp, r), r.get("notes") or ""] for r in runs],
     ))
+    out.append("")
+    out.append("Epochs, best dev WER and the change over the last 5 epochs come from the run's validation curve "
+               "(`metrics.csv`): a change near 0 (against the seeds' spread) says the run had reached its plateau.")
     if notes:
         out += ["", "## Missing data", ""] + [f"- {n}" for n in notes]
     path = exp / "report.md"

@@ -280,3 +280,15 @@ def test_report_gives_the_test_sets_sampling_error(exp):
                               for i in range(3)])
     lo, hi = bootstrap_wer_interval(err("student-mvq"), np.full(60, 3), baseline_errors=err("baseline"))
     assert f"[{lo:+.2f}, {hi:+.2f}]" in mvq and hi < 0  # clearly better than the baseline
+
+
+def test_individual_runs_show_the_dev_curves_plateau(tmp_path):
+    e = tmp_path / "e"
+    (e / "eval").mkdir(parents=True)
+    wers = [90, 60, 40, 30, 25, 22, 21, 20.5, 20.2, 20.1]
+    lines = ["epoch,step,train_loss,val_wer"] + [f"{i},{i * 10},1.0,{w}" for i, w in enumerate(wers)]
+    (e / "students" / "b-seed0").mkdir(parents=True)
+    (e / "students" / "b-seed0" / "metrics.csv").write_text("\n".join(lines) + "\n")
+    (e / "eval" / "b-seed0.json").write_text(json.dumps(_result("b-seed0", "b", "baseline", "none", 0, 10, 20.1, 21)))
+    row = next(l for l in open(R.write_report(e)).read().splitlines() if l.startswith("| b-seed0 |"))
+    assert "| 10 | 20.10 (10) | -1.90 |" in row  # 10 epochs, best at the last, 20.1 - 22.0 over the last 5
