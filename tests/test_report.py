@@ -291,4 +291,4 @@ def test_individual_runs_show_the_dev_curves_plateau(tmp_path):
     (e / "students" / "b-seed0" / "metrics.csv").write_text("\n".join(lines) + "\n")
     (e / "eval" / "b-seed0.json").write_text(json.dumps(_result("b-seed0", "b", "baseline", "none", 0, 10, 20.1, 21)))
     row = next(l for l in open(R.write_report(e)).read().splitlines() if l.startswith("| b-seed0 |"))
-    assert "| 10 | 20.10 (10) | -1.90 |" in row  # 10 epochs, best at the last, 20.1 - 22.0 over the last 5
+    assert "| 10 | 20.10 (10) | -4.90 |" in row  # 10 epochs, best at the last, 20.1 - 25.0 (epoch 10 vs 5)
