@@ -358,6 +358,11 @@ class TeacherConfig(Strict):
     ``whisper_dir``: a local Hugging Face Whisper directory (:mod:`speechkd.teachers.whisper`; make one with
     ``speechkd import-whisper``): its encoder's layers, on log-mel windows fitted to each batch (not the 30 s pad),
     at 20 ms frames; like ``hf_dir`` it serves frame-level KD students and baselines.
+    ``model_dir``: a transducer / AED trained by speechkd in another experiment on the same data (its directory:
+    ``model.json`` + ``model.safetensors``, e.g. ``<exp>/students/<run>-seed0``, a large MVQ-KD student of Whisper),
+    used as the project's teacher as is: the ``teacher`` stage copies it into ``<exp>/teacher`` after checking that
+    its model equals ``teacher.model`` and that its experiment's tokenizer (``<its exp>/lang/tokens.model``) has this
+    one's vocabulary; ``teacher.train`` is then unused. Every method that needs the project's teacher can use it.
     ``layer``: without ``hf_dir`` / ``whisper_dir``, the 1-based Conformer block whose output is distilled (-1 =
     last). With either, the index into ``transformers``' ``output_hidden_states``: i = 1..L is the output of
     transformer layer i (1-based; Whisper's last one after its final LayerNorm), 0 the input of the first
@@ -373,11 +378,16 @@ class TeacherConfig(Strict):
                                                     "used as the teacher instead of the transducer")
     whisper_dir: Optional[str] = Field(None, description="local Hugging Face Whisper directory (e.g. from "
                                                          "`speechkd import-whisper`) whose encoder is the teacher")
+    model_dir: Optional[str] = Field(None, description="a transducer / AED trained by speechkd on the same data "
+                                                       "(model.json + model.safetensors), used as the project's "
+                                                       "teacher instead of training one")
 
     @model_validator(mode="after")
     def _check_layer(self):
         if self.hf_dir is not None and self.whisper_dir is not None:
             raise ValueError("teacher: give hf_dir or whisper_dir, not both")
+        if self.model_dir is not None and self.external_dir() is not None:
+            raise ValueError("teacher.model_dir is a project teacher: it cannot be given with hf_dir or whisper_dir")
         external = self.hf_dir if self.hf_dir is not None else self.whisper_dir
         if external is not None and (not external.strip() or self.layer < -1):
             key = "hf_dir" if self.hf_dir is not None else "whisper_dir"
@@ -892,7 +902,7 @@ def missing_paths(recipe: AnyRecipe) -> list[tuple[str, str]]:
             out.append((key, path))
 
     t = recipe.teacher
-    for key in ("hf_dir", "whisper_dir", "dir"):
+    for key in ("hf_dir", "whisper_dir", "dir", "model_dir"):
         need(f"teacher.{key}", getattr(t, key, None))
     d = recipe.data
     if isinstance(d, LhotseData):

@@ -81,3 +81,42 @@ def test_co_learned_teacher_init_follows_the_seed(codert_exp):
     student = build_model(codert_exp.recipe.student_model_of(run), codert_exp.tokenizer.vocab_size)
     first = student.encoder.embed.conv[0].weight  # (16, 80, 3)
     assert not torch.equal(first, a["teacher_encoder.embed.conv.0.weight"][: first.shape[0]])
+
+
+def test_teacher_model_dir_copies_a_model_trained_in_another_experiment(codert_exp, tmp_path, corpora_dir):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from speechkd.pipeline import prepare, train_teacher
+
+    def other(name, **teacher):
+        recipe = load_recipe(REPO / "recipes" / "smoke_codert.yaml", {"exp_dir": str(tmp_path / name)})
+        recipe.data.corpora_dir = str(corpora_dir)
+        recipe.teacher = recipe.teacher.model_copy(update=teacher)
+        exp = Experiment(recipe, progress=False)
+        prepare(exp)
+        return exp
+
+    src = codert_exp.dir / "teacher"
+    exp = other("a", model_dir=str(src))
+    train_teacher(exp)  # copies, trains nothing
+    a, b = load_file(str(exp.teacher_dir / "model.safetensors")), load_file(str(src / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    meta = json.loads((exp.teacher_dir / "model.json").read_text())
+    assert meta["role"] == "teacher" and meta["source"] == str(src) and not (exp.teacher_dir / "ckpt").exists()
+    # another model than teacher.model, or another experiment's tokenizer, is refused and nothing is written
+    wrong = other("b", model_dir=str(src), model=codert_exp.recipe.teacher.model.model_copy(update={"dim": 48}))
+    with pytest.raises(ValueError, match="differs from teacher.model"):
+        train_teacher(wrong)
+    fake = tmp_path / "fake_exp" / "students" / "t"
+    shutil.copytree(src, fake, ignore=shutil.ignore_patterns("ckpt", "csv*", "tb"))
+    (fake.parent.parent / "lang").mkdir()
+    from speechkd.data.tokenizer import train_tokenizer
+
+    train_tokenizer(["other words entirely", "zebra quartz"] * 20, fake.parent.parent / "lang" / "tokens.model",
+                    vocab_size=20)
+    bad = other("c", model_dir=str(fake))
+    with pytest.raises(ValueError, match="tokenizer"):
+        train_teacher(bad)
+    assert not (bad.teacher_dir / "model.safetensors").exists()

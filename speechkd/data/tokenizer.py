@@ -94,6 +94,11 @@ class Tokenizer:
         """Number of tokens including blank."""
         return self.sp.get_piece_size()
 
+    def vocabulary(self) -> list[tuple[str, float]]:
+        """``[(piece, score), ...]`` by id: what decides how text is split (two tokenizers trained on the same text
+        with the same settings have the same vocabulary, though their files differ in the paths they record)."""
+        return [(self.sp.id_to_piece(i), self.sp.get_score(i)) for i in range(self.vocab_size)]
+
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Texts -> token id lists (no blank inside)."""
         return self.sp.encode(list(texts), out_type=int)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -14,7 +15,8 @@ __all__ = ["ProjectTeacher"]
 
 
 class ProjectTeacher(Teacher):
-    """A transducer / AED teacher trained here (``teacher.model``, ``teacher.train``), read from
+    """A transducer / AED teacher trained here (``teacher.model``, ``teacher.train``), or one trained by speechkd in
+    another experiment on the same data (``teacher.model_dir``, copied in), read from
     ``<exp>/teacher/model.safetensors``: fbank input, encoder frames of 10 ms x ``teacher.model.subsampling``; it can
     decode. Layer outputs are Conformer block outputs (``teacher.layer``, 1-based, -1 the last)."""
 
@@ -34,10 +36,52 @@ class ProjectTeacher(Teacher):
             log(f"teacher: {exp.teacher_dir}/model.safetensors exists, skipped")
             return
         t = exp.recipe.teacher
+        if t.model_dir is not None:
+            self._copy_in(Path(t.model_dir))
+            return
         fit_model(exp.teacher_dir, t.model, t.train, exp.tokenizer, exp.cuts("train"), exp.cuts("dev"), seed=t.seed,
                   extra_meta={"role": "teacher", "method": "none"}, progress=exp.progress,
                   runtime=exp.recipe.runtime.for_stage("teacher"))
         log(f"teacher: trained -> {exp.teacher_dir}")
+
+    def _copy_in(self, src: Path) -> None:
+        """Copy a model trained elsewhere (``teacher.model_dir``) into ``<exp>/teacher`` (atomically).
+
+        Raises:
+          FileNotFoundError: its model.json / model.safetensors, or its experiment's tokenizer, is missing.
+          ValueError: its model differs from ``teacher.model``, or its tokenizer's vocabulary from this experiment's.
+        """
+        import json
+        import shutil
+
+        from speechkd.config import ModelConfig
+        from speechkd.models.build import load_model
+        from speechkd.utils import atomic_dir
+
+        exp = self.exp
+        load_model(src)  # the files exist and the weights fit their config (nothing unpickled)
+        meta = json.loads((src / "model.json").read_text())
+        theirs, ours = ModelConfig.model_validate(meta["model"]), exp.recipe.teacher.model
+        if theirs != ours:
+            diff = {k: (v, getattr(ours, k)) for k, v in theirs.model_dump().items() if getattr(ours, k) != v}
+            raise ValueError(f"teacher.model_dir {src}: its model differs from teacher.model in {diff} "
+                             "(theirs, the recipe's): copy its model.json's 'model' into the recipe")
+        # <exp>/teacher or <exp>/students/<run>: the experiment is one or two levels up
+        found = [d / "lang" / "tokens.model" for d in (src.parent, src.parent.parent) if (d / "lang" / "tokens.model").is_file()]
+        tokens = found[0] if found else src.parent.parent / "lang" / "tokens.model"
+        if not found:
+            raise FileNotFoundError(f"teacher.model_dir {src}: no tokenizer at {tokens} (the directory must be a run "
+                                    "of a speechkd experiment: <exp>/students/<run> or <exp>/teacher)")
+        from speechkd.data.tokenizer import Tokenizer
+
+        if Tokenizer(tokens).vocabulary() != exp.tokenizer.vocabulary():
+            raise ValueError(f"teacher.model_dir {src}: its experiment's tokenizer {tokens} differs from "
+                             f"{exp.tokenizer_path}: the teacher must be trained on the same data and text rule")
+        with atomic_dir(exp.teacher_dir) as tmp:
+            shutil.copyfile(src / "model.safetensors", tmp / "model.safetensors")
+            meta.update(role="teacher", method="none", trained_as=meta.get("method"), source=str(src))
+            (tmp / "model.json").write_text(json.dumps(meta, indent=2))
+        log(f"teacher: {src} (trained as {meta['trained_as']}) copied -> {exp.teacher_dir}")
 
     def teacher_id(self) -> str:
         from speechkd.labels.nbest import model_id
