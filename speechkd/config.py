@@ -761,6 +761,8 @@ class DownstreamConfig(Strict):
     Heads read a learnt softmax-weighted sum of all encoder layers (SUPERB). KWS head: projection
     ``kws_proj_dim``; SV head: projection / TDNN width ``sv_proj_dim``, pooled width ``sv_stats_dim``, embedding
     ``sv_embed_dim``, TDNN ``sv_padding`` (``valid``: SUPERB / Kaldi; needs 15 frames).
+    ``seed``: the heads' initialisation and batch order; ``more_seeds``: further fine-tuning seeds, each training
+    every run again (runs and systems named ``<name>-seed<k>``; the report gives mean ± sd over the seeds).
     Training: ``steps`` AdamW steps per run; heads at peak ``lr``, a fine-tuned encoder at ``encoder_lr``
     (linear warm-up, cosine decay to ``final_lr_ratio``); batches of ``batch_seconds`` of audio. A fine-tuned
     encoder keeps its CNN frozen (``freeze_cnn``), runs with ``encoder_layerdrop`` and, when ``spec_augment``, its
@@ -792,10 +794,19 @@ class DownstreamConfig(Strict):
     spec_augment: bool = False
     ckpt_every: int = Field(200, ge=1)
     seed: int = 0
+    more_seeds: list[int] = Field(default_factory=list, description="further fine-tuning seeds: every run is trained "
+                                  "again with each (runs and systems named ...-seed<k>)")
     num_threads: int = Field(2, ge=1)
+
+    def all_seeds(self) -> list[int]:
+        """``[seed, *more_seeds]``: the fine-tuning seeds, the first one's runs unsuffixed."""
+        return [self.seed, *self.more_seeds]
 
     @model_validator(mode="after")
     def _check(self):
+        seeds = self.all_seeds()
+        if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+            raise ValueError(f"downstream.seed and more_seeds must be distinct and >= 0, got {seeds}")
         for key in ("encoders", "modes", "tasks"):
             values = getattr(self, key)
             if not values or len(set(values)) != len(values):

@@ -936,6 +936,29 @@ def _plot_ssl_curves(path: Path, exp: Path) -> list[str]:
     return missing
 
 
+def _ssl_seed_table(results: list[dict], lists: list[str]) -> list[str]:
+    """Markdown lines: mean ± sample sd over the fine-tuning seeds of each (encoder, mode) with more than one seed
+    (``downstream.more_seeds``): KWS accuracy and the EER averaged over the trial lists. Empty without such seeds."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["encoder"], r["mode"]), []).append(r)
+    body = []
+    for (enc, mode), rs in groups.items():
+        if len(rs) < 2:
+            continue
+        cells = [f"{enc}-{mode}", ", ".join(str(r.get("finetune_seed", 0)) for r in rs)]
+        kws = [r["kws_accuracy"] for r in rs if r["kws_accuracy"] is not None]
+        eer = [float(np.mean([r["sv"][s]["eer"] for s in lists if s in r["sv"]])) for r in rs if r["sv"]]
+        for v in (kws, eer):
+            cells.append("-" if not v else _fmt_wer(*_mean_std(v), len(v)))
+        body.append(cells)
+    if not body:
+        return []
+    return ["", "### Over fine-tuning seeds", "",
+            _table(["System", "Seeds", "KWS acc % (mean ± sd, n)", "EER % mean of lists (mean ± sd, n)"], body), "",
+            "Sample sd over the fine-tuning seeds (the distilled student is the same for all of them)."]
+
+
 def write_ssl_report(exp_dir: PathLike, title: Optional[str] = None) -> Path:
     """Write ``EXP/report.md`` and ``EXP/plots/ssl_tasks.png`` for an SSL-distillation experiment (atomically).
 
@@ -985,8 +1008,10 @@ def write_ssl_report(exp_dir: PathLike, title: Optional[str] = None) -> Path:
                "EER and minDCF" + (f" (P_target = {p_target:g}, unit costs)" if p_target else "") + " by cosine scoring of "
                "the x-vector embeddings. RTF: seconds of CPU time per second of audio for all tasks' models, one "
                "utterance at a time (< 1 is faster than real time).")
+    out += _ssl_seed_table(results, lists)
     out += ["", "## Findings", ""]
-    by = {(r["encoder"], r["mode"]): r for r in results}
+    by = {(r["encoder"], r["mode"]): r for r in results if r.get("finetune_seed", 0) == min(
+        x.get("finetune_seed", 0) for x in results if (x["encoder"], x["mode"]) == (r["encoder"], r["mode"]))}
     findings = []
     for mode in _SSL_MODES:
         t, s = by.get(("teacher", mode)), by.get(("student", mode))

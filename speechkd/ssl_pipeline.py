@@ -65,16 +65,27 @@ class FinetuneRun(NamedTuple):
     encoder: str
     mode: str
     tasks: tuple[str, ...]
+    seed: Optional[int] = None  # None: the recipe's downstream.seed (names unsuffixed)
+
+    @property
+    def _suffix(self) -> str:
+        return "" if self.seed is None else f"-seed{self.seed}"
 
     @property
     def name(self) -> str:
-        """Directory name: ``<encoder>-<mode>-<task>`` (single task) or ``<encoder>-multitask``."""
-        return f"{self.encoder}-{self.mode}" if self.mode == "multitask" else f"{self.encoder}-{self.mode}-{self.tasks[0]}"
+        """Directory name: ``<encoder>-<mode>-<task>`` (single task) or ``<encoder>-multitask``, plus ``-seed<k>`` for
+        a run of ``downstream.more_seeds``."""
+        base = f"{self.encoder}-{self.mode}" if self.mode == "multitask" else f"{self.encoder}-{self.mode}-{self.tasks[0]}"
+        return base + self._suffix
 
     @property
     def system(self) -> str:
-        """The system the run belongs to, ``<encoder>-<mode>`` (one eval JSON each)."""
-        return f"{self.encoder}-{self.mode}"
+        """The system the run belongs to, ``<encoder>-<mode>[-seed<k>]`` (one eval JSON each)."""
+        return f"{self.encoder}-{self.mode}{self._suffix}"
+
+    def seed_of(self, cfg) -> int:
+        """The fine-tuning seed: this run's, else the recipe's ``downstream.seed``."""
+        return cfg.seed if self.seed is None else self.seed
 
 
 class SslExperiment:
@@ -148,12 +159,13 @@ class SslExperiment:
         """Every fine-tuning run of the recipe, encoder by encoder, mode by mode."""
         d = self.recipe.downstream
         out = []
-        for encoder in d.encoders:
-            for mode in d.modes:
-                if mode == "multitask":
-                    out.append(FinetuneRun(encoder, mode, tuple(d.tasks)))
-                else:
-                    out += [FinetuneRun(encoder, mode, (task,)) for task in d.tasks]
+        for seed in [None, *d.more_seeds]:
+            for encoder in d.encoders:
+                for mode in d.modes:
+                    if mode == "multitask":
+                        out.append(FinetuneRun(encoder, mode, tuple(d.tasks), seed))
+                    else:
+                        out += [FinetuneRun(encoder, mode, (task,), seed) for task in d.tasks]
         return out
 
     def systems(self) -> dict[str, list[FinetuneRun]]:
@@ -441,7 +453,7 @@ def build_downstream(exp: SslExperiment, run: FinetuneRun) -> DownstreamModel:
         if c.freeze_cnn:
             encoder.freeze_front_end()
     speakers = json.loads(exp.speakers_path.read_text()) if "sv" in run.tasks else []
-    torch.manual_seed(c.seed)
+    torch.manual_seed(run.seed_of(c))
     return DownstreamModel(encoder, run.tasks, c, num_speakers=len(speakers))
 
 
@@ -457,12 +469,12 @@ def _finetune_run(exp: SslExperiment, run: FinetuneRun) -> None:
     cuts_name = "multitask_train" if len(run.tasks) > 1 else f"{run.tasks[0]}_train"
     cuts = exp.cuts(cuts_name)
     keys = [{"kws": "kws_target", "sv": "spk_target"}[t] for t in run.tasks]
-    fingerprint = {"downstream": _settings(c, "encoders", "modes", "tasks"), "run": run.name, "cuts": len(cuts),
+    fingerprint = {"downstream": _settings(c, "encoders", "modes", "tasks", "more_seeds"), "run": run.name, "cuts": len(cuts),
                    "encoder": [model.encoder.num_layers, model.encoder.hidden_size]}
     summary = fit_steps(
         out.with_name(out.name + ".fit"), model, groups, cuts, lambda b: model.loss(b, c.beta), steps=c.steps,
         warmup_steps=c.warmup_steps, final_lr_ratio=c.final_lr_ratio, weight_decay=c.weight_decay,
-        grad_clip=c.grad_clip, batch_seconds=c.batch_seconds, seed=c.seed, ckpt_every=c.ckpt_every,
+        grad_clip=c.grad_clip, batch_seconds=c.batch_seconds, seed=run.seed_of(c), ckpt_every=c.ckpt_every,
         fingerprint=fingerprint, target_keys=keys, progress=exp.progress, desc=f"finetune {run.name}",
         runtime=exp.recipe.runtime.for_stage("finetune"),
     )
@@ -576,6 +588,7 @@ def evaluate(exp: SslExperiment) -> None:
         encoder_params = _params([models[0].encoder])
         result = {
             "name": system, "encoder": first.encoder, "mode": first.mode, "tasks": list(exp.recipe.downstream.tasks),
+            "finetune_seed": first.seed_of(exp.recipe.downstream),
             "runs": [r.name for r in runs], "encoder_params": encoder_params,
             # parameters that serve every task: one shared frozen encoder, or each run's own fine-tuned one
             "params": _params([models[0].encoder] if first.mode == "frozen" else [m.encoder for m in models])

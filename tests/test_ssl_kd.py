@@ -342,3 +342,39 @@ def test_classify_cli_names_each_files_keyword(ssl_exp, corpora_dir, tmp_path):
     kws_less = ssl_exp.dir / "finetune" / "student-frozen-sv"
     res = CliRunner().invoke(app, ["classify", str(kws_less), str(folder / "0.wav"), "--no-progress"])
     assert res.exit_code == 2 and "without a KWS head" in res.output
+
+
+def test_more_seeds_train_and_report_every_run_again(ssl_exp, tmp_path):
+    """``downstream.more_seeds``: each run trains again under the other seed (new run and system names, other head
+    weights), the eval JSON records the seed, and the report gives mean ± sd over the seeds."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from speechkd.cli import app
+    from speechkd.models.downstream import HEADS_WEIGHTS
+
+    exp_dir = tmp_path / "exp"
+    shutil.copytree(ssl_exp.dir, exp_dir)
+    recipe = yaml.safe_load((REPO / "recipes" / "smoke_ssl.yaml").read_text())
+    recipe["downstream"].update(more_seeds=[1], modes=["multitask"])
+    path = _write(tmp_path, recipe)
+    args = ["--exp-dir", str(exp_dir), "--no-progress", "--corpora-dir", ssl_exp.recipe.data.corpora_dir]
+    res = CliRunner().invoke(app, ["finetune", str(path), "--run", "student-multitask-seed1"] + args)
+    assert res.exit_code == 0, res.output
+    a = load_file(exp_dir / "finetune" / "student-multitask" / HEADS_WEIGHTS)
+    b = load_file(exp_dir / "finetune" / "student-multitask-seed1" / HEADS_WEIGHTS)
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)  # another initialisation
+    res = CliRunner().invoke(app, ["finetune", str(path), "--run", "teacher-multitask-seed1"] + args)
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["evaluate", str(path)] + args)
+    assert res.exit_code == 0, res.output
+    r1 = json.loads((exp_dir / "eval" / "student-multitask-seed1.json").read_text())
+    assert r1["finetune_seed"] == 1 and r1["mode"] == "multitask"
+    res = CliRunner().invoke(app, ["report", str(path)] + args[:2])
+    assert res.exit_code == 0, res.output
+    report = (exp_dir / "report.md").read_text()
+    section = report.split("### Over fine-tuning seeds")[1].split("## Findings")[0]
+    assert "| student-multitask | 0, 1 |" in section and "(2)" in section
+    with pytest.raises(ValueError, match="distinct"):
+        SslRecipe.model_validate({**recipe, "downstream": {**recipe["downstream"], "more_seeds": [0]}})
