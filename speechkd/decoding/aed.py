@@ -235,63 +235,28 @@ def beam_search(
     if ctc_weight > 0 and getattr(model, "ctc_output", None) is None:
         raise ValueError("ctc_weight > 0 needs a model with a CTC head (model.ctc_head: true)")
     limits = _check_inputs(model, encoder_out, encoder_out_lens, max_len)
-    device = encoder_out.device
-    eos, V = model.eos_id, model.vocab_size
     results: List[List[Tuple[List[int], float]]] = []
     for n in range(encoder_out.shape[0]):
         T_n = int(encoder_out_lens[n])
         memory = encoder_out[n : n + 1, :T_n]  # (1, T_n, C)
+        scorer = None
         if ctc_weight > 0:
             scorer = CTCPrefixScorer(model.ctc_output(memory[0]).float().log_softmax(-1), blank=model.blank_id)
-            results.append(_joint_search(model, memory, scorer, ctc_weight, beam, nbest, limits[n]))
-            continue
-        running: List[Tuple[List[int], float]] = [([], 0.0)]
-        finished: List[Tuple[List[int], float]] = []
-        for step in range(limits[n] + 1):
-            H = len(running)
-            ys = torch.tensor([[model.sos_id] + toks for toks, _ in running], dtype=torch.long, device=device)
-            logits = model.decoder(
-                memory.expand(H, -1, -1), torch.full((H,), T_n, device=device),
-                ys, torch.full((H,), step + 1, device=device),
-            )[:, -1]  # (H, V)
-            log_probs = logits.float().log_softmax(dim=-1).double()  # (H, V)
-            if step == limits[n]:  # max_len reached: force eos
-                finished += [(toks, sc + float(log_probs[h, eos])) for h, (toks, sc) in enumerate(running)]
-                break
-            prev = torch.tensor([sc for _, sc in running], dtype=torch.float64, device=device)
-            cand = (prev[:, None] + log_probs).reshape(-1)  # (H * V,)
-            # at most H <= beam eos candidates, so the top 2 * beam hold the beam best non-eos ones
-            top = torch.sort(cand, descending=True, stable=True).indices[: 2 * beam]
-            new_running: List[Tuple[List[int], float]] = []
-            for rank, (idx, sc) in enumerate(zip(top.tolist(), cand[top].tolist())):
-                h, k = divmod(idx, V)
-                if k == eos:
-                    if rank < beam:
-                        finished.append((running[h][0], sc))
-                elif len(new_running) < beam:
-                    new_running.append((running[h][0] + [k], sc))
-            running = new_running
-            if not running:
-                break
-            if len(finished) >= nbest:
-                kth = sorted((sc for _, sc in finished), reverse=True)[nbest - 1]
-                if kth >= running[0][1]:
-                    break
-        finished.sort(key=lambda p: p[1], reverse=True)  # stable: earlier-found first on ties
-        results.append([(toks, float(sc)) for toks, sc in finished[:nbest]])
+        results.append(_search_utterance(model, memory, beam, nbest, limits[n], scorer, ctc_weight))
     return results
 
 
-def _joint_search(model, memory: Tensor, scorer: CTCPrefixScorer, ctc_weight: float, beam: int, nbest: int,
-                  limit: int) -> List[Tuple[List[int], float]]:
-    """:func:`beam_search` of one utterance (``memory (1, T_n, C)``) with joint CTC/attention scores; each running
-    hypothesis carries its joint score, its CTC prefix log-probability and its CTC state."""
+
+def _search_utterance(model, memory: Tensor, beam: int, nbest: int, limit: int,
+                      scorer: Optional[CTCPrefixScorer] = None, ctc_weight: float = 0.0) -> List[Tuple[List[int], float]]:
+    """:func:`beam_search` of one utterance (``memory (1, T_n, C)``): attention scores alone, or with ``scorer`` the
+    joint CTC/attention scores. A running hypothesis is ``(tokens, score, CTC prefix log-prob, CTC state r (T, 2))``
+    (the CTC fields are unused without a scorer)."""
     device = memory.device
     eos, T_n = model.eos_id, memory.shape[1]
-    lam = float(ctc_weight)
-    r0, last0 = scorer.initial_state()
-    # (tokens, joint score, ctc prefix log-prob, ctc state r (T, 2))
-    running = [([], 0.0, 0.0, r0[0])]
+    lam = float(ctc_weight) if scorer is not None else 0.0
+    r0 = scorer.initial_state()[0][0] if scorer is not None else None
+    running = [([], 0.0, 0.0, r0)]
     finished: List[Tuple[List[int], float]] = []
     for step in range(limit + 1):
         H = len(running)
@@ -299,28 +264,32 @@ def _joint_search(model, memory: Tensor, scorer: CTCPrefixScorer, ctc_weight: fl
         logits = model.decoder(memory.expand(H, -1, -1), torch.full((H,), T_n, device=device),
                                ys, torch.full((H,), step + 1, device=device))[:, -1]  # (H, V)
         att = logits.float().log_softmax(dim=-1).double()  # (H, V)
-        r = torch.stack([h[3] for h in running])  # (H, T, 2)
-        last = torch.tensor([toks[-1] if toks else -1 for toks, *_ in running], dtype=torch.long, device=device)
-        log_psi, r_new = scorer.score((r, last))  # (H, V), (H, T, V, 2)
-        prev_ctc = torch.tensor([h[2] for h in running], dtype=torch.float64, device=device)  # (H,)
         prev = torch.tensor([h[1] for h in running], dtype=torch.float64, device=device)  # (H,)
-        cand = prev[:, None] + (1 - lam) * att + lam * (log_psi - prev_ctc[:, None])  # (H, V)
+        if scorer is None:
+            cand = prev[:, None] + att  # (H, V)
+        else:
+            r = torch.stack([h[3] for h in running])  # (H, T, 2)
+            last = torch.tensor([toks[-1] if toks else -1 for toks, *_ in running], dtype=torch.long, device=device)
+            log_psi, r_new = scorer.score((r, last))  # (H, V), (H, T, V, 2)
+            prev_ctc = torch.tensor([h[2] for h in running], dtype=torch.float64, device=device)  # (H,)
+            cand = prev[:, None] + (1 - lam) * att + lam * (log_psi - prev_ctc[:, None])  # (H, V)
         if step == limit:  # max_len reached: force eos
             finished += [(h[0], float(cand[i, eos])) for i, h in enumerate(running)]
             break
-        flat = cand.reshape(-1)
+        flat = cand.reshape(-1)  # (H * V,)
+        # at most H <= beam eos candidates, so the top 2 * beam hold the beam best non-eos ones
         top = torch.sort(flat, descending=True, stable=True).indices[: 2 * beam]
         new_running = []
-        for rank, idx in enumerate(top.tolist()):
-            h, k = divmod(idx, cand.shape[1])
-            sc = float(flat[idx])
-            if sc == float("-inf"):
+        for rank, (idx, sc) in enumerate(zip(top.tolist(), flat[top].tolist())):
+            if sc == float("-inf"):  # CTC allows no such extension (nor any of those after it)
                 break
+            h, k = divmod(idx, cand.shape[1])
             if k == eos:
                 if rank < beam:
                     finished.append((running[h][0], sc))
             elif len(new_running) < beam:
-                new_running.append((running[h][0] + [k], sc, float(log_psi[h, k]), r_new[h, :, k]))
+                ctc = (float(log_psi[h, k]), r_new[h, :, k]) if scorer is not None else (0.0, None)
+                new_running.append((running[h][0] + [k], sc, *ctc))
         running = new_running
         if not running:
             break
@@ -328,5 +297,5 @@ def _joint_search(model, memory: Tensor, scorer: CTCPrefixScorer, ctc_weight: fl
             kth = sorted((sc for _, sc in finished), reverse=True)[nbest - 1]
             if kth >= running[0][1]:
                 break
-    finished.sort(key=lambda p: p[1], reverse=True)
+    finished.sort(key=lambda p: p[1], reverse=True)  # stable: earlier-found first on ties
     return [(toks, float(sc)) for toks, sc in finished[:nbest]]

@@ -59,8 +59,7 @@ class ProjectTeacher(Teacher):
         from speechkd.utils import atomic_dir
 
         exp = self.exp
-        load_model(src)  # the files exist and the weights fit their config (nothing unpickled)
-        meta = json.loads((src / "model.json").read_text())
+        _, meta = load_model(src)  # the files exist and the weights fit their config (nothing unpickled)
         theirs, ours = ModelConfig.model_validate(meta["model"]), exp.recipe.teacher.model
         if theirs != ours:
             diff = {k: (v, getattr(ours, k)) for k, v in theirs.model_dump().items() if getattr(ours, k) != v}
