@@ -33,7 +33,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its OpenMP threads
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 
@@ -65,10 +65,11 @@ ProgressOpt = typer.Option(True, "--progress/--no-progress", help="show progress
 
 @contextlib.contextmanager
 def _experiment(recipe: Path, exp_dir: Optional[Path], corpora_dir: Optional[Path], progress: bool,
-                scope: Optional[str] = None):
+                scope: Optional[str] | Callable[[object], Optional[str]] = None):
     """The recipe's experiment, held under its directory lock for the block (:mod:`speechkd.lock`: exclusive, or
-    shared with ``scope`` for a command narrowed to its own outputs; taken by global rank 0). Exit code 3 when
-    another command holds it."""
+    shared with ``scope`` for a command narrowed to its own outputs; taken by global rank 0). ``scope`` may be a
+    function of the loaded recipe (a stage whose outputs depend on the recipe's task). Exit code 3 when another
+    command holds it."""
     from speechkd.config import RecipeError, load_recipe
     from speechkd.pipeline import make_experiment
 
@@ -108,7 +109,7 @@ def _experiment(recipe: Path, exp_dir: Optional[Path], corpora_dir: Optional[Pat
     with contextlib.ExitStack() as stack:
         if is_main():
             try:
-                stack.enter_context(experiment_lock(exp.dir, scope))
+                stack.enter_context(experiment_lock(exp.dir, scope(r) if callable(scope) else scope))
             except ExperimentLocked as e:
                 typer.echo(f"error: {e}", err=True)
                 raise typer.Exit(3)
@@ -123,7 +124,14 @@ SHARED_OPTIONS = ("shard",)  # labelling stages of either kind
 def _stage(name: str, recipe, exp_dir, corpora_dir, progress, **kw):
     parts = [f"{k} {','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in kw.items()
              if v is not None and k in ("only", "seeds", "runs", "shard")]
-    with _experiment(recipe, exp_dir, corpora_dir, progress, scope=" ".join([name, *parts]) if parts else None) as exp:
+    def scope(r) -> Optional[str]:
+        if parts:
+            return " ".join([name, *parts])
+        if name == "distill" and r.task == "ssl":  # writes student/ (atomically) and student.fit/ only
+            return "distill student"
+        return None
+
+    with _experiment(recipe, exp_dir, corpora_dir, progress, scope=scope) as exp:
         _run_stage_command(exp, name, kw)
 
 
@@ -221,7 +229,8 @@ def distill(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpora_
             student: Optional[str] = typer.Option(None, help="train only the student run with this name"),
             seed: Optional[list[int]] = typer.Option(None, help="train only these seeds (repeatable)")):
     """Train the recipe's students; resumes stopped runs. ASR: every student run (baseline and KD), every seed.
-    SSL: the DistilHuBERT student (teacher CNN + K layers, prediction heads for teacher layers)."""
+    SSL: the DistilHuBERT student (teacher CNN + K layers, prediction heads for teacher layers); it writes student/
+    only, so `speechkd finetune RECIPE --run teacher-...` can train on the other core meanwhile."""
     _stage("distill", recipe, exp_dir, corpora_dir, progress, only=student, seeds=seed or None)
 
 

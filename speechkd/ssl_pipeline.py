@@ -499,7 +499,11 @@ def finetune(exp: SslExperiment, runs: Optional[Sequence[str]] = None) -> None:
 
     Raises:
       ValueError: a name in ``runs`` that is not a run of the recipe (the error lists the recipe's runs).
+      FileNotFoundError: a student run is to train and the student is not distilled yet (``student/`` incomplete;
+        teacher runs can train beside ``speechkd distill``).
     """
+    from speechkd.models.ssl import HEADS_FILE
+
     todo = exp.runs()
     if runs:
         names = [r.name for r in todo]
@@ -507,11 +511,16 @@ def finetune(exp: SslExperiment, runs: Optional[Sequence[str]] = None) -> None:
         if unknown:
             raise ValueError(f"no fine-tuning run {unknown} in this recipe; its runs: {', '.join(names)}")
         todo = [r for r in todo if r.name in set(runs)]
+    for r in [r for r in todo if (exp.run_dir(r) / DOWNSTREAM_META).is_file()]:
+        log(f"finetune: {exp.run_dir(r)} exists, skipped")
+        todo.remove(r)
+    student = exp.student_dir
+    waiting = [r.name for r in todo if r.encoder == "student"]
+    if waiting and not ((student / HEADS_FILE).is_file() and (student / "model.safetensors").is_file()):
+        raise FileNotFoundError(f"fine-tuning run(s) {', '.join(waiting)} need the distilled student in {student}, "
+                                f"which is not there yet: run `speechkd distill` first (teacher runs can train "
+                                f"beside it: `speechkd finetune RECIPE --run teacher-...`)")
     for run in todo:
-        out = exp.run_dir(run)
-        if (out / DOWNSTREAM_META).is_file():
-            log(f"finetune: {out} exists, skipped")
-            continue
         _finetune_run(exp, run)
 
 

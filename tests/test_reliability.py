@@ -135,6 +135,30 @@ def test_second_run_on_one_directory_is_refused(tmp_path):
     assert not (tmp_path / "exp" / "config.yaml").exists()  # the refused command wrote nothing
 
 
+def test_ssl_distillation_runs_beside_teacher_fine_tuning(tmp_path):
+    """An SSL recipe's `distill` writes only student/: it takes a scoped lock, so `finetune --run teacher-...` can
+    hold the directory at the same time; a student run asked for before the student exists is refused clearly."""
+    from typer.testing import CliRunner
+
+    from speechkd.cli import app
+    from speechkd.lock import experiment_lock
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"task: ssl\nname: r\nexp_dir: {tmp_path / 'exp'}\n")
+    asr = tmp_path / "asr.yaml"
+    asr.write_text(f"name: a\nexp_dir: {tmp_path / 'exp'}\n")
+    with experiment_lock(tmp_path / "exp", "finetune runs teacher-frozen-kws", command="speechkd finetune --run t"):
+        res = CliRunner().invoke(app, ["distill", str(recipe), "--no-progress"])
+        assert res.exit_code == 1 and "error in stage 'distill'" in res.output, res.output  # no cuts: not the lock
+        res = CliRunner().invoke(app, ["distill", str(asr), "--no-progress"])  # an ASR distill writes everything
+        assert res.exit_code == 3 and "`speechkd finetune --run t`" in res.output, res.output
+    with experiment_lock(tmp_path / "exp", "distill student"):
+        res = CliRunner().invoke(app, ["distill", str(recipe), "--no-progress"])
+        assert res.exit_code == 3 and "distill student of experiment" in res.output, res.output
+    res = CliRunner().invoke(app, ["finetune", str(recipe), "--run", "student-multitask", "--no-progress"])
+    assert res.exit_code == 1 and "student-multitask need the distilled student" in res.output, res.output
+
+
 # ------------------------------------------------------------------------------------------ recipe checks
 @pytest.mark.parametrize("extra,words", [
     ({"teacher": {"layer": 3, "model": {"num_layers": 2}}}, ["teacher.layer 3", "2 Conformer blocks", "1..2 or -1"]),
