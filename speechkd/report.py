@@ -959,6 +959,56 @@ def _ssl_seed_table(results: list[dict], lists: list[str]) -> list[str]:
             "Sample sd over the fine-tuning seeds (the distilled student is the same for all of them)."]
 
 
+def _ssl_paired_table(results: list[dict], lists: list[str]) -> list[str]:
+    """Markdown lines: paired differences on the same test clips and trials, with 95% bootstrap intervals
+    (:func:`~speechkd.eval.metrics.bootstrap_accuracy_interval`, :func:`~speechkd.eval.metrics.bootstrap_eer_interval`):
+    student minus teacher in each mode, and each fine-tuned mode minus ``frozen`` for each encoder. Each side is the
+    mean over its fine-tuning seeds, every seed scored on the same draw. Empty when the eval JSONs hold no per-clip
+    results (``kws_correct``, ``sv.<list>.scores``; written since 2026-12-07)."""
+    from speechkd.eval.metrics import bootstrap_accuracy_interval, bootstrap_eer_interval
+
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["encoder"], r["mode"]), []).append(r)
+    pairs = [((("student", m), ("teacher", m)), f"student - teacher, {m}") for m in _SSL_MODES]
+    pairs += [(((e, m), (e, "frozen")), f"{e}: {m} - frozen") for e in ("teacher", "student") for m in _SSL_MODES
+              if m != "frozen"]
+    body = []
+    for (a_key, b_key), label in pairs:
+        a, b = groups.get(a_key), groups.get(b_key)
+        if not a or not b:
+            continue
+        cells = [label, f"{len(a)} / {len(b)}"]
+        if all(r.get("kws_correct") is not None for r in a + b):
+            ca, cb = (np.array([r["kws_correct"] for r in g]) for g in (a, b))  # (S, U) each
+            diff = 100.0 * (ca.mean() - cb.mean())
+            lo, hi = bootstrap_accuracy_interval(ca, baseline_correct=cb)
+            cells.append(f"{diff:+.2f} [{lo:+.2f}, {hi:+.2f}]")
+        else:
+            cells.append("-")
+        for spec in lists:
+            sa = [r["sv"].get(spec, {}).get("scores") for r in a]
+            sb = [r["sv"].get(spec, {}).get("scores") for r in b]
+            labels = [r["sv"].get(spec, {}).get("labels") for r in a + b]
+            if any(x is None for x in sa + sb + labels) or any(x != labels[0] for x in labels):
+                cells.append("-")
+                continue
+            diff = float(np.mean([r["sv"][spec]["eer"] for r in a]) - np.mean([r["sv"][spec]["eer"] for r in b]))
+            lo, hi = bootstrap_eer_interval(np.array(sa), labels[0], baseline_scores=np.array(sb))
+            cells.append(f"{diff:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]")
+        if any(c != "-" for c in cells[2:]):
+            body.append(cells)
+    if not body:
+        return []
+    return ["", "### Paired differences on the same test set", "",
+            _table(["Comparison", "Seeds (first / second)", "KWS acc, points [95%]"]
+                   + [f"EER {s}, points [95%]" for s in lists], body), "",
+            "Each side is the mean over its fine-tuning seeds; the 95% interval is a paired bootstrap over the test "
+            "clips (KWS) or the trials (EER), both sides scored on the same draw, so the clips' shared difficulty "
+            "cancels. It measures the test set's sampling error, not the seeds' spread. Trials sharing speakers are "
+            "not independent: the EER intervals are too narrow."]
+
+
 def write_ssl_report(exp_dir: PathLike, title: Optional[str] = None) -> Path:
     """Write ``EXP/report.md`` and ``EXP/plots/ssl_tasks.png`` for an SSL-distillation experiment (atomically).
 
@@ -1009,6 +1059,7 @@ def write_ssl_report(exp_dir: PathLike, title: Optional[str] = None) -> Path:
                "the x-vector embeddings. RTF: seconds of CPU time per second of audio for all tasks' models, one "
                "utterance at a time (< 1 is faster than real time).")
     out += _ssl_seed_table(results, lists)
+    out += _ssl_paired_table(results, lists)
     out += ["", "## Findings", ""]
     by = {(r["encoder"], r["mode"]): r for r in results if r.get("finetune_seed", 0) == min(
         x.get("finetune_seed", 0) for x in results if (x["encoder"], x["mode"]) == (r["encoder"], r["mode"]))}

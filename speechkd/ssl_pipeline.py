@@ -525,17 +525,29 @@ def finetune(exp: SslExperiment, runs: Optional[Sequence[str]] = None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- evaluate
-def kws_accuracy(model: DownstreamModel, cuts, batch_seconds: float, progress: bool = False) -> float:
-    """Accuracy (fraction) of the model's KWS head on labelled cuts."""
+def kws_correct(model: DownstreamModel, cuts, batch_seconds: float, progress: bool = False) -> np.ndarray:
+    """``(U,)`` int8, 1 where the model's KWS head classifies the labelled cut right, in the order of ``cuts``
+    (what a paired comparison of two systems on the same clips needs: :func:`~speechkd.eval.metrics.
+    bootstrap_accuracy_interval`)."""
     from tqdm.auto import tqdm
-
-    from speechkd.eval.metrics import accuracy
 
     preds, labels = [], []
     for batch in tqdm(waveform_batches(cuts, batch_seconds, ("kws_target",)), desc="KWS test", disable=not progress):
         preds += model.infer(batch["wavs"], batch["lens"])["kws_logits"].argmax(-1).tolist()
         labels += batch["kws_target"].tolist()
-    return accuracy(preds, labels)
+    return (np.asarray(preds) == np.asarray(labels)).astype(np.int8)
+
+
+def kws_accuracy(model: DownstreamModel, cuts, batch_seconds: float, progress: bool = False) -> float:
+    """Accuracy (fraction) of the model's KWS head on labelled cuts (:func:`kws_correct` averaged).
+
+    Raises:
+      ValueError: no cuts.
+    """
+    from speechkd.eval.metrics import accuracy
+
+    right = kws_correct(model, cuts, batch_seconds, progress)
+    return accuracy(right, np.ones_like(right))
 
 
 def sv_scores(model: DownstreamModel, cuts, trials, batch_seconds: float, progress: bool = False) -> np.ndarray:
@@ -607,17 +619,21 @@ def evaluate(exp: SslExperiment) -> None:
         t0 = time.time()
         for m in models:
             if m.kws is not None:
-                result["kws_accuracy"] = 100.0 * kws_accuracy(m, kws_test, e.batch_seconds, exp.progress)
+                right = kws_correct(m, kws_test, e.batch_seconds, exp.progress)  # (U,) in kws_test's order
+                result["kws_accuracy"] = 100.0 * float(right.mean())
                 result["kws_test_utts"] = len(kws_test)
-                correct = round(result["kws_accuracy"] * len(kws_test) / 100.0)
-                result["kws_interval"] = [100.0 * x for x in wilson_interval(correct, len(kws_test))]
+                result["kws_interval"] = [100.0 * x for x in wilson_interval(int(right.sum()), len(kws_test))]
+                result["kws_correct"] = right.tolist()  # for paired comparisons (report: "Paired differences")
             if m.sv is not None:
                 for spec, (trial_cuts, trials) in trial_sets.items():
                     scores = sv_scores(m, trial_cuts, trials, e.batch_seconds, exp.progress)
                     eer, threshold = equal_error_rate(scores, trials.labels)
                     result["sv"][spec] = {"eer": 100.0 * eer, "min_dcf": min_dcf(scores, trials.labels, p_target=e.p_target),
                                           "threshold": threshold, "trials": len(trials),
-                                          "eer_interval": [100.0 * x for x in bootstrap_eer_interval(scores, trials.labels)]}
+                                          "eer_interval": [100.0 * x for x in bootstrap_eer_interval(scores, trials.labels)],
+                                          # (trials,) in the list's order, for paired comparisons
+                                          "scores": [round(float(x), 6) for x in scores],
+                                          "labels": [int(x) for x in trials.labels]}
         if result["sv"]:
             result["sv_eer"] = float(np.mean([v["eer"] for v in result["sv"].values()]))
             result["sv_min_dcf"] = float(np.mean([v["min_dcf"] for v in result["sv"].values()]))

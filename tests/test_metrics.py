@@ -273,6 +273,49 @@ def test_bootstrap_eer_interval_agrees_with_scipy_bootstrap():
     assert (lo, hi) == pytest.approx((ref_ci.low, ref_ci.high), abs=0.012)
 
 
+def test_paired_eer_and_accuracy_intervals_agree_with_scipy_paired_bootstrap():
+    """The paired difference of two systems on the same trials / clips against scipy's paired percentile
+    bootstrap of the same statistic; identical systems give exactly 0; (S, N) scores give the seeds' mean."""
+    from scipy.stats import bootstrap
+
+    from speechkd.eval.metrics import bootstrap_accuracy_interval, bootstrap_eer_interval, equal_error_rate
+
+    rng = np.random.default_rng(7)
+    y = (np.arange(600) % 3 == 0).astype(int)
+    common = rng.normal(size=600)  # the trials' shared difficulty
+    a = common + 0.5 * rng.normal(size=600) + 1.5 * y
+    b = common + 0.5 * rng.normal(size=600) + 1.2 * y
+    diff = equal_error_rate(a, y)[0] - equal_error_rate(b, y)[0]
+    lo, hi = bootstrap_eer_interval(a, y, n_boot=1000, baseline_scores=b)
+    ref = bootstrap((a, b, y), lambda p, q, t: equal_error_rate(p, t)[0] - equal_error_rate(q, t)[0], paired=True,
+                    vectorized=False, n_resamples=1000, method="percentile",
+                    random_state=np.random.default_rng(3)).confidence_interval
+    assert lo < diff < hi < 0
+    assert (lo, hi) == pytest.approx((ref.low, ref.high), abs=0.01)
+    one = bootstrap_eer_interval(a, y, n_boot=1000)
+    assert hi - lo < one[1] - one[0]  # the shared difficulty cancels
+    assert bootstrap_eer_interval(a, y, n_boot=50, baseline_scores=a) == (0.0, 0.0)
+    assert bootstrap_eer_interval(np.stack([a, a]), y, seed=4) == bootstrap_eer_interval(a, y, seed=4)
+    with pytest.raises(ValueError, match="scores must be"):
+        bootstrap_eer_interval(a, y, baseline_scores=b[:-1])
+
+    # accuracy: 692 clips, the second system right on 20 clips more
+    right = (rng.random(692) < 0.9).astype(int)
+    better = right.copy()
+    better[np.flatnonzero(right == 0)[:20]] = 1
+    lo, hi = bootstrap_accuracy_interval(better, baseline_correct=right, n_boot=4000)
+    ref = bootstrap((better, right), lambda p, q: 100 * (p.mean() - q.mean()), paired=True, vectorized=False,
+                    n_resamples=4000, method="percentile", random_state=np.random.default_rng(5)).confidence_interval
+    assert 0 < lo < 100 * 20 / 692 < hi
+    assert (lo, hi) == pytest.approx((ref.low, ref.high), abs=0.15)
+    single = bootstrap_accuracy_interval(right, n_boot=4000)
+    ref = bootstrap((right,), lambda p: 100 * p.mean(), vectorized=False, n_resamples=4000, method="percentile",
+                    random_state=np.random.default_rng(6)).confidence_interval
+    assert single == pytest.approx((ref.low, ref.high), abs=0.3)
+    with pytest.raises(ValueError, match="0 / 1"):
+        bootstrap_accuracy_interval([0, 2, 1])
+
+
 def test_read_wer_details_round_trip_and_seed_means(tmp_path):
     from speechkd.eval.metrics import bootstrap_wer_interval, read_wer_details, write_wer_details
 

@@ -75,6 +75,8 @@ def ssl_exp(tmp_path_factory, corpora_dir):
 
 
 def test_chain_writes_report_and_finite_results(ssl_exp):
+    from speechkd.eval.metrics import equal_error_rate
+
     d = ssl_exp.dir
     assert (d / "config.yaml").is_file() and (d / "plots" / "ssl_tasks.png").is_file()
     assert (d / "plots" / "ssl_training_curves.png").is_file() and "No training history" not in (d / "report.md").read_text()
@@ -88,6 +90,11 @@ def test_chain_writes_report_and_finite_results(ssl_exp):
         lo, hi = r["kws_interval"]  # Wilson's interval of the accuracy on its test clips
         assert lo <= r["kws_accuracy"] <= hi and hi - lo > 0
         assert sv["eer_interval"][0] <= sv["eer"] <= sv["eer_interval"][1]
+        # the per-clip results kept for paired comparisons reproduce the summary numbers
+        assert len(r["kws_correct"]) == r["kws_test_utts"]
+        assert 100 * sum(r["kws_correct"]) / r["kws_test_utts"] == pytest.approx(r["kws_accuracy"], abs=1e-9)
+        assert len(sv["scores"]) == len(sv["labels"]) == sv["trials"]
+        assert 100 * equal_error_rate(sv["scores"], sv["labels"])[0] == pytest.approx(sv["eer"], abs=1e-3)
     # the student is the teacher's CNN with fewer transformer layers
     assert results["student-frozen"]["encoder_params"] < results["teacher-frozen"]["encoder_params"]
     # one fine-tuned encoder per task costs an encoder more than one shared multi-task encoder
@@ -376,5 +383,16 @@ def test_more_seeds_train_and_report_every_run_again(ssl_exp, tmp_path):
     report = (exp_dir / "report.md").read_text()
     section = report.split("### Over fine-tuning seeds")[1].split("## Findings")[0]
     assert "| student-multitask | 0, 1 |" in section and "(2)" in section
+    # paired differences: student minus teacher over both seeds, the number from the eval JSONs
+    paired = report.split("### Paired differences on the same test set")[1].split("## Findings")[0]
+    row = next(line for line in paired.splitlines() if line.startswith("| student - teacher, multitask |"))
+    acc = {n: json.loads((exp_dir / "eval" / f"{n}.json").read_text())["kws_accuracy"] for n in
+           ("student-multitask", "student-multitask-seed1", "teacher-multitask", "teacher-multitask-seed1")}
+    diff = (acc["student-multitask"] + acc["student-multitask-seed1"] - acc["teacher-multitask"]
+            - acc["teacher-multitask-seed1"]) / 2
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "2 / 2" and cells[2].startswith(f"{diff:+.2f} [")
+    lo, hi = (float(x) for x in cells[2].split("[")[1].rstrip("]").split(","))
+    assert lo <= diff <= hi
     with pytest.raises(ValueError, match="distinct"):
         SslRecipe.model_validate({**recipe, "downstream": {**recipe["downstream"], "more_seeds": [0]}})

@@ -438,32 +438,75 @@ def bootstrap_wer_interval(errors: Sequence[int], ref_words: Sequence[int], n_bo
 
 
 def bootstrap_eer_interval(scores: Sequence[float], labels: Sequence, n_boot: int = 1000, seed: int = 0,
-                           confidence: float = 0.95) -> tuple[float, float]:
+                           confidence: float = 0.95, baseline_scores: Optional[Sequence[float]] = None
+                           ) -> tuple[float, float]:
     """Percentile bootstrap interval of the EER (fraction) over trials: the trials are drawn with replacement
     ``n_boot`` times and :func:`equal_error_rate` recomputed on each draw (draws missing a class are skipped).
+    ``scores`` of shape (S, N), S systems (e.g. fine-tuning seeds) scoring the same N trials, gives the interval of
+    their mean EER, every system scored on the same draw.
+
+    With ``baseline_scores`` (the same trials scored by other system(s)) the interval is of the paired difference
+    ``mean EER(this) - mean EER(baseline)``, both scored on the same draw, as :func:`bootstrap_wer_interval` does for
+    WER (Bisani & Ney 2004).
 
     Trials that share speakers or utterances are not independent, so this interval is narrower than the
     speaker-level sampling error; read it as a lower bound of the uncertainty.
 
     Args:
-      scores, labels: as :func:`equal_error_rate`.
+      scores: (N,) or (S, N) trial scores; labels: (N,) 1 for target trials, 0 for non-target.
       n_boot, seed, confidence: as :func:`bootstrap_wer_interval`.
+      baseline_scores: (N,) or (S', N): the other system(s)' scores of the same trials, in the same order.
 
     Returns:
-      ``(low, high)`` as fractions in [0, 1].
+      ``(low, high)`` as fractions in [0, 1] (in [-1, 1] for a difference).
 
     Raises:
-      ValueError: as :func:`equal_error_rate`, or ``n_boot < 1``.
+      ValueError: as :func:`equal_error_rate` (for every system), shapes that do not match, or ``n_boot < 1``.
     """
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(labels).astype(np.int64)
-    equal_error_rate(s, y)  # validates
+    y = np.asarray(labels).astype(np.int64)  # (N,)
+    systems = [np.atleast_2d(np.asarray(x, dtype=np.float64)) for x in
+               (scores, *(() if baseline_scores is None else (baseline_scores,)))]
+    for a in systems:
+        if a.ndim != 2 or a.shape[1] != y.shape[0]:
+            raise ValueError(f"scores must be (N,) or (S, N) with N = {y.shape[0]} labels, got {a.shape}")
+        for row in a:
+            equal_error_rate(row, y)  # validates
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
     rng = np.random.default_rng(seed)
     eers = []
     for _ in range(n_boot):
-        i = rng.integers(0, s.size, size=s.size)
-        if 0 < y[i].sum() < s.size:
-            eers.append(equal_error_rate(s[i], y[i])[0])
+        i = rng.integers(0, y.size, size=y.size)  # (N,) one draw of trials
+        if 0 < y[i].sum() < y.size:
+            means = [np.mean([equal_error_rate(row[i], y[i])[0] for row in a]) for a in systems]
+            eers.append(means[0] - (means[1] if len(means) > 1 else 0.0))
     return _percentile_interval(np.asarray(eers), confidence)
+
+
+def bootstrap_accuracy_interval(correct: Sequence[int], n_boot: int = 2000, seed: int = 0, confidence: float = 0.95,
+                                baseline_correct: Optional[Sequence[int]] = None) -> tuple[float, float]:
+    """Percentile bootstrap interval of a classification accuracy (percent) over test items, e.g. KWS clips:
+    :func:`bootstrap_wer_interval` with one "word" per item and its error ``1 - correct``. ``correct`` of shape
+    (S, U) gives the interval of S systems' (seeds') mean accuracy; with ``baseline_correct`` (the same items) the
+    interval is of the paired difference ``accuracy(this) - accuracy(baseline)`` in points, the items' shared
+    difficulty cancelling.
+
+    Args:
+      correct: (U,) or (S, U), 1 where the item was classified right, 0 where not.
+      n_boot, seed, confidence: as :func:`bootstrap_wer_interval`.
+      baseline_correct: (U,) or (S', U), the other system(s) on the same items in the same order.
+
+    Returns:
+      ``(low, high)`` in percent (points for a difference).
+
+    Raises:
+      ValueError: values other than 0 / 1, or as :func:`bootstrap_wer_interval`.
+    """
+    arrays = [np.asarray(x) for x in (correct, *(() if baseline_correct is None else (baseline_correct,)))]
+    for a in arrays:
+        if a.size and not np.all((a == 0) | (a == 1)):
+            raise ValueError("correct must hold 0 / 1 per item")
+    u = arrays[0].shape[-1]
+    lo, hi = bootstrap_wer_interval(1 - arrays[0], np.ones(u), n_boot=n_boot, seed=seed, confidence=confidence,
+                                    baseline_errors=None if len(arrays) == 1 else 1 - arrays[1])
+    return (100.0 - hi, 100.0 - lo) if len(arrays) == 1 else (-hi, -lo)
