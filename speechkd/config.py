@@ -837,7 +837,8 @@ class SslRecipe(Strict):
     loaded), a DistilHuBERT student distilled from it, both fine-tuned for keyword spotting and speaker verification
     (frozen / fine-tuned / multi-task), evaluated and reported. Selected by ``task: ssl`` at the top of the YAML.
     ``runtime``: as for ASR recipes; HuBERT pre-training, distillation and fine-tuning train data-parallel with
-    several processes."""
+    several processes. ``parallel_runs``: how many fine-tuning runs ``finetune`` trains at once (worker processes,
+    one thread each, :mod:`speechkd.workers`)."""
 
     task: Literal["ssl"]
     name: str
@@ -847,6 +848,7 @@ class SslRecipe(Strict):
     student: SslStudentConfig = SslStudentConfig()
     downstream: DownstreamConfig = DownstreamConfig()
     eval: SslEvalConfig = SslEvalConfig()
+    parallel_runs: int = Field(1, ge=1, description="fine-tuning runs trained at once (one thread each) by `finetune`")
     runtime: RuntimeConfig = RuntimeConfig()
 
     @model_validator(mode="after")

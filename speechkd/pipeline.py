@@ -238,25 +238,10 @@ def _train_student(exp: Experiment, name: str, seed: int, num_threads: Optional[
     log(f"distill: {name} seed {seed} trained in {time.time() - t0:.0f} s -> {out}")
 
 
-def _exit_with_parent(parent_pid: int, poll_seconds: float = 2.0) -> None:
-    """In a worker: end this process when its parent dies (even by SIGKILL), so no orphan keeps training."""
-    import os
-    import threading
-
-    def watch():
-        while True:
-            time.sleep(poll_seconds)
-            if os.getppid() != parent_pid:
-                os._exit(1)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
-
-
-def _train_student_process(recipe_json: str, name: str, seed: int, num_threads: int, parent_pid: int) -> str:
-    """Entry point of a worker process (spawned): rebuild the experiment and train one student run."""
+def _train_student_process(recipe_json: str, name: str, seed: int, num_threads: int) -> str:
+    """A worker process's job (:mod:`speechkd.workers`): rebuild the experiment and train one student run."""
     from speechkd.utils import set_thread_policy
 
-    _exit_with_parent(parent_pid)
     set_thread_policy(num_threads)
     exp = Experiment(Recipe.model_validate_json(recipe_json), progress=False)
     _train_student(exp, name, seed, num_threads)
@@ -270,14 +255,12 @@ def distill(exp: Experiment, only: Optional[str] = None, seeds: Optional[list[in
     each: on a 2-core machine two one-thread runs finish sooner than the same two runs one after the other
     with two threads, since much of a small model's step is single-threaded work. Stopping the parent
     (Ctrl-C, SIGTERM, or even SIGKILL) stops the workers too; a failed run stops the others; re-running
-    resumes every run from its last checkpoint.
+    resumes every run from its last checkpoint (:func:`speechkd.workers.run_jobs`).
 
     Raises:
       ValueError: ``only`` names no student of the recipe; any error of a run (one process).
       RuntimeError: a run in a worker process failed.
     """
-    import os
-
     runs = [r for r in exp.recipe.students if only is None or r.name == only]
     if only is not None and not runs:
         raise ValueError(f"no student named '{only}' in the recipe (have {[r.name for r in exp.recipe.students]})")
@@ -300,47 +283,11 @@ def distill(exp: Experiment, only: Optional[str] = None, seeds: Optional[list[in
         for name, seed in pending:
             _train_student(exp, name, seed)
         return
-    import multiprocessing as mp
-    import signal
-    import threading
+    from speechkd.workers import Job, run_jobs
 
-    log(f"distill: training {len(pending)} runs, {jobs} at a time (one thread each)")
     recipe_json = exp.recipe.model_dump_json()
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers only live there
-    previous = signal.signal(signal.SIGTERM, stop) if main_thread else None
-    ctx = mp.get_context("spawn")  # non-daemonic processes: each may start its own data-loading worker
-    queue, running = list(pending), {}
-    try:
-        while queue or running:
-            while queue and len(running) < jobs:
-                name, seed = queue.pop(0)
-                proc = ctx.Process(target=_train_student_process, args=(recipe_json, name, seed, 1, os.getpid()),
-                                   name=f"{name}-seed{seed}")
-                proc.start()
-                running[proc] = (name, seed)
-            time.sleep(0.5)
-            for proc in [p for p in running if not p.is_alive()]:
-                name, seed = running.pop(proc)
-                if proc.exitcode != 0:
-                    raise RuntimeError(f"student run {name}-seed{seed} failed (exit code {proc.exitcode}; its error is "
-                                       "printed above); re-run to resume the other runs")
-                log(f"distill: {name}-seed{seed} done")
-    except BaseException:
-        for proc in running:  # stop the other runs; their checkpoints let a re-run resume
-            proc.terminate()  # Lightning stops a run at its next step on SIGTERM
-        for proc in running:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-        raise
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+    run_jobs([Job(f"{name}-seed{seed}", _train_student_process, (recipe_json, name, seed, 1)) for name, seed in pending],
+             jobs, what="student runs")
 
 
 # ---------------------------------------------------------------- evaluate

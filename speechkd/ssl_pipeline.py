@@ -491,7 +491,9 @@ def _finetune_run(exp: SslExperiment, run: FinetuneRun) -> None:
 
 
 def finetune(exp: SslExperiment, runs: Optional[Sequence[str]] = None) -> None:
-    """Fine-tune every (encoder, mode, task) run of the recipe; resumes stopped runs, skips finished ones.
+    """Fine-tune every (encoder, mode, task) run of the recipe; resumes stopped runs, skips finished ones. With
+    ``recipe.parallel_runs > 1`` that many runs train at once in worker processes, one thread each
+    (:func:`speechkd.workers.run_jobs`).
 
     Args:
       runs: only these runs (names as :attr:`FinetuneRun.name`, e.g. ``teacher-frozen-kws``,
@@ -520,8 +522,26 @@ def finetune(exp: SslExperiment, runs: Optional[Sequence[str]] = None) -> None:
         raise FileNotFoundError(f"fine-tuning run(s) {', '.join(waiting)} need the distilled student in {student}, "
                                 f"which is not there yet: run `speechkd distill` first (teacher runs can train "
                                 f"beside it: `speechkd finetune RECIPE --run teacher-...`)")
-    for run in todo:
-        _finetune_run(exp, run)
+    from speechkd.distributed import world_size
+
+    jobs = min(exp.recipe.parallel_runs, len(todo))
+    if jobs <= 1 or world_size() > 1:  # a multi-process run trains each run with every process (DDP)
+        for run in todo:
+            _finetune_run(exp, run)
+        return
+    from speechkd.workers import Job, run_jobs
+
+    recipe_json = exp.recipe.model_dump_json()
+    run_jobs([Job(r.name, _finetune_process, (recipe_json, r.name)) for r in todo], jobs, what="fine-tuning runs")
+
+
+def _finetune_process(recipe_json: str, name: str) -> None:
+    """A worker process's job (:mod:`speechkd.workers`): rebuild the experiment and train one fine-tuning run on
+    one thread."""
+    recipe = SslRecipe.model_validate_json(recipe_json)
+    recipe = recipe.model_copy(update={"downstream": recipe.downstream.model_copy(update={"num_threads": 1})})
+    exp = SslExperiment(recipe, progress=False)
+    _finetune_run(exp, next(r for r in exp.runs() if r.name == name))
 
 
 # ---------------------------------------------------------------------------------------------- evaluate

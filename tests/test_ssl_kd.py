@@ -251,6 +251,34 @@ def test_finetune_trains_only_the_runs_asked_for(ssl_exp, tmp_path):
     assert res.exit_code == 1 and "student-frozen-kw'" in res.output and "teacher-multitask" in res.output
 
 
+def test_parallel_finetuning_in_worker_processes_repeats_the_runs_exactly(ssl_exp, tmp_path):
+    """``parallel_runs: 2``: the finetune stage trains its runs two at a time in worker processes (one thread
+    each, :mod:`speechkd.workers`), with the same weights as the runs trained in this process."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from speechkd.cli import app
+    from speechkd.models.downstream import HEADS_WEIGHTS
+
+    exp_dir = tmp_path / "exp"
+    shutil.copytree(ssl_exp.dir, exp_dir)
+    redo = ["teacher-frozen-kws", "student-multitask", "student-finetune-sv"]
+    for name in redo:
+        shutil.rmtree(exp_dir / "finetune" / name)
+        shutil.rmtree(exp_dir / "finetune" / f"{name}.fit")
+    recipe = yaml.safe_load((REPO / "recipes" / "smoke_ssl.yaml").read_text())
+    path = _write(tmp_path, {**recipe, "parallel_runs": 2})
+    res = CliRunner().invoke(app, ["finetune", str(path), "--exp-dir", str(exp_dir), "--no-progress",
+                                   "--corpora-dir", ssl_exp.recipe.data.corpora_dir])
+    assert res.exit_code == 0, res.output
+    assert "training 3 fine-tuning runs, 2 at a time" in res.output
+    for name in redo:
+        a = load_file(ssl_exp.dir / "finetune" / name / HEADS_WEIGHTS)
+        b = load_file(exp_dir / "finetune" / name / HEADS_WEIGHTS)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 def test_cli_dispatches_on_the_recipe_kind(tmp_path):
     from speechkd.cli import app
