@@ -936,6 +936,35 @@ def _plot_ssl_curves(path: Path, exp: Path) -> list[str]:
     return missing
 
 
+def _ssl_loss_plateau_table(exp: Path) -> list[str]:
+    """Markdown lines: for the distillation and each fine-tuning run, each training loss's mean over the last
+    quarter of its logged steps, over the quarter before, and the change between them (percent of the earlier):
+    a change within the batches' noise says the loss had flattened. Empty without histories."""
+    fits = [("distillation", exp / "student" / "metrics.csv")]
+    fits += [(d.name, d / "metrics.csv") for d in sorted((exp / "finetune").glob("*")) if d.is_dir()
+             and not d.name.endswith(".fit")]
+    body = []
+    for name, f in fits:
+        if not f.is_file():
+            continue
+        h = _read_step_history(f)
+        for key in ("loss", "kws_loss", "sv_loss"):
+            if key not in h or h[key][1].size < 8:
+                continue
+            steps, y = h[key]
+            q = y.size // 4
+            third, last = float(y[-2 * q:-q].mean()), float(y[-q:].mean())
+            body.append([name, key, f"{int(steps[-1])}", f"{int(steps[-2 * q])}-{int(steps[-q - 1])}: {third:.4f}",
+                         f"{int(steps[-q])}-{int(steps[-1])}: {last:.4f}",
+                         f"{100 * (last - third) / abs(third):+.1f}%" if third else "-"])
+    if not body:
+        return []
+    return ["", "### Have the losses flattened?", "",
+            _table(["Fit", "Loss", "Steps", "Mean, third quarter of the steps", "Mean, last quarter", "Change"], body),
+            "", "Means of the logged per-batch losses (every 10 steps) over the last two quarters of each fit; the "
+                "curves are in plots/ssl_training_curves.png."]
+
+
 def _ssl_seed_table(results: list[dict], lists: list[str]) -> list[str]:
     """Markdown lines: mean ± sample sd over the fine-tuning seeds of each (encoder, mode) with more than one seed
     (``downstream.more_seeds``): KWS accuracy and the EER averaged over the trial lists. Empty without such seeds."""
@@ -1060,6 +1089,7 @@ def write_ssl_report(exp_dir: PathLike, title: Optional[str] = None) -> Path:
                "utterance at a time (< 1 is faster than real time).")
     out += _ssl_seed_table(results, lists)
     out += _ssl_paired_table(results, lists)
+    out += _ssl_loss_plateau_table(exp)
     out += ["", "## Findings", ""]
     by = {(r["encoder"], r["mode"]): r for r in results if r.get("finetune_seed", 0) == min(
         x.get("finetune_seed", 0) for x in results if (x["encoder"], x["mode"]) == (r["encoder"], r["mode"]))}

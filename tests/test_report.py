@@ -292,3 +292,24 @@ def test_individual_runs_show_the_dev_curves_plateau(tmp_path):
     (e / "eval" / "b-seed0.json").write_text(json.dumps(_result("b-seed0", "b", "baseline", "none", 0, 10, 20.1, 21)))
     row = next(l for l in open(R.write_report(e)).read().splitlines() if l.startswith("| b-seed0 |"))
     assert "| 10 | 20.10 (10) | -4.90 |" in row  # 10 epochs, best at the last, 20.1 - 25.0 (epoch 10 vs 5)
+
+
+def test_ssl_loss_plateau_table_gives_the_last_two_quarters_means(tmp_path):
+    """The SSL report's "Have the losses flattened?" rows: means of the logged losses over the third and the last
+    quarter of a fit, checked against the numbers written."""
+    from speechkd.report import _ssl_loss_plateau_table
+
+    (tmp_path / "student").mkdir()
+    (tmp_path / "finetune" / "teacher-multitask").mkdir(parents=True)
+    (tmp_path / "finetune" / "teacher-multitask.fit").mkdir()  # checkpoints: not a run
+    loss = np.r_[np.full(20, 3.0), np.full(10, 2.0), np.full(10, 1.0)]  # 40 logs: quarters of 10
+    rows = ["step,loss,lr"] + [f"{10 * (i + 1)},{v},0.1" for i, v in enumerate(loss)]
+    (tmp_path / "student" / "metrics.csv").write_text("\n".join(rows) + "\n")
+    rows = ["step,kws_loss,sv_loss"] + [f"{10 * (i + 1)},0.5,{8.0 if i < 30 else 8.4}" for i in range(40)]
+    (tmp_path / "finetune" / "teacher-multitask" / "metrics.csv").write_text("\n".join(rows) + "\n")
+    table = "\n".join(_ssl_loss_plateau_table(tmp_path))
+    assert "| distillation | loss | 400 | 210-300: 2.0000 | 310-400: 1.0000 | -50.0% |" in table
+    assert "| teacher-multitask | kws_loss | 400 | 210-300: 0.5000 | 310-400: 0.5000 | +0.0% |" in table
+    assert "| teacher-multitask | sv_loss | 400 | 210-300: 8.0000 | 310-400: 8.4000 | +5.0% |" in table
+    assert "teacher-multitask.fit" not in table
+    assert _ssl_loss_plateau_table(tmp_path / "nothing") == []
