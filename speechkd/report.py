@@ -904,12 +904,17 @@ def _smooth(y: np.ndarray, window: int = 10) -> np.ndarray:
     return (c[n] - c[lo]) / (n - lo)
 
 
+def _ssl_fits(exp: Path) -> list[tuple[str, Path]]:
+    """``(name, metrics.csv)`` of an SSL experiment's fits: the distillation, then every fine-tuning run."""
+    fits = [("distillation", exp / "student" / "metrics.csv")]
+    return fits + [(d.name, d / "metrics.csv") for d in sorted((exp / "finetune").glob("*")) if d.is_dir()
+                   and not d.name.endswith(".fit")]
+
+
 def _plot_ssl_curves(path: Path, exp: Path) -> list[str]:
     """Training-loss curves of the SSL stages: the student's distillation loss and every fine-tuning run's KWS and
     SV losses against the step (running mean of 10 logged points); returns the runs without a history."""
-    fits = [("distillation", exp / "student" / "metrics.csv")]
-    fits += [(d.name, d / "metrics.csv") for d in sorted((exp / "finetune").glob("*")) if d.is_dir()
-             and not d.name.endswith(".fit")]
+    fits = _ssl_fits(exp)
     fig = _figure(15, 4.2)
     axes = fig.subplots(1, 3)
     titles = {0: "distillation loss", 1: "KWS cross-entropy (fine-tuning)", 2: "SV AM-softmax loss (fine-tuning)"}
@@ -940,11 +945,8 @@ def _ssl_loss_plateau_table(exp: Path) -> list[str]:
     """Markdown lines: for the distillation and each fine-tuning run, each training loss's mean over the last
     quarter of its logged steps, over the quarter before, and the change between them (percent of the earlier):
     a change within the batches' noise says the loss had flattened. Empty without histories."""
-    fits = [("distillation", exp / "student" / "metrics.csv")]
-    fits += [(d.name, d / "metrics.csv") for d in sorted((exp / "finetune").glob("*")) if d.is_dir()
-             and not d.name.endswith(".fit")]
     body = []
-    for name, f in fits:
+    for name, f in _ssl_fits(exp):
         if not f.is_file():
             continue
         h = _read_step_history(f)

@@ -140,6 +140,13 @@ class SslExperiment:
         return self.dir / "student"
 
     @property
+    def student_distilled(self) -> bool:
+        """Whether the distillation has written the student (weights and prediction heads)."""
+        from speechkd.models.ssl import HEADS_FILE
+
+        return (self.student_dir / HEADS_FILE).is_file() and (self.student_dir / "model.safetensors").is_file()
+
+    @property
     def centroids_path(self) -> Path:
         """HuBERT's MFCC k-means centroids (``(K, 39)``, safetensors)."""
         return self.dir / "labels" / "hubert_centroids.safetensors"
@@ -393,11 +400,11 @@ def train_teacher(exp: SslExperiment) -> None:
 # ---------------------------------------------------------------------------------------------- distill
 def distill(exp: SslExperiment) -> None:
     """Distil the teacher into the DistilHuBERT student on the pretrain cuts (resumable)."""
-    from speechkd.models.ssl import HEADS_FILE, build_ssl_student
+    from speechkd.models.ssl import build_ssl_student
     from speechkd.teachers.hf import load_ssl_teacher
 
     out = exp.student_dir
-    if (out / HEADS_FILE).is_file() and (out / "model.safetensors").is_file():
+    if exp.student_distilled:
         log(f"distill: {out} exists, skipped")
         return
     s = exp.recipe.student
@@ -504,8 +511,6 @@ def finetune(exp: SslExperiment, runs: Optional[Sequence[str]] = None) -> None:
       FileNotFoundError: a student run is to train and the student is not distilled yet (``student/`` incomplete;
         teacher runs can train beside ``speechkd distill``).
     """
-    from speechkd.models.ssl import HEADS_FILE
-
     todo = exp.runs()
     if runs:
         names = [r.name for r in todo]
@@ -516,10 +521,10 @@ def finetune(exp: SslExperiment, runs: Optional[Sequence[str]] = None) -> None:
     for r in [r for r in todo if (exp.run_dir(r) / DOWNSTREAM_META).is_file()]:
         log(f"finetune: {exp.run_dir(r)} exists, skipped")
         todo.remove(r)
-    student = exp.student_dir
     waiting = [r.name for r in todo if r.encoder == "student"]
-    if waiting and not ((student / HEADS_FILE).is_file() and (student / "model.safetensors").is_file()):
-        raise FileNotFoundError(f"fine-tuning run(s) {', '.join(waiting)} need the distilled student in {student}, "
+    if waiting and not exp.student_distilled:
+        raise FileNotFoundError(f"fine-tuning run(s) {', '.join(waiting)} need the distilled student in "
+                                f"{exp.student_dir}, "
                                 f"which is not there yet: run `speechkd distill` first (teacher runs can train "
                                 f"beside it: `speechkd finetune RECIPE --run teacher-...`)")
     from speechkd.distributed import world_size
