@@ -65,11 +65,12 @@ ProgressOpt = typer.Option(True, "--progress/--no-progress", help="show progress
 
 @contextlib.contextmanager
 def _experiment(recipe: Path, exp_dir: Optional[Path], corpora_dir: Optional[Path], progress: bool,
-                scope: Optional[str] | Callable[[object], Optional[str]] = None):
+                scope: Optional[str] | Callable[[object], Optional[str]] = None, stage: Optional[str] = None):
     """The recipe's experiment, held under its directory lock for the block (:mod:`speechkd.lock`: exclusive, or
     shared with ``scope`` for a command narrowed to its own outputs; taken by global rank 0). ``scope`` may be a
-    function of the loaded recipe (a stage whose outputs depend on the recipe's task). Exit code 3 when another
-    command holds it."""
+    function of the loaded recipe (a stage whose outputs depend on the recipe's task). ``stage``: the stage the
+    command runs, for :func:`speechkd.config.missing_paths` (None: all of them). Exit code 2 when the recipe is bad
+    or names a missing path, 3 when another command holds the lock."""
     from speechkd.config import RecipeError, load_recipe
     from speechkd.pipeline import make_experiment
 
@@ -85,7 +86,7 @@ def _experiment(recipe: Path, exp_dir: Optional[Path], corpora_dir: Optional[Pat
         r.data.corpora_dir = str(corpora_dir)
     from speechkd.config import missing_paths
 
-    missing = missing_paths(r)
+    missing = missing_paths(r, stage)
     if missing:
         hint = ("; make a Whisper teacher with `speechkd import-whisper tiny.en DIR`"
                 if any(k == "teacher.whisper_dir" for k, _ in missing) else "")
@@ -121,17 +122,25 @@ SSL_ONLY_OPTIONS = ("runs",)
 SHARED_OPTIONS = ("shard",)  # labelling stages of either kind
 
 
-def _stage(name: str, recipe, exp_dir, corpora_dir, progress, **kw):
+def _lock_scope(name: str, recipe, kw: dict) -> Optional[str]:
+    """The lock scope of stage ``name`` run on ``recipe`` with options ``kw`` (:mod:`speechkd.lock`): None (the
+    experiment held exclusively) unless the command writes only outputs of its own: a narrowed stage (``--student``,
+    ``--seed``, ``--run``, ``--shard``), an SSL recipe's ``distill`` (``student/``), an ASR recipe's teacher stage
+    (``teacher/``)."""
     parts = [f"{k} {','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in kw.items()
              if v is not None and k in ("only", "seeds", "runs", "shard")]
-    def scope(r) -> Optional[str]:
-        if parts:
-            return " ".join([name, *parts])
-        if name == "distill" and r.task == "ssl":  # writes student/ (atomically) and student.fit/ only
-            return "distill student"
-        return None
+    if parts:
+        return " ".join([name, *parts])
+    if name == "distill" and recipe.task == "ssl":  # writes student/ (atomically) and student.fit/ only
+        return "distill student"
+    if name == "teacher" and recipe.task != "ssl":  # writes teacher/ only (its fit's checkpoints, or a model_dir copy)
+        return "teacher"
+    return None
 
-    with _experiment(recipe, exp_dir, corpora_dir, progress, scope=scope) as exp:
+
+def _stage(name: str, recipe, exp_dir, corpora_dir, progress, **kw):
+    with _experiment(recipe, exp_dir, corpora_dir, progress, scope=lambda r: _lock_scope(name, r, kw),
+                     stage=name) as exp:
         _run_stage_command(exp, name, kw)
 
 
@@ -178,7 +187,9 @@ def train(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpora_di
           progress: bool = ProgressOpt):
     """Train the teacher (resumes from its last checkpoint). ASR: the teacher transducer / AED (with teacher.hf_dir
     only that Hugging Face checkpoint is checked). SSL: HuBERT pre-training, first iteration (MFCC k-means targets),
-    exported as a Hugging Face directory; nothing to do when the recipe gives teacher.dir."""
+    exported as a Hugging Face directory; nothing to do when the recipe gives teacher.dir.
+    ASR: it writes teacher/ only, so it runs beside student runs that do not need the teacher (`distill --student
+    baseline`, CoDERT tandem / shared), one per core; a run that needs it stops until teacher/model.safetensors exists."""
     _stage("teacher", recipe, exp_dir, corpora_dir, progress)
 
 
@@ -306,7 +317,8 @@ def export_cmd(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpo
     Use it from sherpa-onnx: OfflineRecognizer.from_transducer(encoder=..., decoder=..., joiner=..., tokens=...)."""
     from speechkd.pipeline import pipeline_module
 
-    with _experiment(recipe, exp_dir, corpora_dir, progress, scope=f"export {student or 'teacher'} seed {seed}") as exp:
+    with _experiment(recipe, exp_dir, corpora_dir, progress, scope=f"export {student or 'teacher'} seed {seed}",
+                     stage="export") as exp:
         try:
             for line in pipeline_module(exp.recipe.task).export_run(exp, student, seed=seed, out=out, int8=int8,
                                                                       overwrite=overwrite, check_utts=check_utts,

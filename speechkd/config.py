@@ -902,12 +902,17 @@ def load_recipe(path: Pathlike, overrides: Optional[dict] = None) -> AnyRecipe:
         raise RecipeError(f"{path}: {e}") from e
 
 
-def missing_paths(recipe: AnyRecipe) -> list[tuple[str, str]]:
+def missing_paths(recipe: AnyRecipe, stage: Optional[str] = None) -> list[tuple[str, str]]:
     """``(key, path)`` of each file or directory a recipe names that must exist before its first stage and does not:
     a pretrained teacher (``teacher.hf_dir`` / ``teacher.whisper_dir`` / the SSL ``teacher.dir``), lhotse manifests
     (``data.train`` ...), a lhotse recipe's ``data.corpus_dir``, ``data.unlabelled`` inputs. Checked by the CLI when it
     loads a recipe (not by the schema, so a recipe validates before, e.g., ``speechkd import-whisper`` made its
-    teacher). Relative paths are read from the working directory."""
+    teacher). Relative paths are read from the working directory.
+
+    ``stage``: the stage the command runs (None: every stage, as ``speechkd run``). ``teacher.model_dir`` is read only
+    by the ``teacher`` stage (it copies it into ``<exp>/teacher``), so it is checked for that stage and for a whole
+    run only, and not once the copy exists: the stages that do not need the teacher (``prepare``, ``distill
+    --student baseline``) run before the model it names is trained."""
     out: list[tuple[str, str]] = []
 
     def need(key: str, path: Optional[str]) -> None:
@@ -915,8 +920,11 @@ def missing_paths(recipe: AnyRecipe) -> list[tuple[str, str]]:
             out.append((key, path))
 
     t = recipe.teacher
-    for key in ("hf_dir", "whisper_dir", "dir", "model_dir"):
+    for key in ("hf_dir", "whisper_dir", "dir"):
         need(f"teacher.{key}", getattr(t, key, None))
+    copied = (Path(recipe.exp_dir) / "teacher" / "model.safetensors").is_file()
+    if stage in (None, "teacher") and not copied:
+        need("teacher.model_dir", getattr(t, "model_dir", None))
     d = recipe.data
     if isinstance(d, LhotseData):
         for split in ("train", "dev", "test"):

@@ -6,10 +6,13 @@ import os
 import random
 import stat
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_train_clock_sums_every_fit_of_a_run(tmp_path):
@@ -220,3 +223,27 @@ def test_paths_a_recipe_needs_are_checked_before_any_stage(tmp_path):
         assert words in res.output, res.output
     assert "data.dev" not in res.output and "data.test.recordings" not in res.output  # those exist
     assert not (tmp_path / "exp").exists()
+
+
+def test_teacher_model_dir_is_needed_by_the_teacher_stage_only(tmp_path):
+    """``teacher.model_dir`` is checked for ``run`` and the teacher stage until the copy exists; ``prepare`` and
+    student runs that do not need the teacher go ahead before the model it names is trained. The ASR teacher stage
+    holds its own lock scope (it writes teacher/ only), the SSL one the whole experiment."""
+    from speechkd.cli import _lock_scope
+    from speechkd.config import load_recipe, missing_paths
+
+    src = tmp_path / "other" / "students" / "big-seed0"
+    recipe = load_recipe(REPO / "recipes" / "smoke_codert.yaml", {"exp_dir": str(tmp_path / "exp")})
+    recipe.teacher = recipe.teacher.model_copy(update={"model_dir": str(src)})
+    want = [("teacher.model_dir", str(src))]
+    assert missing_paths(recipe) == want and missing_paths(recipe, "teacher") == want
+    assert missing_paths(recipe, "prepare") == [] and missing_paths(recipe, "distill") == []
+    (tmp_path / "exp" / "teacher").mkdir(parents=True)
+    (tmp_path / "exp" / "teacher" / "model.safetensors").write_bytes(b"")
+    assert missing_paths(recipe) == [] and missing_paths(recipe, "teacher") == []  # copied: the source may go
+
+    assert _lock_scope("teacher", recipe, {}) == "teacher"
+    assert _lock_scope("distill", recipe, {}) is None
+    assert _lock_scope("distill", recipe, {"only": "baseline", "seeds": [0, 2]}) == "distill only baseline seeds 0,2"
+    ssl = load_recipe(REPO / "recipes" / "smoke_ssl.yaml", {"exp_dir": str(tmp_path / "ssl")})
+    assert _lock_scope("teacher", ssl, {}) is None and _lock_scope("distill", ssl, {}) == "distill student"
