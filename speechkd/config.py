@@ -902,6 +902,12 @@ def load_recipe(path: Pathlike, overrides: Optional[dict] = None) -> AnyRecipe:
         raise RecipeError(f"{path}: {e}") from e
 
 
+def project_teacher_trained(exp_dir: Pathlike) -> bool:
+    """Whether the ASR teacher stage's output, ``<exp_dir>/teacher/model.safetensors`` (trained here or copied from
+    ``teacher.model_dir``), exists: the teacher stage then skips, and ``teacher.model_dir`` is no longer read."""
+    return (Path(exp_dir) / "teacher" / "model.safetensors").is_file()
+
+
 def missing_paths(recipe: AnyRecipe, stage: Optional[str] = None) -> list[tuple[str, str]]:
     """``(key, path)`` of each file or directory a recipe names that must exist before its first stage and does not:
     a pretrained teacher (``teacher.hf_dir`` / ``teacher.whisper_dir`` / the SSL ``teacher.dir``), lhotse manifests
@@ -922,8 +928,7 @@ def missing_paths(recipe: AnyRecipe, stage: Optional[str] = None) -> list[tuple[
     t = recipe.teacher
     for key in ("hf_dir", "whisper_dir", "dir"):
         need(f"teacher.{key}", getattr(t, key, None))
-    copied = (Path(recipe.exp_dir) / "teacher" / "model.safetensors").is_file()
-    if stage in (None, "teacher") and not copied:
+    if stage in (None, "teacher") and not project_teacher_trained(recipe.exp_dir):
         need("teacher.model_dir", getattr(t, "model_dir", None))
     d = recipe.data
     if isinstance(d, LhotseData):

@@ -337,6 +337,7 @@ def fit_model(
     from speechkd.data.datamodule import AsrDataModule, AsrDataset
     from speechkd.models.build import build_model, save_model
     from speechkd.utils import set_thread_policy
+    from speechkd.workers import loader_workers
 
     runtime = runtime or RuntimeConfig()
     run_dir = Path(run_dir)
@@ -352,7 +353,7 @@ def fit_model(
         train_cuts, dev_cuts,
         AsrDataset(tokenizer, label_keys, spec_augment=train_cfg.spec_augment, seed=seed, cache_bytes=cache),
         AsrDataset(tokenizer, cache_bytes=cache), train_cfg.max_duration, seed=seed,
-        num_workers=1,  # one process loads and augments while the model trains
+        num_workers=loader_workers(),
         num_buckets=train_cfg.num_buckets,
     )
     task = AsrTask(model, tokenizer, train_cfg, kd=kd)
@@ -626,6 +627,7 @@ def fit_steps(
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     from speechkd.data.datamodule import WaveformDataModule
+    from speechkd.workers import loader_workers
 
     runtime = runtime or RuntimeConfig()
     run_dir = Path(run_dir)
@@ -633,7 +635,8 @@ def fit_steps(
     task = StepTask(module, param_groups, loss_fn, steps=steps, warmup_steps=warmup_steps,
                     final_lr_ratio=final_lr_ratio, weight_decay=weight_decay, seed=seed, fingerprint=fingerprint,
                     desc=desc, frozen=frozen, lr_factor=lr_factor, optimizer_kwargs=optimizer_kwargs, callback=callback)
-    data = WaveformDataModule(cuts, target_keys, batch_seconds, seed=seed, dataset=dataset)
+    data = WaveformDataModule(cuts, target_keys, batch_seconds, seed=seed, dataset=dataset,
+                              num_workers=loader_workers())
     last = run_dir / "ckpt" / "last.ckpt"
     n_fits = len(list(run_dir.glob("csv[0-9]*")))
     clock = TrainClock(run_dir)  # every fit of this run, a killed one included

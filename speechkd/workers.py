@@ -4,8 +4,9 @@ On a CPU machine two one-thread runs finish sooner than the same runs one after 
 much of a small model's step is single-threaded work. ASR student runs (``Recipe.parallel_runs``, the ``distill``
 stage) and SSL fine-tuning runs (``SslRecipe.parallel_runs``, the ``finetune`` stage) train this way.
 
-Each job is a module-level function and its (picklable) arguments, run in a ``spawn``-ed, non-daemonic process
-(it may start its own data-loading workers). Stopping the parent (Ctrl-C, SIGTERM, even SIGKILL) stops the workers
+Each job is a module-level function and its (picklable) arguments, run in a ``spawn``-ed, non-daemonic process.
+A job loads its batches itself (:func:`loader_workers` is 0 there): it is one thread meant for one core, and a
+DataLoader worker forked from it once aborted at the end of a fit ("terminate called without an active exception"). Stopping the parent (Ctrl-C, SIGTERM, even SIGKILL) stops the workers
 too; a failed job stops the others; every job writes checkpoints, so re-running resumes them.
 """
 
@@ -18,7 +19,9 @@ from typing import Callable, Sequence
 
 from speechkd.utils import log
 
-__all__ = ["Job", "run_jobs"]
+__all__ = ["Job", "loader_workers", "run_jobs"]
+
+_IN_JOB = False  # set in a worker process by _job_main
 
 
 @dataclass(frozen=True)
@@ -49,8 +52,18 @@ def _exit_with_parent(parent_pid: int, poll_seconds: float = 2.0) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+def loader_workers() -> int:
+    """DataLoader workers of a training fit's training loader: 1 (a process loads and augments the next batches
+    while the model trains), or 0 in a worker process of :func:`run_jobs` (the job's one thread loads them: the
+    other cores already train the other jobs). The batches are the same either way: the samplers run in the
+    training process and the augmentation is seeded per batch."""
+    return 0 if _IN_JOB else 1
+
+
 def _job_main(target: Callable, args: tuple, parent_pid: int) -> None:
     """Entry point of a worker process: watch the parent, then run the job."""
+    global _IN_JOB
+    _IN_JOB = True
     _exit_with_parent(parent_pid)
     target(*args)
 

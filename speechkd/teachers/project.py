@@ -29,10 +29,11 @@ class ProjectTeacher(Teacher):
         return f"the project's {m.arch} teacher ({self.exp.teacher_dir})"
 
     def prepare(self) -> None:
+        from speechkd.config import project_teacher_trained
         from speechkd.training import fit_model
 
         exp = self.exp
-        if (exp.teacher_dir / "model.safetensors").is_file():
+        if project_teacher_trained(exp.dir):
             log(f"teacher: {exp.teacher_dir}/model.safetensors exists, skipped")
             return
         t = exp.recipe.teacher
