@@ -126,7 +126,7 @@ def _lock_scope(name: str, recipe, kw: dict) -> Optional[str]:
     """The lock scope of stage ``name`` run on ``recipe`` with options ``kw`` (:mod:`speechkd.lock`): None (the
     experiment held exclusively) unless the command writes only outputs of its own: a narrowed stage (``--student``,
     ``--seed``, ``--run``, ``--shard``), an SSL recipe's ``distill`` (``student/``), an ASR recipe's teacher stage
-    (``teacher/``)."""
+    (``teacher/``), an ASR recipe's ``pseudo-label`` (``labels/nbest/`` and the merged N-best cuts)."""
     parts = [f"{k} {','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in kw.items()
              if v is not None and k in ("only", "seeds", "runs", "shard")]
     if parts:
@@ -135,6 +135,8 @@ def _lock_scope(name: str, recipe, kw: dict) -> Optional[str]:
         return "distill student"
     if name == "teacher" and recipe.task != "ssl":  # writes teacher/ only (its fit's checkpoints, or a model_dir copy)
         return "teacher"
+    if name == "pseudo-label" and recipe.task != "ssl":  # parts and the merged cuts, each written atomically
+        return "pseudo-label"
     return None
 
 
@@ -229,7 +231,9 @@ def pseudo_label(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, cor
                                 "you like), then any run merges the labels once all cuts have them")):
     """The teacher's beam search writes an N-best list (tokens, text, log-prob) for every training cut.
 
-    Labels go to labels/nbest/ in parts written atomically: a stopped run resumes where it stopped.
+    Labels go to labels/nbest/ in parts written atomically: a stopped run resumes where it stopped. It writes
+    labels/ only, so it runs beside student runs that need no N-best lists (`distill --student baseline`), one per
+    core.
     """
     _stage("pseudo-label", recipe, exp_dir, corpora_dir, progress, shard=shard)
 

@@ -228,7 +228,8 @@ def test_paths_a_recipe_needs_are_checked_before_any_stage(tmp_path):
 def test_teacher_model_dir_is_needed_by_the_teacher_stage_only(tmp_path):
     """``teacher.model_dir`` is checked for ``run`` and the teacher stage until the copy exists; ``prepare`` and
     student runs that do not need the teacher go ahead before the model it names is trained. The ASR teacher stage
-    holds its own lock scope (it writes teacher/ only), the SSL one the whole experiment."""
+    holds its own lock scope (it writes teacher/ only), and so does pseudo-label (labels/nbest/); the SSL teacher
+    stage holds the whole experiment."""
     from speechkd.cli import _lock_scope
     from speechkd.config import load_recipe, missing_paths
 
@@ -244,6 +245,8 @@ def test_teacher_model_dir_is_needed_by_the_teacher_stage_only(tmp_path):
 
     assert _lock_scope("teacher", recipe, {}) == "teacher"
     assert _lock_scope("distill", recipe, {}) is None
+    assert _lock_scope("pseudo-label", recipe, {}) == "pseudo-label"
+    assert _lock_scope("pseudo-label", recipe, {"shard": "1/2"}) == "pseudo-label shard 1/2"
     assert _lock_scope("distill", recipe, {"only": "baseline", "seeds": [0, 2]}) == "distill only baseline seeds 0,2"
     ssl = load_recipe(REPO / "recipes" / "smoke_ssl.yaml", {"exp_dir": str(tmp_path / "ssl")})
     assert _lock_scope("teacher", ssl, {}) is None and _lock_scope("distill", ssl, {}) == "distill student"
