@@ -133,10 +133,10 @@ def _lock_scope(name: str, recipe, kw: dict) -> Optional[str]:
         return " ".join([name, *parts])
     if name == "distill" and recipe.task == "ssl":  # writes student/ (atomically) and student.fit/ only
         return "distill student"
-    if name == "teacher" and recipe.task != "ssl":  # writes teacher/ only (its fit's checkpoints, or a model_dir copy)
-        return "teacher"
-    if name == "pseudo-label" and recipe.task != "ssl":  # parts and the merged cuts, each written atomically
-        return "pseudo-label"
+    # ASR: teacher writes teacher/ only (its fit's checkpoints, or a model_dir copy); pseudo-label labels/nbest/ parts
+    # and the merged N-best cuts, each atomically
+    if name in ("teacher", "pseudo-label") and recipe.task != "ssl":
+        return name
     return None
 
 

@@ -902,10 +902,15 @@ def load_recipe(path: Pathlike, overrides: Optional[dict] = None) -> AnyRecipe:
         raise RecipeError(f"{path}: {e}") from e
 
 
+def project_teacher_dir(exp_dir: Pathlike) -> Path:
+    """The ASR teacher stage's output directory, ``<exp_dir>/teacher`` (``model.json``, ``model.safetensors``)."""
+    return Path(exp_dir) / "teacher"
+
+
 def project_teacher_trained(exp_dir: Pathlike) -> bool:
     """Whether the ASR teacher stage's output, ``<exp_dir>/teacher/model.safetensors`` (trained here or copied from
     ``teacher.model_dir``), exists: the teacher stage then skips, and ``teacher.model_dir`` is no longer read."""
-    return (Path(exp_dir) / "teacher" / "model.safetensors").is_file()
+    return (project_teacher_dir(exp_dir) / "model.safetensors").is_file()
 
 
 def missing_paths(recipe: AnyRecipe, stage: Optional[str] = None) -> list[tuple[str, str]]:

@@ -65,7 +65,9 @@ class Experiment:
 
     @property
     def teacher_dir(self) -> Path:
-        return self.dir / "teacher"
+        from speechkd.config import project_teacher_dir
+
+        return project_teacher_dir(self.dir)
 
     @property
     def emb_cuts_path(self) -> Path:

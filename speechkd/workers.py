@@ -6,8 +6,9 @@ stage) and SSL fine-tuning runs (``SslRecipe.parallel_runs``, the ``finetune`` s
 
 Each job is a module-level function and its (picklable) arguments, run in a ``spawn``-ed, non-daemonic process.
 A job loads its batches itself (:func:`loader_workers` is 0 there): it is one thread meant for one core, and a
-DataLoader worker forked from it once aborted at the end of a fit ("terminate called without an active exception"). Stopping the parent (Ctrl-C, SIGTERM, even SIGKILL) stops the workers
-too; a failed job stops the others; every job writes checkpoints, so re-running resumes them.
+DataLoader worker forked from it once aborted at the end of a fit ("terminate called without an active exception").
+Stopping the parent (Ctrl-C, SIGTERM, even SIGKILL) stops the workers too; a failed job stops the others; every job
+writes checkpoints, so re-running resumes them.
 """
 
 from __future__ import annotations
