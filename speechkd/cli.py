@@ -266,10 +266,15 @@ def finetune(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpora
 
 @app.command()
 def evaluate(recipe: Path = RecipeArg, exp_dir: Optional[Path] = ExpOpt, corpora_dir: Optional[Path] = CorporaOpt,
-             progress: bool = ProgressOpt):
-    """Evaluate every trained model -> eval/*.json. ASR: WER (dev, test), parameters, CPU real-time factor, label
-    bytes. SSL: per system, KWS accuracy, SV EER and minDCF on each trial list, parameters, CPU real-time factor."""
-    _stage("evaluate", recipe, exp_dir, corpora_dir, progress)
+             progress: bool = ProgressOpt,
+             student: Optional[str] = typer.Option(
+                 None, help="ASR: evaluate only the student run with this name (not the teacher); it writes only "
+                            "that run's eval/ files, so it runs beside other runs' training"),
+             seed: Optional[list[int]] = typer.Option(None, help="ASR: evaluate only these seeds (repeatable)")):
+    """Evaluate every trained model -> eval/*.json; models already evaluated are skipped. ASR: WER (dev, test),
+    parameters, CPU real-time factor, label bytes. SSL: per system, KWS accuracy, SV EER and minDCF on each trial
+    list, parameters, CPU real-time factor. A real-time factor measured beside training is not one to report."""
+    _stage("evaluate", recipe, exp_dir, corpora_dir, progress, only=student, seeds=seed or None)
 
 
 @app.command()

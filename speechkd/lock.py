@@ -4,8 +4,8 @@ Two kinds of holder, both through ``fcntl.flock`` on files in the experiment dir
 
 - a command that may write anything (``run``, ``prepare``, ``train``, ``evaluate``, ``report``, an un-narrowed
   ``distill`` / ``finetune`` / labelling stage) holds ``EXP/.speechkd.lock`` exclusively;
-- a command narrowed to outputs of its own (``distill --student X [--seed S]``, an SSL recipe's ``distill`` (it
-  writes ``student/`` only), ``finetune --run R``,
+- a command narrowed to outputs of its own (``distill`` or ``evaluate --student X [--seed S]``, an SSL recipe's
+  ``distill`` (it writes ``student/`` only), ``finetune --run R``,
   ``pseudo-label`` / ``hubert-targets --shard i/n``, ``export``) holds ``EXP/.speechkd.lock`` shared, so several of
   them run side by side (the documented way to use both cores), plus ``EXP/.locks/<scope>.lock`` exclusively, so
   the same run is not trained twice at once.

@@ -293,14 +293,22 @@ def distill(exp: Experiment, only: Optional[str] = None, seeds: Optional[list[in
 
 
 # ---------------------------------------------------------------- evaluate
-def _models(exp: Experiment):
+def _models(exp: Experiment, only: Optional[str] = None, seeds: Optional[list[int]] = None):
     """(name, group, dir, method, seed) of the teacher and every student run; no teacher row when it cannot decode
-    (e.g. an SSL encoder, ``teacher.hf_dir``)."""
-    if exp.teacher.can_decode:
+    (e.g. an SSL encoder, ``teacher.hf_dir``). Narrowed (``only``: one student run's name; ``seeds``: those seeds):
+    those student rows only, no teacher.
+
+    Raises:
+      ValueError: ``only`` names no student of the recipe.
+    """
+    if only is not None and not any(r.name == only for r in exp.recipe.students):
+        raise ValueError(f"no student named '{only}' in the recipe (have {[r.name for r in exp.recipe.students]})")
+    if exp.teacher.can_decode and only is None and not seeds:
         yield "teacher", "teacher", exp.teacher_dir, "none", exp.recipe.teacher.seed
     for run in exp.recipe.students:
         for seed in run.seeds:
-            yield f"{run.name}-seed{seed}", run.name, exp.student_dir(run.name, seed), run.kd.method, seed
+            if (only is None or run.name == only) and (not seeds or seed in seeds):
+                yield f"{run.name}-seed{seed}", run.name, exp.student_dir(run.name, seed), run.kd.method, seed
 
 
 def decode_cuts(model, cuts, tokenizer, decoding: str = "greedy", beam: int = 4, max_duration: float = 200.0, progress=False,
@@ -329,8 +337,17 @@ def decode_cuts(model, cuts, tokenizer, decoding: str = "greedy", beam: int = 4,
     return ids, refs, hyps
 
 
-def evaluate(exp: Experiment) -> None:
-    """WER on dev and test, parameters, CPU real-time factor and label bytes for every trained model."""
+def evaluate(exp: Experiment, only: Optional[str] = None, seeds: Optional[list[int]] = None) -> None:
+    """WER on dev and test, parameters, CPU real-time factor and label bytes for every trained model ->
+    ``eval/<name>.json`` (written atomically; a model already evaluated with the recipe's decoding is skipped).
+
+    Narrowed to the student run ``only`` and/or ``seeds``, it evaluates those runs only (not the teacher): it writes
+    their own ``eval/`` files, so it runs beside other runs' training (their real-time factors are then measured on a
+    loaded machine: evaluate again on an idle one, after deleting the JSON, for timings to report).
+
+    Raises:
+      ValueError: ``only`` names no student of the recipe.
+    """
     from lhotse import CutSet
 
     from speechkd.data.datamodule import AsrDataset, load_cuts
@@ -343,6 +360,8 @@ def evaluate(exp: Experiment) -> None:
 
     from speechkd.data.text import TextNormalizer
 
+    models = list(_models(exp, only, seeds))  # a bad name fails before any work
+    narrowed = only is not None or bool(seeds)
     e = exp.recipe.eval
     normalizer = TextNormalizer.from_config(exp.recipe.data.text)  # WER scored by the data's text rule
     label_bytes = {}
@@ -357,14 +376,14 @@ def evaluate(exp: Experiment) -> None:
         label_bytes["seq"] = ("nbest", nbest_bytes(exp.nbest_dir))
     splits = {s: exp.cuts(s) for s in ("dev", "test")}
     rtf_cuts = splits["test"].subset(first=min(e.rtf_utts, len(splits["test"])))
-    if not exp.teacher.can_decode:
+    if not exp.teacher.can_decode and not narrowed:
         if exp.teacher.can_transcribe:
             _evaluate_transcribing_teacher(exp, splits, rtf_cuts, normalizer)
         else:
             log(f"evaluate: the teacher ({exp.teacher.describe()}) has no ASR head: no WER, skipped")
     decoding = {"decoding": "greedy"} if e.decoding == "greedy" else {"decoding": "beam", "beam": e.beam,
                                                                           "ctc_weight": e.ctc_weight}
-    for name, group, mdir, method, seed in _models(exp):
+    for name, group, mdir, method, seed in models:
         out = exp.dir / "eval" / f"{name}.json"
         done = json.loads(out.read_text()) if out.is_file() else None
         if done is not None and done.get("decoding_settings", {"decoding": "greedy"}) != decoding:

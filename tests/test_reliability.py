@@ -248,5 +248,7 @@ def test_teacher_model_dir_is_needed_by_the_teacher_stage_only(tmp_path):
     assert _lock_scope("pseudo-label", recipe, {}) == "pseudo-label"
     assert _lock_scope("pseudo-label", recipe, {"shard": "1/2"}) == "pseudo-label shard 1/2"
     assert _lock_scope("distill", recipe, {"only": "baseline", "seeds": [0, 2]}) == "distill only baseline seeds 0,2"
+    assert _lock_scope("evaluate", recipe, {"only": "baseline"}) == "evaluate only baseline"  # eval/ files of its own
+    assert _lock_scope("evaluate", recipe, {}) is None
     ssl = load_recipe(REPO / "recipes" / "smoke_ssl.yaml", {"exp_dir": str(tmp_path / "ssl")})
     assert _lock_scope("teacher", ssl, {}) is None and _lock_scope("distill", ssl, {}) == "distill student"

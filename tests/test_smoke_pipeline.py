@@ -219,6 +219,33 @@ def test_evaluate_deployed_adds_the_as_deployed_block(smoke_exp, tmp_path):
         load_results(exp.dir)
 
 
+def test_evaluate_narrowed_to_a_student_writes_its_results_only(smoke_exp, tmp_path):
+    """`evaluate --student mvq` on a copy with no eval/: only mvq-seed0.json is written (no teacher, no other
+    student), with the WERs the full evaluate gave (greedy decoding is deterministic); an unknown name is refused by
+    name before any decoding, through the CLI too (exit 1)."""
+    import shutil
+
+    from speechkd.cli import app
+    from speechkd.pipeline import evaluate
+
+    shutil.copytree(smoke_exp.dir, tmp_path / "exp")
+    shutil.rmtree(tmp_path / "exp" / "eval")
+    recipe = smoke_exp.recipe.model_copy(deep=True)
+    recipe.exp_dir = str(tmp_path / "exp")
+    exp = Experiment(recipe, progress=False)
+    evaluate(exp, only="mvq", seeds=[0])
+    assert sorted(p.name for p in (exp.dir / "eval").glob("*.json")) == ["mvq-seed0.json"]
+    got = json.loads((exp.dir / "eval" / "mvq-seed0.json").read_text())
+    full = json.loads((smoke_exp.dir / "eval" / "mvq-seed0.json").read_text())
+    assert (got["dev_wer"], got["test_wer"], got["params"]) == (full["dev_wer"], full["test_wer"], full["params"])
+    with pytest.raises(ValueError, match=r"no student named 'nope' in the recipe"):
+        evaluate(exp, only="nope")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(json.loads(recipe.model_dump_json())))
+    res = CliRunner().invoke(app, ["evaluate", str(path), "--student", "nope", "--no-progress"])
+    assert res.exit_code == 1 and "no student named 'nope'" in res.output, res.output
+
+
 def test_identical_kd_runs_give_identical_weights(smoke_exp, tmp_path):
     """An MVQ-KD and an L1 student trained again from the same recipe and seed (here in this process, first in a
     spawned one) end with the same weights, bit for bit: the KD head is built from the run's seed, not from
