@@ -250,6 +250,19 @@ def _train_student_process(recipe_json: str, name: str, seed: int, num_threads: 
     return f"{name}-seed{seed}"
 
 
+def _student_runs(exp: Experiment, only: Optional[str] = None, seeds: Optional[list[int]] = None) -> list[tuple]:
+    """``(run, seed)`` of every student run of the recipe and each of its seeds, or only of the run named ``only``
+    and/or only ``seeds`` (the narrowing of ``distill`` and ``evaluate``), in recipe order.
+
+    Raises:
+      ValueError: ``only`` names no student of the recipe.
+    """
+    if only is not None and not any(r.name == only for r in exp.recipe.students):
+        raise ValueError(f"no student named '{only}' in the recipe (have {[r.name for r in exp.recipe.students]})")
+    return [(run, seed) for run in exp.recipe.students if only is None or run.name == only
+            for seed in run.seeds if not seeds or seed in seeds]
+
+
 def distill(exp: Experiment, only: Optional[str] = None, seeds: Optional[list[int]] = None) -> None:
     """Train every student run (each seed) of the recipe, or only the one named ``only`` / only ``seeds``.
 
@@ -263,19 +276,13 @@ def distill(exp: Experiment, only: Optional[str] = None, seeds: Optional[list[in
       ValueError: ``only`` names no student of the recipe; any error of a run (one process).
       RuntimeError: a run in a worker process failed.
     """
-    runs = [r for r in exp.recipe.students if only is None or r.name == only]
-    if only is not None and not runs:
-        raise ValueError(f"no student named '{only}' in the recipe (have {[r.name for r in exp.recipe.students]})")
     pending = []
-    for run in runs:
-        for seed in run.seeds:
-            if seeds and seed not in seeds:
-                continue
-            out = exp.student_dir(run.name, seed)
-            if (out / "model.safetensors").is_file():
-                log(f"distill: {out}/model.safetensors exists, skipped")
-            else:
-                pending.append((run.name, seed))
+    for run, seed in _student_runs(exp, only, seeds):
+        out = exp.student_dir(run.name, seed)
+        if (out / "model.safetensors").is_file():
+            log(f"distill: {out}/model.safetensors exists, skipped")
+        else:
+            pending.append((run.name, seed))
     from speechkd.distributed import world_size
 
     jobs = min(exp.recipe.parallel_runs, len(pending))
@@ -293,22 +300,13 @@ def distill(exp: Experiment, only: Optional[str] = None, seeds: Optional[list[in
 
 
 # ---------------------------------------------------------------- evaluate
-def _models(exp: Experiment, only: Optional[str] = None, seeds: Optional[list[int]] = None):
-    """(name, group, dir, method, seed) of the teacher and every student run; no teacher row when it cannot decode
-    (e.g. an SSL encoder, ``teacher.hf_dir``). Narrowed (``only``: one student run's name; ``seeds``: those seeds):
-    those student rows only, no teacher.
-
-    Raises:
-      ValueError: ``only`` names no student of the recipe.
-    """
-    if only is not None and not any(r.name == only for r in exp.recipe.students):
-        raise ValueError(f"no student named '{only}' in the recipe (have {[r.name for r in exp.recipe.students]})")
-    if exp.teacher.can_decode and only is None and not seeds:
+def _models(exp: Experiment, students: list[tuple], teacher: bool = True):
+    """(name, group, dir, method, seed) of the teacher (when ``teacher`` and it can decode: not an SSL encoder or
+    ``teacher.hf_dir``) and of each ``(run, seed)`` in ``students`` (:func:`_student_runs`)."""
+    if teacher and exp.teacher.can_decode:
         yield "teacher", "teacher", exp.teacher_dir, "none", exp.recipe.teacher.seed
-    for run in exp.recipe.students:
-        for seed in run.seeds:
-            if (only is None or run.name == only) and (not seeds or seed in seeds):
-                yield f"{run.name}-seed{seed}", run.name, exp.student_dir(run.name, seed), run.kd.method, seed
+    for run, seed in students:
+        yield f"{run.name}-seed{seed}", run.name, exp.student_dir(run.name, seed), run.kd.method, seed
 
 
 def decode_cuts(model, cuts, tokenizer, decoding: str = "greedy", beam: int = 4, max_duration: float = 200.0, progress=False,
@@ -360,8 +358,8 @@ def evaluate(exp: Experiment, only: Optional[str] = None, seeds: Optional[list[i
 
     from speechkd.data.text import TextNormalizer
 
-    models = list(_models(exp, only, seeds))  # a bad name fails before any work
-    narrowed = only is not None or bool(seeds)
+    with_teacher = only is None and not seeds  # a narrowed evaluate scores its student runs only
+    models = list(_models(exp, _student_runs(exp, only, seeds), with_teacher))  # a bad name fails before any work
     e = exp.recipe.eval
     normalizer = TextNormalizer.from_config(exp.recipe.data.text)  # WER scored by the data's text rule
     label_bytes = {}
@@ -376,7 +374,7 @@ def evaluate(exp: Experiment, only: Optional[str] = None, seeds: Optional[list[i
         label_bytes["seq"] = ("nbest", nbest_bytes(exp.nbest_dir))
     splits = {s: exp.cuts(s) for s in ("dev", "test")}
     rtf_cuts = splits["test"].subset(first=min(e.rtf_utts, len(splits["test"])))
-    if not exp.teacher.can_decode and not narrowed:
+    if not exp.teacher.can_decode and with_teacher:
         if exp.teacher.can_transcribe:
             _evaluate_transcribing_teacher(exp, splits, rtf_cuts, normalizer)
         else:
